@@ -1,0 +1,30 @@
+"""Convert a PhysicsNeMo checkpoint into a jax_corrdiff model directory.
+
+    python -m jax_corrdiff.convert --physicsnemo MODEL.mdlus --output DIR
+
+PyTorch is not needed: the archive is read with a restricted unpickler that refuses
+anything but tensor data (a checkpoint from the internet cannot run code).
+"""
+
+from absl import app, flags, logging
+
+from jax_corrdiff.interop.physicsnemo import convert
+from jax_corrdiff.models.factory import count_params
+from jax_corrdiff.training.checkpointing import save_model
+
+_PHYSICSNEMO = flags.DEFINE_string("physicsnemo", None, "PhysicsNeMo .mdlus checkpoint to convert.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Model directory to write.", required=True)
+
+
+def main(argv):
+    del argv
+    config, variables, archive = convert(_PHYSICSNEMO.value)
+    source = {"format": "physicsnemo", "path": archive.path, "class": archive.args["__name__"],
+              "args": archive.args.get("__args__", {}), "metadata": archive.metadata}  # fmt: skip
+    save_model(_OUTPUT.value, config, variables, source)
+    logging.info("%s (%s, %d parameters) -> %s", archive.path, archive.args["__name__"], count_params(config), _OUTPUT.value)
+    print(f"wrote {config['kind']} model ({count_params(config):,} parameters) to {_OUTPUT.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

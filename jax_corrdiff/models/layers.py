@@ -1,0 +1,169 @@
+"""Building blocks of the DDPM++ SongUNet (Song et al. 2021, as used by CorrDiff).
+
+All arrays are NHWC. Parameters are float32; ``dtype`` is the computation dtype, so
+``dtype=jnp.bfloat16`` gives bf16 convolutions and matmuls with float32 master weights.
+Normalisation statistics are always taken in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# The DDPM++ residual and attention branches are merged as (a + b) / sqrt(2) so the
+# activation variance stays constant through the network.
+SKIP_SCALE = math.sqrt(0.5)
+
+
+def scaled_xavier_uniform(scale: float = 1.0) -> nn.initializers.Initializer:
+    """Xavier-uniform times ``scale``: U(-a, a), a = scale * sqrt(6 / (fan_in + fan_out)).
+
+    DDPM++ initialises the last conv of every residual branch (and the output conv) with
+    scale 1e-5 so each block starts close to the identity, and the attention qkv with
+    sqrt(0.2).
+    """
+    return nn.initializers.variance_scaling(scale**2, "fan_avg", "uniform")
+
+
+def conv(features: int, kernel: int, *, init_scale: float = 1.0, dtype: Dtype, name: str) -> nn.Conv:
+    """Square convolution with zero padding kernel // 2 (the reference's padding)."""
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=kernel // 2,
+        kernel_init=scaled_xavier_uniform(init_scale),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=scaled_xavier_uniform(1.0),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def num_groups(channels: int) -> int:
+    """CorrDiff's group count: min(32, ceil(C / 4)), which must divide C.
+
+    This is PhysicsNeMo's rule; it equals min(32, C // 4) (reference.md) whenever C is a
+    multiple of 4, which every SongUNet width is.
+    """
+    groups = min(32, -(-channels // 4))
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {groups} groups do not divide {channels} channels")
+    return groups
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation over (y, x, channels-in-group) with a per-channel affine.
+
+    ``unbiased_variance`` reproduces PhysicsNeMo's evaluation-mode GroupNorm, which divides
+    the sum of squares by N - 1 instead of N (reference.md section 2). It is a compatibility
+    switch for imported checkpoints; models trained here normalise with the biased variance
+    in training and evaluation alike.
+    """
+
+    eps: float = 1e-6
+    unbiased_variance: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        groups = num_groups(channels)
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        xg = x.astype(jnp.float32).reshape(batch, height, width, groups, channels // groups)
+        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+        if self.unbiased_variance:
+            n = height * width * (channels // groups)
+            var = var * (n / max(n - 1, 1))
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        return (y * scale + bias).astype(self.dtype)
+
+
+def downsample2x(x: jax.Array) -> jax.Array:
+    """2x2 box average with stride 2: the reference's depthwise [1,1] x [1,1] / 4 filter."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def upsample2x(x: jax.Array) -> jax.Array:
+    """Nearest-neighbour x2: the reference's transposed depthwise conv with 4 x [1,1]/4 filter."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class UNetBlock(nn.Module):
+    """DDPM++ residual block with optional 2x resampling and self-attention.
+
+    h = conv0(resample(silu(GN0(x))));  h = silu(GN1(h + Linear(emb)));
+    x' = (conv1(dropout(h)) + skip(x)) / sqrt(2),   skip = resample + 1x1 conv when the
+    channel count changes or the block resamples, identity otherwise;
+    with attention:  x'' = (proj(attn(GN2(x'))) + x') / sqrt(2).
+    """
+
+    out_channels: int
+    up: bool = False
+    down: bool = False
+    attention: bool = False
+    num_heads: int = 1
+    dropout: float = 0.0
+    unbiased_groupnorm: bool = False
+    dtype: Dtype = jnp.float32
+
+    def _resample(self, x: jax.Array) -> jax.Array:
+        if self.up:
+            return upsample2x(x)
+        if self.down:
+            return downsample2x(x)
+        return x
+
+    def _norm(self, name: str) -> GroupNorm:
+        return GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name=name)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+        in_channels = x.shape[-1]
+        out = self.out_channels
+        h = nn.silu(self._norm("norm0")(x))
+        h = conv(out, 3, dtype=self.dtype, name="conv0")(self._resample(h))
+        h = h + dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
+        h = nn.silu(self._norm("norm1")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = conv(out, 3, init_scale=1e-5, dtype=self.dtype, name="conv1")(h)
+        skip = x
+        if out != in_channels or self.up or self.down:
+            skip = conv(out, 1, dtype=self.dtype, name="skip")(self._resample(x))
+        x = (h + skip.astype(h.dtype)) * SKIP_SCALE
+        if self.attention:
+            x = (self._self_attention(x) + x) * SKIP_SCALE
+        return x
+
+    def _self_attention(self, x: jax.Array) -> jax.Array:
+        b, height, width, c = x.shape
+        heads = self.num_heads
+        qkv = conv(3 * c, 1, init_scale=math.sqrt(0.2), dtype=self.dtype, name="qkv")(
+            self._norm("norm2")(x)
+        )
+        # The qkv channels are laid out (head, channel-in-head, {q,k,v}) as in the
+        # reference, so imported 1x1 conv weights need no permutation.
+        qkv = qkv.reshape(b, height * width, heads, c // heads, 3)
+        q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
+        # softmax(q k^T / sqrt(C / heads)) v over all positions, per head.
+        a = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+        return conv(c, 1, init_scale=1e-5, dtype=self.dtype, name="proj")(a)

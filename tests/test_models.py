@@ -1,0 +1,179 @@
+"""SongUNet, regression UNet and EDM denoiser: shapes, parameter counts, options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
+from jax_corrdiff.models.layers import GroupNorm
+from utils import redraw_params
+
+TAIWAN_UNET = dict(
+    model_channels=128,
+    channel_mult=[1, 2, 2, 2, 2],
+    channel_mult_emb=4,
+    num_blocks=4,
+    attn_resolutions=[28],
+    dropout=0.13,
+    position_grid="sinusoidal",
+    num_grid_channels=4,
+)
+TINY_UNET = dict(model_channels=8, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+
+
+def tiny(kind, hw=(32, 32), **over):
+    cfg = dict(kind=kind, img_resolution=list(hw), out_channels=2, cond_channels=3, unet=dict(TINY_UNET))
+    unet = over.pop("unet", {})
+    cfg["unet"].update(unet)
+    cfg.update(over)
+    return cfg
+
+
+def test_taiwan_parameter_counts_match_physicsnemo():
+    reg = dict(kind="regression", img_resolution=[448, 448], out_channels=4, cond_channels=12,
+               unet=dict(TAIWAN_UNET, embedding_type="zero"))
+    diff = dict(kind="diffusion", img_resolution=[448, 448], out_channels=4, cond_channels=16,
+                unet=dict(TAIWAN_UNET, embedding_type="positional"))
+    assert count_params(reg) == 79_673_988
+    assert count_params(diff) == 80_007_300
+    assert count_params(dict(diff, cond_channels=12)) == 80_002_692
+
+
+@pytest.mark.parametrize("hw", [(33, 49), (32, 32), (17, 40)])
+def test_arbitrary_grid_is_padded_and_cropped(hw):
+    cfg = tiny("diffusion", hw, unet=dict(position_grid="sinusoidal"))
+    variables = init_variables(cfg, jax.random.key(0))
+    (x, img_lr, sigma), kw = example_inputs(cfg, batch=2)
+    x = jax.random.normal(jax.random.key(1), x.shape)
+    out = build_model(cfg).apply(variables, x, img_lr, sigma * 3.0, **kw)
+    assert out.shape == (2, *hw, 2)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_grid_must_match_img_resolution():
+    cfg = tiny("regression", (32, 32), unet=dict(position_grid="sinusoidal", embedding_type="zero"))
+    variables = init_variables(cfg, jax.random.key(0))
+    with pytest.raises(ValueError, match="differs from img_resolution"):
+        build_model(cfg).apply(variables, jnp.zeros((1, 32, 40, 3)))
+
+
+def test_unknown_config_key_is_rejected():
+    with pytest.raises(ValueError, match="unknown model.unet key"):
+        build_model(tiny("regression", unet=dict(model_chanels=8)))
+    with pytest.raises(ValueError, match="embedding_type"):
+        init_variables(tiny("regression", unet=dict(embedding_type="sinusoid")), jax.random.key(0))
+
+
+def _zero_output_conv(variables):
+    params = jax.tree_util.tree_map(lambda a: a, variables["params"])
+    out_conv = params["unet"]["out_conv"]
+    params["unet"]["out_conv"] = jax.tree_util.tree_map(jnp.zeros_like, out_conv)
+    return {**variables, "params": params}
+
+
+def test_global_residual_adds_interpolated_input_to_paired_channels():
+    cfg = tiny("regression", global_residual=[[0, 2], [1, 0]], unet=dict(embedding_type="zero"))
+    variables = _zero_output_conv(init_variables(cfg, jax.random.key(0)))
+    img_lr = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+    out = build_model(cfg).apply(variables, img_lr)
+    np.testing.assert_allclose(out[..., 0], img_lr[..., 2], atol=1e-6)
+    np.testing.assert_allclose(out[..., 1], img_lr[..., 0], atol=1e-6)
+
+
+def test_edm_preconditioning_with_zero_network_is_c_skip():
+    cfg = tiny("diffusion")
+    variables = _zero_output_conv(init_variables(cfg, jax.random.key(0)))
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 2))
+    img_lr = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    sigma = jnp.array([0.1, 10.0])
+    out = build_model(cfg).apply(variables, x, img_lr, sigma)
+    c_skip = 0.25 / (sigma**2 + 0.25)
+    np.testing.assert_allclose(out, c_skip[:, None, None, None] * x, rtol=1e-6)
+
+
+def test_legacy_conditioning_scaling_changes_output_only_through_conditioning():
+    cfg = tiny("diffusion")
+    variables = redraw_params(init_variables(cfg, jax.random.key(0)), jax.random.key(1))
+    x = jax.random.normal(jax.random.key(3), (1, 32, 32, 2))
+    img_lr = jax.random.normal(jax.random.key(4), (1, 32, 32, 3))
+    new = build_model(cfg).apply(variables, x, img_lr, jnp.array([2.0]))
+    legacy_model = build_model(dict(cfg, legacy_scale_conditioning=True))
+    legacy = legacy_model.apply(variables, x, img_lr, jnp.array([2.0]))
+    c_in = 1 / np.sqrt(4.0 + 0.25)
+    same = legacy_model.apply(variables, x, img_lr / c_in, jnp.array([2.0]))
+    assert not np.allclose(new, legacy, atol=1e-4)
+    np.testing.assert_allclose(same, new, rtol=2e-4, atol=1e-5)
+
+
+def test_groupnorm_variance_switch():
+    x = jax.random.normal(jax.random.key(5), (2, 3, 3, 8)) * 2 + 1
+    gn = GroupNorm(eps=0.0)
+    biased = gn.apply(gn.init(jax.random.key(0), x), x)
+    gnu = GroupNorm(eps=0.0, unbiased_variance=True)
+    unbiased = gnu.apply(gnu.init(jax.random.key(0), x), x)
+    g = np.asarray(x).reshape(2, 3, 3, 2, 4)
+    ref = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / g.std(axis=(1, 2, 4), ddof=1, keepdims=True)
+    np.testing.assert_allclose(unbiased, ref.reshape(x.shape), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(biased, unbiased * np.sqrt(36 / 35), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "unet",
+    [
+        dict(embedding_type="fourier"),
+        dict(position_grid="learnable", num_grid_channels=6),
+        dict(position_grid="sinusoidal", num_grid_channels=8, lead_time_steps=3, lead_time_channels=2),
+    ],
+)
+def test_options_initialise_and_run(unet):
+    cfg = tiny("diffusion", unet=unet)
+    variables = init_variables(cfg, jax.random.key(0))
+    args, kw = example_inputs(cfg, batch=2)
+    if "lead_time_label" in kw:
+        kw["lead_time_label"] = jnp.array([0, 2])
+    out = build_model(cfg).apply(variables, *args, **kw)
+    assert out.shape == (2, 32, 32, 2) and np.isfinite(np.asarray(out)).all()
+    if unet.get("embedding_type") == "fourier":
+        assert "constants" in variables and "map_noise" not in variables["params"]["unet"]
+
+
+def test_lead_time_label_selects_embedding():
+    cfg = tiny("regression", unet=dict(embedding_type="zero", lead_time_steps=3, lead_time_channels=2))
+    variables = redraw_params(init_variables(cfg, jax.random.key(0)), jax.random.key(1))
+    model = build_model(cfg)
+    img_lr = jnp.ones((2, 32, 32, 3))
+    a = model.apply(variables, img_lr, lead_time_label=jnp.array([0, 1]))
+    b = model.apply(variables, img_lr, lead_time_label=jnp.array([0, 2]))
+    np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+    assert not np.allclose(a[1], b[1], atol=1e-4)
+    with pytest.raises(ValueError, match="lead_time_label"):
+        model.apply(variables, img_lr)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
+    cfg = tiny("diffusion")
+    variables = init_variables(cfg, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(variables))
+    variables = redraw_params(variables, jax.random.key(9))
+    x = jax.random.normal(jax.random.key(3), (2, 32, 32, 2))
+    img_lr = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    sigma = jnp.array([0.5, 5.0])
+    f32 = build_model(cfg).apply(variables, x, img_lr, sigma)
+    bf16 = build_model(dict(cfg, compute_dtype="bfloat16")).apply(variables, x, img_lr, sigma)
+    assert bf16.dtype == jnp.float32
+    # bf16 keeps 8 mantissa bits: about 1% mean deviation after a dozen layers.
+    rel = float(jnp.mean(jnp.abs(bf16 - f32)) / jnp.std(f32))
+    assert 1e-4 < rel < 0.03, rel
+
+
+def test_dropout_is_active_only_in_training():
+    cfg = tiny("regression", unet=dict(embedding_type="zero", dropout=0.5))
+    variables = redraw_params(init_variables(cfg, jax.random.key(0)), jax.random.key(1))
+    model = build_model(cfg)
+    img_lr = jax.random.normal(jax.random.key(4), (1, 32, 32, 3))
+    e1, e2 = model.apply(variables, img_lr), model.apply(variables, img_lr)
+    np.testing.assert_array_equal(e1, e2)
+    t1 = model.apply(variables, img_lr, train=True, rngs={"dropout": jax.random.key(1)})
+    t2 = model.apply(variables, img_lr, train=True, rngs={"dropout": jax.random.key(2)})
+    assert float(jnp.mean(jnp.abs(t1 - t2))) > 0.01 * float(jnp.std(e1))
