@@ -1,0 +1,105 @@
+"""The run configuration: one ConfigDict with every field, defaults from the CorrDiff paper.
+
+Files in ``configs/`` start from ``base_config()`` and override; ``--config.a.b=v`` on the
+command line overrides further, and a key that does not exist is an error. Fields that
+default to "unset" use ``placeholder`` so they can still be set from the command line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+STAGES = ("regression", "diffusion", "all")
+
+
+def _unet(**overrides) -> ml_collections.ConfigDict:
+    """SongUNet widths; defaults are the Taiwan CorrDiff model (reference.md section 2)."""
+    unet = dict(
+        model_channels=128,
+        channel_mult=[1, 2, 2, 2, 2],
+        channel_mult_emb=4,
+        channel_mult_noise=1,
+        num_blocks=4,
+        attn_resolutions=[28],
+        dropout=0.13,
+        position_grid="sinusoidal",
+        num_grid_channels=4,
+    )
+    unet.update(overrides)
+    return ml_collections.ConfigDict(unet)
+
+
+def _training(**overrides) -> ml_collections.ConfigDict:
+    training = dict(
+        total_samples=30_000_000,  # length in samples seen, as the reference counts it
+        batch_size=512,  # global batch: split over all devices
+        grad_accumulation=1,  # micro-batches per step (same global batch, less memory)
+        lr=2e-4,
+        lr_rampup_samples=10_000_000,  # linear warm-up
+        lr_decay=1.0,  # lr *= lr_decay every lr_decay_samples (closed form, no in-place drift)
+        lr_decay_samples=8_000_000,
+        adam_b1=0.9,
+        adam_b2=0.999,
+        adam_eps=1e-8,
+        grad_clip_norm=0.0,  # 0 = no clipping
+        ema_halflife_samples=500_000,  # paper-era CorrDiff: EMA half-life 500 k images
+        ema_rampup_ratio=0.05,  # half-life <= ratio * samples seen early in training
+        log_every_steps=50,
+        eval_every_steps=500,
+        eval_batches=4,
+        checkpoint_every_steps=500,
+        keep_checkpoints=3,
+    )
+    training.update(overrides)
+    return ml_collections.ConfigDict(training)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.stage = "all"
+    config.seed = 0
+    config.num_devices = 0  # 0 = every device of every process
+    # "highest" keeps float32 matmuls/convs exact on GPUs (XLA defaults to TF32 there).
+    config.matmul_precision = "highest"
+
+    config.data = ml_collections.ConfigDict(
+        dict(
+            format="variables",
+            target_paths=[],
+            target_variables=[],
+            input_paths=[],
+            input_variables=[],
+            coarsen_factor=8,
+            static_path="",
+            static_variables=[],
+            train_period=["", ""],
+            valid_period=["", ""],
+            nan_policy="error",
+            nan_fill_value=0.0,
+            worker_count=0,
+        )
+    )
+
+    config.regression = ml_collections.ConfigDict()
+    config.regression.model = ml_collections.ConfigDict(
+        dict(unet=_unet(embedding_type="zero"), compute_dtype="float32", global_residual=[])
+    )
+    config.regression.training = _training()
+
+    config.diffusion = ml_collections.ConfigDict()
+    config.diffusion.model = ml_collections.ConfigDict(
+        dict(
+            unet=_unet(embedding_type="positional"),
+            compute_dtype="float32",
+            sigma_data=0.5,
+            hr_mean_conditioning=True,
+        )
+    )
+    config.diffusion.loss = ml_collections.ConfigDict(dict(p_mean=0.0, p_std=1.2))
+    config.diffusion.training = _training(total_samples=100_000_000)
+    # Regression model directory the diffusion stage conditions on; unset = this
+    # workdir's regression stage.
+    config.diffusion.regression_model = config_dict.placeholder(str)
+    return config
+

@@ -1,0 +1,77 @@
+"""Data layer: xarray sources, regridding/coarsening, offline preparation, normalization, Grain.
+
+Never imports ``models/``, ``diffusion/`` or ``training/``. Typical use:
+
+    store, normalizer = ensure_prepared(config.data, os.path.join(workdir, "prepared"))
+    train_iter = make_train_iterator(DownscalingSource(store, "train", normalizer),
+                                     batch_size=8, seed=0, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+"""
+
+import importlib.resources
+
+from jax_corrdiff.data.errors import (
+    DataError,
+    EmptyTimeRangeError,
+    GridMismatchError,
+    MissingLevelError,
+    MissingTimesError,
+    MissingVariableError,
+    NonFiniteDataError,
+    PreparedDataMismatchError,
+)
+from jax_corrdiff.data.normalization import Normalizer, load_stats, save_stats
+from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
+from jax_corrdiff.data.prepare import (
+    STATS_NAME,
+    STORE_NAME,
+    PreparedStore,
+    compute_stats,
+    describe_prepared,
+    ensure_prepared,
+    prepare_dataset,
+)
+from jax_corrdiff.data.regrid import LatLonBilinear, block_average, degrade
+from jax_corrdiff.data.synthetic import TAIWAN_CWB_VARIABLES, TAIWAN_ERA5_VARIABLES, write_cwb_zarr
+
+
+def demo_data_path(name: str) -> str:
+    """Path of a real demo file shipped in ``jax_corrdiff/data_files`` (see its README.md)."""
+    folder = importlib.resources.files("jax_corrdiff") / "data_files"
+    path = folder / name
+    if not path.is_file():
+        shipped = sorted(p.name for p in folder.iterdir() if p.name.endswith(".nc"))
+        raise FileNotFoundError(f"no demo file {name!r}; shipped: {', '.join(shipped)}")
+    return str(path)
+
+
+__all__ = [
+    "DataError",
+    "DownscalingSource",
+    "EmptyTimeRangeError",
+    "GridMismatchError",
+    "LatLonBilinear",
+    "MissingLevelError",
+    "MissingTimesError",
+    "MissingVariableError",
+    "NonFiniteDataError",
+    "Normalizer",
+    "PreparedDataMismatchError",
+    "PreparedStore",
+    "STATS_NAME",
+    "STORE_NAME",
+    "TAIWAN_CWB_VARIABLES",
+    "TAIWAN_ERA5_VARIABLES",
+    "block_average",
+    "compute_stats",
+    "degrade",
+    "demo_data_path",
+    "describe_prepared",
+    "ensure_prepared",
+    "load_stats",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "prepare_dataset",
+    "save_stats",
+    "write_cwb_zarr",
+]

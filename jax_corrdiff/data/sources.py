@@ -1,0 +1,277 @@
+"""Reading named fields from xarray files (NetCDF / Zarr) and from PhysicsNeMo's CWB Zarr.
+
+A field is named ``"name"`` or ``"name@level"``; ``level`` is a value of the variable's vertical
+coordinate (the first of ``LEVEL_DIMS`` it has, e.g. 850 on an hPa axis). Everything comes out
+as float32 ``(time, y, x, channel)``; ``y``/``x`` are the variable's two non-time, non-level
+dimensions in the file's own order and orientation (no flipping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+
+from jax_corrdiff.data.errors import (
+    DataError,
+    EmptyTimeRangeError,
+    GridMismatchError,
+    MissingLevelError,
+    MissingVariableError,
+    NonFiniteDataError,
+)
+
+LEVEL_DIMS = ("level", "plev", "pressure", "isobaricInhPa", "lev")
+LAT_NAMES = ("lat", "latitude", "XLAT", "nav_lat")
+LON_NAMES = ("lon", "longitude", "XLONG", "nav_lon")
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    level: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> FieldSpec:
+        name, sep, level = str(spec).partition("@")
+        if not name or (sep and not level):
+            raise ValueError(f"field {spec!r}: expected 'name' or 'name@level'")
+        return cls(name, float(level) if sep else None)
+
+    def __str__(self) -> str:
+        return self.name if self.level is None else f"{self.name}@{self.level:g}"
+
+
+def time_str(t) -> str:
+    return str(np.datetime64(t, "s"))
+
+
+def decode_times(array) -> np.ndarray:
+    """A Zarr time array (CF ``units``/``calendar`` attributes, or already datetime64) as datetime64[ns]."""
+    if "units" in array.attrs:
+        values = xr.coding.times.decode_cf_datetime(
+            array[:], array.attrs["units"], array.attrs.get("calendar", "standard"))
+        return np.asarray(values).astype("datetime64[ns]")
+    return np.asarray(array[:]).astype("datetime64[ns]")
+
+
+def expand_paths(patterns: Sequence[str], what: str) -> list[str]:
+    """Paths and glob patterns -> existing paths (each pattern's matches sorted)."""
+    paths = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise FileNotFoundError(f"{what}: no file matches {pattern!r}")
+            paths.extend(matches)
+        elif os.path.exists(pattern):
+            paths.append(pattern)
+        else:
+            raise FileNotFoundError(f"{what}: {pattern} does not exist")
+    if not paths:
+        raise ValueError(f"{what}: no paths given")
+    return paths
+
+
+def open_dataset(path: str) -> xr.Dataset:
+    """Zarr (a ``*.zarr`` path or any directory) with open_zarr, anything else with open_dataset."""
+    if path.rstrip("/").endswith(".zarr") or os.path.isdir(path):
+        return xr.open_zarr(path)
+    return xr.open_dataset(path)
+
+
+def _select_level(da: xr.DataArray, path: str, spec: FieldSpec) -> xr.DataArray:
+    level_dims = [d for d in da.dims if d in LEVEL_DIMS]
+    if spec.level is None:
+        if level_dims:
+            levels = da[level_dims[0]].values
+            raise MissingLevelError(
+                path, spec.name, None, levels,
+                reason=f"it has levels {', '.join(f'{v:g}' for v in levels)}; name one as '{spec.name}@LEVEL'",
+            )
+        return da
+    if not level_dims:
+        raise MissingLevelError(
+            path, spec.name, spec.level, [],
+            reason=f"{spec.name!r} has no vertical dimension (looked for {', '.join(LEVEL_DIMS)})",
+        )
+    levels = np.asarray(da[level_dims[0]].values, np.float64)
+    match = np.isclose(levels, spec.level)
+    if not match.any():
+        raise MissingLevelError(path, spec.name, spec.level, [f"{v:g}" for v in levels])
+    return da.isel({level_dims[0]: int(np.argmax(match))})
+
+
+def _lat_lon(ds: xr.Dataset, dims: tuple[str, str]):
+    """(lat2d, lon2d, regular) where regular = (lat1d, lon1d) for a regular grid, else None."""
+    lat = next((ds[n] for n in LAT_NAMES if n in ds.variables), None)
+    lon = next((ds[n] for n in LON_NAMES if n in ds.variables), None)
+    if lat is None or lon is None:
+        return None, None, None
+    if lat.ndim == 1 and lon.ndim == 1 and lat.dims == dims[:1] and lon.dims == dims[1:]:
+        lat1, lon1 = lat.values.astype(np.float64), lon.values.astype(np.float64)
+        lat2, lon2 = np.meshgrid(lat1, lon1, indexing="ij")
+        return lat2, lon2, (lat1, lon1)
+    if set(lat.dims) == set(dims) and set(lon.dims) == set(dims):
+        return lat.transpose(*dims).values.astype(np.float64), lon.transpose(*dims).values.astype(np.float64), None
+    return None, None, None
+
+
+class FieldSource:
+    """Named fields from one or more files, concatenated along time and read as (T, H, W, C).
+
+    ``times`` is sorted (datetime64[ns]) or None for static files; ``lat``/``lon`` are 2-D (or
+    None when the file has no lat/lon); ``regular`` holds the 1-D lat/lon of a regular grid.
+    """
+
+    def __init__(self, patterns: Sequence[str], fields: Sequence[str], what: str, *, static: bool = False):
+        self.what = what
+        self.paths = expand_paths(patterns, what)
+        self.fields = [FieldSpec.parse(f) for f in fields]
+        if not self.fields:
+            raise ValueError(f"{what}: no variables named")
+        self._arrays, self.shape, file_times = [], None, []
+        for path in self.paths:
+            ds = open_dataset(path)
+            arrays = []
+            for spec in self.fields:
+                if spec.name not in ds.data_vars:
+                    raise MissingVariableError(path, spec.name, list(ds.data_vars))
+                da = _select_level(ds[spec.name], path, spec)
+                has_time = "time" in da.dims
+                if has_time == static:
+                    raise DataError(f"{path}: {spec} {'has' if has_time else 'has no'} 'time' dimension ({what})")
+                spatial = tuple(d for d in da.dims if d != "time")
+                if len(spatial) != 2:
+                    raise DataError(f"{path}: {spec} has dimensions {da.dims}; expected (time,) y, x")
+                shape = tuple(da.sizes[d] for d in spatial)
+                if self.shape is None:
+                    self.shape = shape
+                    self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
+                elif shape != self.shape:
+                    raise GridMismatchError(path, f"{what} field {spec}", f"grid {shape} differs from {self.shape}")
+                arrays.append(da.transpose(*(("time",) if has_time else ()), *spatial))
+            self._arrays.append(arrays)
+            if not static:
+                if not np.issubdtype(ds["time"].dtype, np.datetime64):
+                    raise DataError(f"{path}: 'time' does not decode to datetime64 (dtype {ds['time'].dtype})")
+                file_times.append(ds["time"].values.astype("datetime64[ns]"))
+        self.times = None
+        if not static:
+            times = np.concatenate(file_times)
+            file_of = np.concatenate([np.full(len(t), i) for i, t in enumerate(file_times)])
+            local = np.concatenate([np.arange(len(t)) for t in file_times])
+            order = np.argsort(times, kind="stable")
+            self.times, self._file, self._local = times[order], file_of[order], local[order]
+            dup = np.nonzero(np.diff(self.times) == np.timedelta64(0))[0]
+            if len(dup):
+                i = order[dup[0]]
+                raise DataError(f"{self.paths[file_of[i]]}: time {time_str(times[i])} appears twice "
+                                f"in the {what} files")
+
+    def file_of(self, index: int) -> str:
+        return self.paths[self._file[index]]
+
+    def read(self, indices: np.ndarray) -> np.ndarray:
+        """The fields at positions ``indices`` of ``times``: float32 (T, H, W, C)."""
+        indices = np.asarray(indices)
+        out = np.empty((len(indices), *self.shape, len(self.fields)), np.float32)
+        files = self._file[indices]
+        for f in np.unique(files):
+            rows = np.nonzero(files == f)[0]
+            for c, da in enumerate(self._arrays[f]):
+                out[rows, ..., c] = da.isel(time=self._local[indices[rows]]).values
+        return out
+
+    def read_static(self) -> np.ndarray:
+        """Static fields (first file): float32 (H, W, C)."""
+        return np.stack([da.values for da in self._arrays[0]], axis=-1).astype(np.float32)
+
+
+def select_period(times: np.ndarray, period: Sequence[str], path: str) -> np.ndarray:
+    """Indices of ``times`` (sorted) within [start, end], inclusive at the precision written:
+    an end of "2019-03-20" keeps every step of that day (pandas partial-string semantics)."""
+    start, end = (str(p) for p in period)
+    index = np.arange(len(times))[pd.DatetimeIndex(times).slice_indexer(start, end)]
+    if len(index) == 0:
+        raise EmptyTimeRangeError(path, (start, end), (time_str(times[0]), time_str(times[-1])))
+    return index
+
+
+def apply_nan_policy(values, names, policy: str, fill_value: float, *, paths, times) -> np.ndarray:
+    """Check (T, H, W, C) ``values`` for NaN/inf, in place. Returns per-channel counts.
+
+    ``paths[t]`` and ``times[t]`` locate row t for error messages (``times`` may hold None for
+    static fields). "error" raises NonFiniteDataError at the first bad time step of the first bad
+    channel; "fill" replaces the values with ``fill_value``.
+    """
+    bad = ~np.isfinite(values)
+    counts = bad.sum(axis=(0, 1, 2)).astype(np.int64)
+    if not counts.any():
+        return counts
+    if policy == "error":
+        c = int(np.argmax(counts > 0))
+        per_step = bad[..., c].reshape(len(values), -1).sum(axis=1)
+        t = int(np.argmax(per_step > 0))
+        when = None if times[t] is None else time_str(times[t])
+        raise NonFiniteDataError(paths[t], names[c], when, int(per_step[t]))
+    values[bad] = fill_value
+    return counts
+
+
+def _as_str(v) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class CwbStore:
+    """PhysicsNeMo's CWB Zarr: ``cwb``/``era5`` (time, channel, south_north, west_east), channel
+    names in ``cwb_variable``/``era5_variable`` with optional ``*_pressure`` levels (NaN for
+    surface), ``XLAT``/``XLONG``, CF-encoded ``time``; optional ``cwb_valid`` (time,) and
+    ``era5_valid`` (time, channel) flags mark usable steps."""
+
+    def __init__(self, path: str, target_fields: Sequence[str], input_fields: Sequence[str]):
+        self.path = path
+        g = zarr.open_group(path, mode="r")
+        for key in ("cwb", "era5", "cwb_variable", "era5_variable", "XLAT", "XLONG", "time"):
+            if key not in g:
+                raise MissingVariableError(path, key, sorted(g.array_keys()))
+        self.target_index = self._channel_index(g, "cwb", target_fields)
+        self.input_index = self._channel_index(g, "era5", input_fields)
+        self.times = decode_times(g["time"])
+        valid = np.ones(len(self.times), bool)
+        if "cwb_valid" in g:
+            valid &= np.asarray(g["cwb_valid"][:]) != 0
+        if "era5_valid" in g:
+            valid &= np.all(np.asarray(g["era5_valid"][:])[:, self.input_index] != 0, axis=1)
+        self.valid = valid
+        self.lat, self.lon = np.asarray(g["XLAT"][:], np.float64), np.asarray(g["XLONG"][:], np.float64)
+        self.shape = tuple(g["cwb"].shape[-2:])
+        if self.lat.shape != self.shape or tuple(g["era5"].shape[-2:]) != self.shape:
+            raise GridMismatchError(path, "cwb/era5/XLAT grids", f"cwb {self.shape}, era5 "
+                                    f"{tuple(g['era5'].shape[-2:])}, XLAT {self.lat.shape}")
+
+    def _channel_index(self, g, prefix: str, fields: Sequence[str]) -> list[int]:
+        names = [_as_str(v) for v in g[f"{prefix}_variable"][:]]
+        key = f"{prefix}_pressure"
+        levels = np.asarray(g[key][:], np.float64) if key in g else np.full(len(names), np.nan)
+        labels = [n if np.isnan(lv) else f"{n}@{lv:g}" for n, lv in zip(names, levels)]
+        index = []
+        for spec in map(FieldSpec.parse, fields):
+            candidates = [i for i, n in enumerate(names) if n == spec.name]
+            if not candidates:
+                raise MissingVariableError(self.path, f"{prefix} channel {spec.name}", labels)
+            if spec.level is None:
+                match = [i for i in candidates if np.isnan(levels[i])]
+            else:
+                match = [i for i in candidates if np.isclose(levels[i], spec.level)]
+            if not match:
+                raise MissingLevelError(self.path, f"{prefix} channel {spec.name}", spec.level,
+                                        [labels[i] for i in candidates])
+            index.append(match[0])
+        return index

@@ -1,0 +1,153 @@
+"""Train state and the jitted training / evaluation steps of both CorrDiff stages.
+
+A stage is described by a loss function
+    per_sample_loss(params, constants, batch, rng, frozen, train) -> (B,)
+where ``frozen`` holds variables that are inputs but not trained (the regression network
+while training diffusion). Steps are built around it; they never sync with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
+from jax_corrdiff.training.mesh import batch_sharded, replicated
+from jax_corrdiff.training.optimizer import ema_decay, learning_rate
+
+PerSampleLoss = Callable[..., jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    constants: Any  # non-trained variable collections (e.g. fourier frequencies)
+
+
+def init_train_state(model, example_args, example_kwargs, optimizer, key, mesh) -> TrainState:
+    """Initialise replicated on ``mesh`` (every process computes the same values)."""
+
+    def init(key):
+        variables = dict(model.init(key, *example_args, **example_kwargs))
+        params = variables.pop("params")
+        return TrainState(jnp.zeros((), jnp.int32), params, params, optimizer.init(params), variables)
+
+    return jax.jit(init, out_shardings=replicated(mesh))(key)
+
+
+def _pixel_mean(per_pixel: jax.Array) -> jax.Array:
+    return jnp.mean(per_pixel, axis=tuple(range(1, per_pixel.ndim)))
+
+
+def regression_per_sample_loss(model) -> PerSampleLoss:
+    def loss(params, constants, batch, rng, frozen, train):
+        del frozen
+        pred = model.apply(
+            {"params": params, **constants},
+            batch["img_lr"],
+            lead_time_label=batch.get("lead_time_label"),
+            train=train,
+            rngs={"dropout": rng},
+        )
+        return _pixel_mean(regression_loss(pred, batch["target"]))
+
+    return loss
+
+
+def diffusion_per_sample_loss(model, regression_model, *, p_mean, p_std, sigma_data, hr_mean_conditioning) -> PerSampleLoss:
+    """Residual EDM loss; ``frozen`` = the regression variables (an argument, not a
+    compile-time constant, so 80 M weights are not baked into the program)."""
+
+    def loss(params, constants, batch, rng, frozen, train):
+        lead_time = batch.get("lead_time_label")
+        mean = regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time)
+        dropout_rng, noise_rng = jax.random.split(rng)
+
+        def denoise(x, cond, sigma):
+            return model.apply(
+                {"params": params, **constants}, x, cond, sigma,
+                lead_time_label=lead_time, train=train, rngs={"dropout": dropout_rng},
+            )  # fmt: skip
+
+        per_pixel = residual_loss(
+            denoise, noise_rng, batch["target"], mean, batch["img_lr"],
+            p_mean=p_mean, p_std=p_std, sigma_data=sigma_data, hr_mean_conditioning=hr_mean_conditioning,
+        )  # fmt: skip
+        return _pixel_mean(per_pixel)
+
+    return loss
+
+
+def _split_microbatches(batch: dict, n: int) -> dict:
+    """(B, ...) -> (n, B / n, ...) taking every n-th sample, so each micro-batch still
+    spans all devices of the data axis (B is sharded in contiguous blocks)."""
+
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch {x.shape[0]} does not split into {n} micro-batches")
+        return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(loss_fn: PerSampleLoss, optimizer, training_config, global_batch: int, seed: int, mesh):
+    """jit(state, batch, frozen) -> (state, metrics); the state buffer is donated."""
+    schedule = learning_rate(training_config, global_batch)
+    accumulation = int(training_config.grad_accumulation)
+
+    def mean_loss(params, constants, batch, rng, frozen):
+        return jnp.mean(loss_fn(params, constants, batch, rng, frozen, True))
+
+    grad_fn = jax.value_and_grad(mean_loss)
+
+    def step(state: TrainState, batch: dict, frozen: Any):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        if accumulation == 1:
+            loss, grads = grad_fn(state.params, state.constants, batch, rng, frozen)
+        else:
+            def accumulate(carry, inputs):
+                i, micro = inputs
+                loss, grads = grad_fn(state.params, state.constants, micro, jax.random.fold_in(rng, i), frozen)
+                return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+            micro = _split_microbatches(batch, accumulation)
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation), micro))
+            loss, grads = jax.tree_util.tree_map(lambda x: x / accumulation, (loss, grads))
+        nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        beta = ema_decay(training_config, state.step, global_batch)
+        ema = jax.tree_util.tree_map(lambda e, p: beta * e + (1.0 - beta) * p, state.ema_params, params)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)),
+            "nonfinite_grads": nonfinite,
+            "learning_rate": schedule(state.step),
+        }
+        return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+    repl = replicated(mesh)
+    return jax.jit(step, in_shardings=(repl, batch_sharded(mesh), repl), out_shardings=(repl, repl), donate_argnums=0)
+
+
+def make_eval_step(loss_fn: PerSampleLoss, seed: int, mesh):
+    """jit(params, constants, batch, frozen) -> (sum of per-sample losses, number of real samples).
+
+    A fixed key makes successive validation losses comparable (same sigmas, same noise)."""
+
+    def step(params, constants, batch, frozen):
+        rng = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
+        per_sample = loss_fn(params, constants, batch, rng, frozen, False)
+        mask = batch["mask"].astype(jnp.float32)
+        return jnp.sum(per_sample * mask), jnp.sum(mask)
+
+    repl = replicated(mesh)
+    return jax.jit(step, in_shardings=(repl, repl, batch_sharded(mesh), repl), out_shardings=repl)
