@@ -23,6 +23,8 @@ setup(
         "zarr>=3.0",
         "scipy>=1.12",
         "tensorboardX>=2.6",
+        "scores>=2.7",
+        "matplotlib>=3.8",
         "numpy>=2.0",
         "ml_collections>=1.0",
         "absl-py>=2.1",

@@ -6,15 +6,14 @@ the same command resumes from the latest checkpoint.
 """
 
 import json
-import logging as std_logging
 import os
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from jax_corrdiff.config import STAGES
+from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py[:variant]).")
@@ -22,27 +21,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, mode
 flags.mark_flags_as_required(["config"])
 
 
-def _log_progress_to_stdout() -> None:
-    """Our progress lines on stdout; absl (and Orbax's chatter through it) only from WARNING."""
-    handler = std_logging.StreamHandler(sys.stdout)
-    handler.setFormatter(std_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    ours = std_logging.getLogger("jax_corrdiff")
-    ours.addHandler(handler)
-    ours.setLevel(std_logging.INFO)
-    ours.propagate = False
-    logging.set_verbosity(logging.WARNING)
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if int(os.environ.get("JAX_PROCESS_COUNT", os.environ.get("SLURM_NTASKS", "1"))) > 1:
         jax.distributed.initialize()
-    _log_progress_to_stdout()
+    log = log_progress_to_stdout()
     config = _CONFIG.value
     if config.stage not in STAGES:
         raise app.UsageError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
-    log = std_logging.getLogger("jax_corrdiff")
     log.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
              jax.devices())  # fmt: skip
     log.info("config:\n%s", config)

@@ -110,35 +110,41 @@ def _periods(times: np.ndarray, cfg: dict, path: str) -> np.ndarray:
     return np.union1d(select_period(times, cfg["train_period"], path), select_period(times, cfg["valid_period"], path))
 
 
-def _read_static(cfg: dict, lat: np.ndarray, lon: np.ndarray, target: str):
+def require_on_grid(src: FieldSource, lat: np.ndarray, lon: np.ndarray, what: str, target: str) -> None:
+    """Raise GridMismatchError unless ``src`` lies on the (lat, lon) grid of ``target``."""
+    path = _describe(src.paths)
+    if src.shape != lat.shape:
+        raise GridMismatchError(path, f"{what} are not on the target grid",
+                                f"grid {src.shape}, target grid {lat.shape} ({target})")
+    if src.lat is not None:
+        dist = _grid_distance(src.lat, src.lon, lat, lon)
+        if dist > _GRID_TOLERANCE_DEG:
+            raise GridMismatchError(path, f"{what} are not on the target grid",
+                                    f"lat/lon differ from the target's ({target}) by up to {dist:.4f} deg")
+
+
+def read_static(cfg: dict, lat: np.ndarray, lon: np.ndarray, target: str):
     """Static fields (H, W, C) after the NaN policy, and their non-finite counts."""
     if not cfg["static_variables"]:
         return np.zeros((*lat.shape, 0), np.float32), {}
     src = FieldSource([cfg["static_path"]], cfg["static_variables"], "static", static=True)
     path, names = src.paths[0], [str(f) for f in src.fields]
-    if src.shape != lat.shape:
-        raise GridMismatchError(path, "static fields are not on the target grid",
-                                f"static grid {src.shape}, target grid {lat.shape} ({target})")
-    if src.lat is not None:
-        dist = _grid_distance(src.lat, src.lon, lat, lon)
-        if dist > _GRID_TOLERANCE_DEG:
-            raise GridMismatchError(path, "static fields are not on the target grid",
-                                    f"lat/lon differ from the target's ({target}) by up to {dist:.4f} deg")
+    require_on_grid(src, lat, lon, "static fields", target)
     values = src.read_static()
     counts = apply_nan_policy(values[None], names, cfg["nan_policy"], cfg["nan_fill_value"], paths=[path], times=[None])
     return values, dict(zip(names, counts.tolist()))
 
 
-def _input_regridder(inputs: FieldSource, target: FieldSource):
-    """None when the inputs already sit on the target grid, else a LatLonBilinear to it."""
+def input_regridder(inputs: FieldSource, lat: np.ndarray, lon: np.ndarray):
+    """None when the inputs already sit on the (lat, lon) target grid, else a LatLonBilinear to it."""
     path = _describe(inputs.paths)
-    if inputs.lat is not None and inputs.shape == target.shape:
-        if _grid_distance(inputs.lat, inputs.lon, target.lat, target.lon) <= _GRID_TOLERANCE_DEG:
+    if inputs.lat is not None and inputs.shape == lat.shape:
+        if _grid_distance(inputs.lat, inputs.lon, lat, lon) <= _GRID_TOLERANCE_DEG:
             return None
     if inputs.regular is None:
         raise GridMismatchError(path, "input grid", "inputs need a regular grid with 1-D lat and lon "
                                 "(or to be on the target grid already)")
-    return LatLonBilinear(*inputs.regular, target.lat, target.lon, path=path)
+    return LatLonBilinear(*inputs.regular, lat, lon, path=path)
 
 
 def _write_variables(cfg: dict, store: str) -> dict:
@@ -153,12 +159,12 @@ def _write_variables(cfg: dict, store: str) -> dict:
         missing = inputs.times[pos] != target.times[sel]
         if missing.any():
             raise MissingTimesError(_describe(inputs.paths), [time_str(t) for t in target.times[sel][missing]])
-        input_sel, regrid = pos, _input_regridder(inputs, target)
+        input_sel, regrid = pos, input_regridder(inputs, target.lat, target.lon)
     else:  # paired synthetic: the target files' own fields, degraded
         inputs = FieldSource(cfg["target_paths"], cfg["input_variables"], "inputs (synthetic)")
         input_sel, factor = sel, int(cfg["coarsen_factor"])
         regrid = lambda x: degrade(x, factor)  # noqa: E731
-    static, static_counts = _read_static(cfg, target.lat, target.lon, target_desc)
+    static, static_counts = read_static(cfg, target.lat, target.lon, target_desc)
     names_t, names_i = [str(f) for f in target.fields], [str(f) for f in inputs.fields]
     counts_t, counts_i = np.zeros(len(names_t), np.int64), np.zeros(len(names_i), np.int64)
     policy, fill = cfg["nan_policy"], cfg["nan_fill_value"]
@@ -205,7 +211,7 @@ def _write_cwb(cfg: dict, store: str) -> dict:
     src = CwbStore(path, cfg["target_variables"], cfg["input_variables"])
     usable = np.nonzero(src.valid)[0]
     sel = usable[_periods(src.times[usable], cfg, path)]
-    static, static_counts = _read_static(cfg, src.lat, src.lon, path)
+    static, static_counts = read_static(cfg, src.lat, src.lon, path)
     # Nothing is copied, but every selected step is read once here so that NaNs surface now
     # (policy "error") or get counted (policy "fill"; the reader fills them on the fly).
     g = zarr.open_group(path, mode="r")

@@ -9,6 +9,7 @@ Model directory (what generation and the diffusion stage read; also what
 ``python -m jax_corrdiff.convert`` writes):
     model_config.json   {"model": <model config>, "source": {...provenance, normalization...}}
     variables/          Orbax PyTree checkpoint of the Flax variables
+    grid.npz            lat, lon (H, W) of the target grid (trained models)
 """
 
 from __future__ import annotations
@@ -24,16 +25,22 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
+GRID_FILE = "grid.npz"
 
 
-def save_model(directory: str, model_config: dict, variables: Any, source: dict | None = None) -> None:
-    """Write ``variables`` and ``model_config`` to ``directory`` (created; must not hold a model)."""
+def save_model(
+    directory: str, model_config: dict, variables: Any, source: dict | None = None, grid: tuple | None = None
+) -> None:
+    """Write ``variables``, ``model_config`` and the (lat, lon) ``grid`` to ``directory``
+    (created; must not hold a model)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
         raise FileExistsError(f"{directory} already holds a model; choose another output directory")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, VARIABLES_DIR), jax.tree_util.tree_map(np.asarray, variables))
+    if grid is not None:
+        np.savez(os.path.join(directory, GRID_FILE), lat=np.asarray(grid[0]), lon=np.asarray(grid[1]))
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump({"model": model_config, "source": source or {}}, f, indent=2)
 
@@ -49,6 +56,15 @@ def load_model(directory: str) -> tuple[dict, Any, dict]:
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
     return meta["model"], jax.tree_util.tree_map(np.asarray, variables), meta.get("source", {})
+
+
+def load_grid(directory: str) -> tuple[np.ndarray, np.ndarray]:
+    """(lat, lon) of the target grid a model was trained on."""
+    path = os.path.join(directory, GRID_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} has no {GRID_FILE}: it was not exported by training")
+    with np.load(path) as grid:
+        return grid["lat"], grid["lon"]
 
 
 class TrainingCheckpoints:

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
-from jax_corrdiff.data.prepare import ensure_prepared
+from jax_corrdiff.data.prepare import data_config_dict, ensure_prepared
 from jax_corrdiff.training.mesh import to_global
 
 # Batch entries the steps consume (time_index stays on the host).
@@ -29,6 +29,7 @@ class TrainingData:
     normalizer: Normalizer
     train_source: DownscalingSource
     valid_source: DownscalingSource
+    data_config: dict
     worker_count: int = 0
 
     @classmethod
@@ -44,12 +45,16 @@ class TrainingData:
         store, normalizer = ensure_prepared(config.data, cache)
         return cls(
             store, normalizer, DownscalingSource(store, "train", normalizer), DownscalingSource(store, "valid", normalizer),
-            worker_count=int(config.data.worker_count),
+            data_config=data_config_dict(config.data), worker_count=int(config.data.worker_count),
         )  # fmt: skip
 
     @property
     def grid_shape(self) -> tuple[int, int]:
         return tuple(self.train_source.shape)
+
+    @property
+    def grid(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.train_source.lat, self.train_source.lon
 
     @property
     def target_channels(self) -> tuple[str, ...]:

@@ -167,18 +167,19 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
             checkpoints.save(done, state, train_iter, meta)
     checkpoints.close()
     progress.close()
-    return _export(directory, model_config, state, data, stage)
+    extra = {"hr_mean_conditioning": bool(config.diffusion.model.hr_mean_conditioning)} if stage == "diffusion" else {}
+    return _export(directory, model_config, state, data, stage, extra)
 
 
-def _export(directory: str, model_config: dict, state: TrainState, data, stage: str) -> str:
+def _export(directory: str, model_config: dict, state: TrainState, data, stage: str, extra: dict) -> str:
     """Write the EMA weights as a model directory (replacing an earlier export)."""
     path = os.path.join(directory, MODEL_DIR)
     if jax.process_index() == 0:
         shutil.rmtree(path, ignore_errors=True)
     variables = {"params": state.ema_params, **state.constants}
-    source = {"format": "jax_corrdiff", "stage": stage, "step": int(state.step),
-              "normalization": data.normalization, "channels": data.channel_metadata()}  # fmt: skip
-    save_model(path, model_config, jax.device_get(variables), source)
+    source = {"format": "jax_corrdiff", "stage": stage, "step": int(state.step), "data": data.data_config,
+              "normalization": data.normalization, "channels": data.channel_metadata(), **extra}  # fmt: skip
+    save_model(path, model_config, jax.device_get(variables), source, grid=data.grid)
     return path
 
 

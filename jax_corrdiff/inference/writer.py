@@ -1,0 +1,197 @@
+"""CF-1.8 output of generation, written as it goes (NetCDF-4 or Zarr).
+
+The file is laid out for all requested times up front; each batch fills its rows and then
+sets ``completed[t] = 1``. A crash keeps every finished time, and a rerun with the same
+times skips them.
+
+Variables, in physical units, for each target field NAME (levelled fields share ``level``):
+    NAME               (time, ensemble, [level,] y, x)   CorrDiff members: regression mean + residual
+    NAME_regression    (time, [level,] y, x)             the regression (stage 1) mean
+    NAME_interpolated  (time, [level,] y, x)             coarse input, bilinear on the fine grid (if an input)
+    NAME_truth         (time, [level,] y, x)             truth (coarsened-truth mode)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import netCDF4
+import numpy as np
+import zarr
+
+from jax_corrdiff.data.sources import FieldSpec
+
+TIME_UNITS = "hours since 1970-01-01 00:00:00"
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """An output variable: its channels (in model channel order) and their levels."""
+
+    name: str
+    channels: tuple[int, ...]
+    levels: tuple[float | None, ...]
+
+
+def group_channels(channels: Sequence[str]) -> tuple[list[Field], list[float]]:
+    """Channels "name" / "name@level" -> output fields and the shared sorted level axis."""
+    specs = [FieldSpec.parse(c) for c in channels]
+    names = list(dict.fromkeys(s.name for s in specs))
+    fields = [Field(n, *zip(*[(i, s.level) for i, s in enumerate(specs) if s.name == n])) for n in names]
+    levels = sorted({s.level for s in specs if s.level is not None})
+    for f in fields:
+        if len(f.channels) > 1 and None in f.levels:
+            raise ValueError(f"{f.name} appears both with and without a level")
+    return fields, levels
+
+
+def _hours(times: np.ndarray) -> np.ndarray:
+    return (times.astype("datetime64[s]").astype(np.int64) / 3600.0).astype(np.float64)
+
+
+class EnsembleWriter:
+    """Opens (or creates) ``path`` for ``times``; ``write(start, ...)`` fills rows start.."""
+
+    def __init__(self, path: str, *, times: np.ndarray, members: int, lat: np.ndarray, lon: np.ndarray,
+                 target_channels: Sequence[str], input_channels: Sequence[str], has_truth: bool,
+                 variable_attrs: dict[str, dict], global_attrs: dict):  # fmt: skip
+        self.path = path
+        self.fields, self.levels = group_channels(target_channels)
+        self.interpolated = {f.name: [list(input_channels).index(c) for c in self._names(f, target_channels)]
+                             for f in self.fields
+                             if all(c in input_channels for c in self._names(f, target_channels))}  # fmt: skip
+        self.has_truth = has_truth
+        self.zarr = path.rstrip("/").endswith(".zarr")
+        hours = _hours(times)
+        if os.path.exists(path):
+            self._open_existing(hours, members, lat.shape)
+        else:
+            self._create(hours, members, lat, lon, variable_attrs, global_attrs)
+
+    @staticmethod
+    def _names(field: Field, channels: Sequence[str]) -> list[str]:
+        return [channels[i] for i in field.channels]
+
+    # ----------------------------------------------------------------- layout
+    def _variables(self, variable_attrs: dict):
+        lev = ("level",) if self.levels else ()
+        for f in self.fields:
+            dims = lev if f.levels[0] is not None else ()
+            attrs = {**variable_attrs.get(f.name, {}), "coordinates": "lat lon"}
+            yield f.name, ("time", "ensemble", *dims, "y", "x"), attrs
+            yield f"{f.name}_regression", ("time", *dims, "y", "x"), {**attrs, "comment": "CorrDiff regression mean"}
+            if f.name in self.interpolated:
+                yield f"{f.name}_interpolated", ("time", *dims, "y", "x"), {
+                    **attrs, "comment": "coarse input, bilinearly interpolated"}  # fmt: skip
+            if self.has_truth:
+                yield f"{f.name}_truth", ("time", *dims, "y", "x"), {**attrs, "comment": "truth"}
+
+    def _create(self, hours, members, lat, lon, variable_attrs, global_attrs):
+        sizes = {"time": len(hours), "ensemble": members, "y": lat.shape[0], "x": lat.shape[1]}
+        if self.levels:
+            sizes["level"] = len(self.levels)
+        coords = [
+            ("time", ("time",), hours, {"units": TIME_UNITS, "calendar": "standard", "standard_name": "time"}),
+            ("ensemble", ("ensemble",), np.arange(members, dtype=np.int32), {"long_name": "ensemble member"}),
+            ("y", ("y",), np.arange(sizes["y"], dtype=np.int32), {"long_name": "grid row"}),
+            ("x", ("x",), np.arange(sizes["x"], dtype=np.int32), {"long_name": "grid column"}),
+            ("lat", ("y", "x"), lat.astype(np.float32), {"units": "degrees_north", "standard_name": "latitude"}),
+            ("lon", ("y", "x"), lon.astype(np.float32), {"units": "degrees_east", "standard_name": "longitude"}),
+            ("completed", ("time",), np.zeros(len(hours), np.int8),
+             {"long_name": "time step written", "flag_values": np.array([0, 1], np.int8),
+              "flag_meanings": "pending written"}),
+        ]  # fmt: skip
+        if self.levels:
+            coords.append(("level", ("level",), np.asarray(self.levels, np.float64), {"long_name": "vertical level"}))
+        attrs = {"Conventions": "CF-1.8", **global_attrs}
+        tmp = self.path + ".partial"
+        if self.zarr:
+            root = zarr.open_group(tmp, mode="w", zarr_format=2)
+            root.attrs.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()})
+            for name, dims, values, var_attrs in coords:
+                arr = root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None,
+                                        fill_value=None)
+                arr[...] = values
+                arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
+            for name, dims, var_attrs in self._variables(variable_attrs):
+                shape = tuple(sizes[d] for d in dims)
+                chunks = tuple(1 if d in ("time", "ensemble", "level") else sizes[d] for d in dims)
+                arr = root.create_array(name, shape=shape, dtype="float32", chunks=chunks, fill_value=np.nan)
+                arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
+            zarr.consolidate_metadata(tmp)
+        else:
+            with netCDF4.Dataset(tmp, "w") as nc:
+                nc.setncatts(attrs)
+                for dim, size in sizes.items():
+                    nc.createDimension(dim, size)
+                for name, dims, values, var_attrs in coords:
+                    var = nc.createVariable(name, values.dtype, dims)
+                    var.setncatts(var_attrs)
+                    var[...] = values
+                for name, dims, var_attrs in self._variables(variable_attrs):
+                    chunks = tuple(1 if d in ("time", "ensemble", "level") else sizes[d] for d in dims)
+                    var = nc.createVariable(name, "f4", dims, zlib=True, complevel=1, chunksizes=chunks,
+                                            fill_value=np.float32(np.nan))  # fmt: skip
+                    var.setncatts(var_attrs)
+        os.replace(tmp, self.path)
+        self.completed = np.zeros(len(hours), bool)
+
+    def _open_existing(self, hours, members, shape):
+        time, ensemble, lat, completed = (self._read(v) for v in ("time", "ensemble", "lat", "completed"))
+        if len(time) != len(hours) or not np.allclose(time, hours) or len(ensemble) != members or lat.shape != shape:
+            raise ValueError(
+                f"{self.path} exists with other times/members/grid ({len(time)} times, {len(ensemble)} members, "
+                f"grid {lat.shape}); choose a new output file or rerun with the same options"
+            )
+        self.completed = completed.astype(bool)
+
+    def _read(self, name: str) -> np.ndarray:
+        if self.zarr:
+            return np.asarray(zarr.open_group(self.path, mode="r")[name][...])
+        with netCDF4.Dataset(self.path) as nc:
+            nc.set_auto_mask(False)
+            return np.asarray(nc[name][...])
+
+    # ------------------------------------------------------------------ write
+    def write(self, start: int, prediction, regression, inputs, truth) -> None:
+        """Rows start..start+B: prediction (B, M, H, W, C), regression (B, H, W, C),
+        inputs (B, H, W, C_in) interpolated coarse input, truth (B, H, W, C) or None."""
+        rows = slice(start, start + len(regression))
+        values = {}
+        for f in self.fields:
+            idx = list(f.channels)
+            levelled = f.levels[0] is not None
+            values[f.name] = self._arrange(prediction[..., idx], f, levelled, member_axis=True)
+            values[f"{f.name}_regression"] = self._arrange(regression[..., idx], f, levelled)
+            if f.name in self.interpolated:
+                values[f"{f.name}_interpolated"] = self._arrange(inputs[..., self.interpolated[f.name]], f, levelled)
+            if self.has_truth:
+                values[f"{f.name}_truth"] = self._arrange(truth[..., idx], f, levelled)
+        done = np.ones(rows.stop - rows.start, np.int8)
+        if self.zarr:
+            root = zarr.open_group(self.path, mode="r+")
+            for name, v in values.items():
+                root[name][rows] = v
+            root["completed"][rows] = done
+        else:
+            with netCDF4.Dataset(self.path, "a") as nc:
+                for name, v in values.items():
+                    nc[name][rows] = v
+                nc["completed"][rows] = done
+        self.completed[rows] = True
+
+    def _arrange(self, x: np.ndarray, field: Field, levelled: bool, member_axis: bool = False) -> np.ndarray:
+        """(..., H, W, C_field) -> (..., [level,] H, W) on the shared level axis (NaN where absent)."""
+        x = np.moveaxis(np.asarray(x, np.float32), -1, -3)  # (..., C, H, W)
+        if not levelled:
+            return x[..., 0, :, :]
+        out = np.full((*x.shape[:-3], len(self.levels), *x.shape[-2:]), np.nan, np.float32)
+        for c, level in enumerate(field.levels):
+            out[..., self.levels.index(level), :, :] = x[..., c, :, :]
+        return out
+
+
+def _jsonable(attrs: dict) -> dict:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}

@@ -1,0 +1,45 @@
+"""Score a generation output: ``python -m jax_corrdiff.score --prediction=OUT.nc --output=DIR``.
+
+Prints the aggregated table and writes DIR/scores.json, DIR/scores.csv and PNG figures
+(see ``jax_corrdiff.evaluation``). The file must hold ``*_truth`` variables, i.e. come from
+a generation run on coarsened truth.
+"""
+
+import os
+import sys
+
+import xarray as xr
+from absl import app, flags
+
+from jax_corrdiff.evaluation import EvaluationInputError, format_table, score_dataset, write_report
+from jax_corrdiff.evaluation.report import check_time_index
+
+_PREDICTION = flags.DEFINE_string("prediction", None, "Generation output (NetCDF file or Zarr store).", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Directory for scores.json, scores.csv and figures.", required=True)
+_VARIABLES = flags.DEFINE_list("variables", None, "Variables to score (default: all with *_truth).")
+_TIME_INDEX = flags.DEFINE_integer("time_index", 0, "Index of the time shown in the maps.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tie breaking in the rank histograms.")
+
+
+def open_prediction(path: str) -> xr.Dataset:
+    if not os.path.exists(path):
+        raise EvaluationInputError(f"prediction file {path!r} does not exist")
+    return xr.open_zarr(path) if os.path.isdir(path) else xr.open_dataset(path)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        with open_prediction(_PREDICTION.value) as ds:
+            check_time_index(ds, _TIME_INDEX.value)
+            scores = score_dataset(ds, _VARIABLES.value, seed=_SEED.value)
+            print(format_table(scores))
+            write_report(scores, ds, _OUTPUT.value, time_index=_TIME_INDEX.value)
+    except EvaluationInputError as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {_OUTPUT.value}/scores.json, scores.csv and figures")
+
+
+if __name__ == "__main__":
+    app.run(main)
