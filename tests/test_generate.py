@@ -99,3 +99,15 @@ def test_bad_inputs_name_the_problem(smoke_workdir, tmp_path):
         open_(small, coarsen=False)
     with pytest.raises(GridMismatchError, match="small.nc"):
         open_(small, coarsen=True)
+
+
+def test_generated_file_scores_against_both_baselines(smoke_workdir, tmp_path):
+    from jax_corrdiff.evaluation import score_dataset
+
+    with xr.open_dataset(_run(smoke_workdir, tmp_path / "s.nc", members=2)) as ds:
+        scores = score_dataset(ds.load())
+    assert scores["ensemble_size"] == 2 and len(scores["times"]) == 4
+    models = scores["fields"]["t2m"]["models"]
+    assert set(models) == {"corrdiff", "regression", "bilinear"}
+    for model in models.values():
+        assert 0 < model["aggregate"]["mae"] <= model["aggregate"]["rmse"] < 20
