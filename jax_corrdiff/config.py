@@ -83,7 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.regression = ml_collections.ConfigDict()
     config.regression.model = ml_collections.ConfigDict(
-        dict(unet=_unet(embedding_type="zero"), compute_dtype="float32", global_residual=[])
+        # global_residual: outputs that are also inputs (same name) are predicted as a
+        # correction added to the interpolated coarse field (China 3 km CorrDiff).
+        dict(unet=_unet(embedding_type="zero"), compute_dtype="float32", global_residual=False)
     )
     config.regression.training = _training()
 

@@ -10,6 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jax_corrdiff.data import compute_stats, describe_prepared, prepare_dataset
+from jax_corrdiff.data.prepare import PREPARED_DIR
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose get_config() has a `data` field.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory; prepared data goes to WORKDIR/prepared.")
@@ -19,7 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    cache_dir = os.path.join(_WORKDIR.value, "prepared")
+    cache_dir = os.path.join(_WORKDIR.value, PREPARED_DIR)
     store = prepare_dataset(_CONFIG.value.data, cache_dir, overwrite=_OVERWRITE.value)
     print(describe_prepared(store, compute_stats(store)))
 

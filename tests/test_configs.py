@@ -29,9 +29,11 @@ def _shrink(config, steps=2):
 
 def test_hrrr_idaho_trains_three_variables_with_static_fields(tmp_path):
     config = _shrink(hrrr_idaho.get_config("smoke"))
+    config.regression.model.global_residual = True
     model_dir = train_and_evaluate(config, str(tmp_path))["regression"]
     model, _, source = load_model(model_dir)
     assert model["img_resolution"] == [78, 41]
+    assert model["global_residual"] == [[0, 0], [1, 1], [2, 2]]
     assert source["channels"] == {"target": ["t2m", "u10", "v10"], "img_lr": ["t2m", "u10", "v10", "orog", "lsm"]}
 
 

@@ -111,3 +111,13 @@ def test_generated_file_scores_against_both_baselines(smoke_workdir, tmp_path):
     assert set(models) == {"corrdiff", "regression", "bilinear"}
     for model in models.values():
         assert 0 < model["aggregate"]["mae"] <= model["aggregate"]["rmse"] < 20
+
+
+def test_zarr_output_matches_netcdf(smoke_workdir, tmp_path):
+    period = ["2019-03-22T00", "2019-03-22T01"]
+    nc = xr.open_dataset(_run(smoke_workdir, tmp_path / "a.nc", period=period, batch_size=2, num_devices=2))
+    zr = xr.open_zarr(_run(smoke_workdir, tmp_path / "a.zarr", period=period, batch_size=2, num_devices=2))
+    assert zr.attrs["Conventions"] == "CF-1.8" and zr.t2m.attrs["units"] == "K"
+    assert zr.completed.values.tolist() == [1, 1]
+    np.testing.assert_array_equal(nc.time.values, zr.time.values)
+    np.testing.assert_allclose(nc.t2m.values, zr.t2m.values, atol=1e-6)

@@ -50,6 +50,7 @@ from jax_corrdiff.data.sources import (
     time_str,
 )
 
+PREPARED_DIR = "prepared"  # WORKDIR/prepared holds the store and its statistics
 STORE_NAME = "data.zarr"
 STATS_NAME = "stats.json"
 DATA_FIELDS = (

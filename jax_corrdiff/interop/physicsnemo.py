@@ -67,8 +67,9 @@ def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
     """Our SongUNet options from PhysicsNeMo arguments; also the grid + lead-time channel count."""
     args = dict(DEFAULTS[class_name], **given)
     for key, value in _REQUIRED.items():
-        if args.pop(key) != value:
-            raise UnsupportedCheckpointError(f"{path}: {key}={args.get(key, given.get(key))!r} is not supported (need {value!r})")
+        found = args.pop(key)
+        if found != value:
+            raise UnsupportedCheckpointError(f"{path}: {key}={found!r} is not supported (need {value!r})")
     for key in _PERFORMANCE_ONLY:
         args.pop(key, None)
     gridtype, n_grid = args.pop("gridtype", None), args.pop("N_grid_channels", 0)
