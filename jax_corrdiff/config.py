@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
             valid_period=["", ""],
             nan_policy="error",
             nan_fill_value=0.0,
+            # Forecast inputs: lead times (hours) of input files laid out (init_time, lead_time, ...);
+            # empty = analysis inputs with a plain time axis.
+            lead_times=[],
             worker_count=0,
         )
     )
@@ -99,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     config.diffusion.loss = ml_collections.ConfigDict(dict(p_mean=0.0, p_std=1.2))
+    # Patch-based diffusion for domains too large for one device (China 3 km CorrDiff):
+    # training on num_patches random height x width crops per image, sampling by
+    # multi-diffusion over tiles of that size overlapping by `overlap` pixels, with a
+    # reflect-padded border of `boundary` pixels. height = width = 0: whole images.
+    config.diffusion.patch = ml_collections.ConfigDict(dict(height=0, width=0, num_patches=1, overlap=4, boundary=2))
     config.diffusion.training = _training(total_samples=100_000_000)
     # Regression model directory the diffusion stage conditions on; unset = this
     # workdir's regression stage.

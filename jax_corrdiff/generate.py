@@ -9,6 +9,7 @@ finished times.
 
 from absl import app, flags
 
+from jax_corrdiff import distributed
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, generate, make_sampler
@@ -20,6 +21,7 @@ _COARSEN = flags.DEFINE_bool("coarsen", False, "INPUT holds fine-grid truth: coa
 _MEMBERS = flags.DEFINE_integer("members", 8, "Ensemble members per time.")
 _TIMES = flags.DEFINE_list("times", None, "START,END: an inclusive time range (default: all times).")
 _TIME = flags.DEFINE_multi_string("time", None, "A time to generate (repeatable), instead of --times.")
+_LEAD_TIME = flags.DEFINE_float("lead_time", None, "Forecast inputs: the lead time (hours) to downscale.")
 _SAMPLER = flags.DEFINE_enum("sampler", "stochastic", sorted(SAMPLER_PRESETS), "Sampler preset.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Sampler steps (0 = the preset's).")
 _SIGMA_MIN = flags.DEFINE_float("sigma_min", 0.0, "Smallest noise level (0 = the preset's).")
@@ -40,10 +42,12 @@ def main(argv):
     if _TIMES.value and len(_TIMES.value) != 2:
         raise app.UsageError("--times takes START,END")
     log_progress_to_stdout()
+    distributed.initialize()
 
     model = CorrDiffModel.load(_WORKDIR.value)
     inputs = InferenceInputs.open(model.data_config, _INPUT.value, coarsen=_COARSEN.value, lat=model.lat,
-                                  lon=model.lon, period=_TIMES.value, times=_TIME.value)  # fmt: skip
+                                  lon=model.lon, period=_TIMES.value, times=_TIME.value,
+                                  lead_time=_LEAD_TIME.value)  # fmt: skip
     sampler = make_sampler(_SAMPLER.value, steps=_STEPS.value, sigma_min=_SIGMA_MIN.value, sigma_max=_SIGMA_MAX.value,
                            churn=_CHURN.value, s_min=_S_MIN.value, s_max=_S_MAX.value, s_noise=_S_NOISE.value)  # fmt: skip
     generate(model, inputs, _OUTPUT.value, sampler, members=_MEMBERS.value, seed=_SEED.value,

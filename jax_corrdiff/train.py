@@ -2,7 +2,8 @@
 
 ``config.stage`` picks "regression", "diffusion" (reads the regression model named in
 ``config.diffusion.regression_model``, default DIR/regression/model) or "all". Rerunning
-the same command resumes from the latest checkpoint.
+the same command resumes from the latest checkpoint. Several processes (one per GPU/host):
+see ``jax_corrdiff.distributed`` and ``launch/``.
 """
 
 import json
@@ -12,6 +13,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from jax_corrdiff import distributed
 from jax_corrdiff.config import STAGES
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.training.loop import train_and_evaluate
@@ -24,9 +26,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if int(os.environ.get("JAX_PROCESS_COUNT", os.environ.get("SLURM_NTASKS", "1"))) > 1:
-        jax.distributed.initialize()
     log = log_progress_to_stdout()
+    distributed.initialize()
     config = _CONFIG.value
     if config.stage not in STAGES:
         raise app.UsageError(f"config.stage must be one of {STAGES}, got {config.stage!r}")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_corrdiff.diffusion import EDMSampler
-from jax_corrdiff.inference.sampling import corrdiff_ensemble
+from jax_corrdiff.inference.sampling import corrdiff_ensemble, whole_image_denoisers
 from jax_corrdiff.models import build_model, init_variables
 from utils import redraw_params
 
@@ -27,9 +27,10 @@ def _generate(img_lr, keys, members, member_batch_size=None):
     def run(img_lr, keys, members, member_batch_size):
         return corrdiff_ensemble(
             lambda x, lt: reg.apply(reg_vars, x),
-            lambda x, cond, sigma, lt: diff.apply(diff_vars, x, cond, sigma),
+            whole_image_denoisers(lambda x, cond, sigma, *_: diff.apply(diff_vars, x, cond, sigma),
+                                  hr_mean_conditioning=True),
             EDMSampler(num_steps=4, sigma_max=80.0, s_churn=2.0),
-            img_lr, keys, num_members=members, hr_mean_conditioning=True, member_batch_size=member_batch_size,
+            img_lr, keys, num_members=members, member_batch_size=member_batch_size,
         )  # fmt: skip
 
     return run(img_lr, keys, members, member_batch_size), reg.apply(reg_vars, img_lr)

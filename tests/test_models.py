@@ -38,6 +38,10 @@ def test_taiwan_parameter_counts_match_physicsnemo():
     assert count_params(reg) == 79_673_988
     assert count_params(diff) == 80_007_300
     assert count_params(dict(diff, cond_channels=12)) == 80_002_692
+    # Patched diffusion: hr mean (4) + input (12) + input resized as global context (12),
+    # learnable 100-channel grid at 448 x 448.
+    patched = dict(diff, cond_channels=28, unet=dict(diff["unet"], position_grid="learnable", num_grid_channels=100))
+    assert count_params(patched) == 100_202_116
 
 
 @pytest.mark.parametrize("hw", [(33, 49), (32, 32), (17, 40)])

@@ -13,10 +13,13 @@ import importlib.resources
 from jax_corrdiff.data.errors import (
     DataError,
     EmptyTimeRangeError,
+    ForecastLayoutError,
     GridMismatchError,
+    MissingLeadTimeError,
     MissingLevelError,
     MissingTimesError,
     MissingVariableError,
+    NoForecastSamplesError,
     NonFiniteDataError,
     PreparedDataMismatchError,
 )
@@ -32,7 +35,15 @@ from jax_corrdiff.data.prepare import (
     prepare_dataset,
 )
 from jax_corrdiff.data.regrid import LatLonBilinear, block_average, degrade
-from jax_corrdiff.data.synthetic import TAIWAN_CWB_VARIABLES, TAIWAN_ERA5_VARIABLES, write_cwb_zarr
+from jax_corrdiff.data.sources import ForecastSource
+from jax_corrdiff.data.synthetic import (
+    CHINA3KM_LEVELS,
+    CHINA3KM_VARIABLES,
+    TAIWAN_CWB_VARIABLES,
+    TAIWAN_ERA5_VARIABLES,
+    write_china3km_dataset,
+    write_cwb_zarr,
+)
 
 
 def demo_data_path(name: str) -> str:
@@ -46,14 +57,20 @@ def demo_data_path(name: str) -> str:
 
 
 __all__ = [
+    "CHINA3KM_LEVELS",
+    "CHINA3KM_VARIABLES",
     "DataError",
     "DownscalingSource",
     "EmptyTimeRangeError",
+    "ForecastLayoutError",
+    "ForecastSource",
     "GridMismatchError",
     "LatLonBilinear",
+    "MissingLeadTimeError",
     "MissingLevelError",
     "MissingTimesError",
     "MissingVariableError",
+    "NoForecastSamplesError",
     "NonFiniteDataError",
     "Normalizer",
     "PreparedDataMismatchError",
@@ -73,5 +90,6 @@ __all__ = [
     "make_train_iterator",
     "prepare_dataset",
     "save_stats",
+    "write_china3km_dataset",
     "write_cwb_zarr",
 ]

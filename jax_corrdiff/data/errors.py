@@ -85,3 +85,30 @@ class PreparedDataMismatchError(DataError):
             f"{path}: prepared from a different data config (hash {stored_hash}, this config {wanted_hash}); "
             "delete it, choose another work directory, or prepare with overwrite=True (--overwrite)"
         )
+
+
+class ForecastLayoutError(DataError):
+    """A forecast input file lacks the (init time, lead time) layout that ``data.lead_times`` needs."""
+
+    def __init__(self, path: str, variable: str, detail: str):
+        self.path, self.variable = path, variable
+        super().__init__(f"{path}: {variable!r} is not laid out as a forecast (init_time, lead_time, ...): {detail}")
+
+
+class MissingLeadTimeError(DataError):
+    """A forecast input file lacks some of the lead times named in ``data.lead_times``."""
+
+    def __init__(self, path: str, missing: Sequence, available: Sequence):
+        self.path, self.missing, self.available = path, tuple(missing), tuple(available)
+        super().__init__(
+            f"{path}: no lead time(s) {_listing([f'{h:g} h' for h in missing])} (data.lead_times); "
+            f"the file has {_listing([f'{h:g} h' for h in available])}"
+        )
+
+
+class NoForecastSamplesError(DataError):
+    """No (init time, lead time) pair of the forecast inputs has its valid time in the target files."""
+
+    def __init__(self, path: str, detail: str):
+        self.path = path
+        super().__init__(f"{path}: no forecast sample has a valid time (init + lead) in the target files: {detail}")

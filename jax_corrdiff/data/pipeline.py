@@ -6,10 +6,13 @@ Samples are dicts of float32 NumPy arrays, normalized, NHWC:
     time_index  int64, index into the prepared store's time axis (to find the time again)
 Batches add a leading batch axis; eval batches also carry ``mask`` (B,) bool.
 
-Training iterator = MapDataset.source -> shard [process_index::process_count] -> shuffle(seed)
--> repeat (a new permutation every epoch) -> batch(drop_remainder) -> to_iter_dataset (read
-threads) [-> mp_prefetch]. Batches are cut before ``to_iter_dataset``, so batch k holds the same
-samples whatever the thread or worker count, and the iterator state is one position: its
+Training iterator = one global sample order, range(N) -> shuffle(seed) -> repeat (a new
+permutation every epoch), cut into global batches of batch_size * process_count; process p reads
+rows [p * batch_size, (p + 1) * batch_size) of each (only its own samples) -> batch(drop_remainder)
+-> to_iter_dataset (read threads) [-> mp_prefetch]. The global batch k is therefore the same for
+any process count (2 processes x 2 devices train like 1 x 4). Batches are cut before
+``to_iter_dataset``, so batch k holds the same samples whatever the thread or worker count, and
+the iterator state is one position: its
 ``get_state()`` is a small JSON-able dict, and ``set_state`` on a fresh iterator built with the
 same arguments continues with exactly the batches the first would have produced.
 
@@ -39,6 +42,8 @@ class DownscalingSource:
     ``split`` is "train" or "valid" (the periods of the data config the store was built from).
     The normalizer must describe the store's channels (e.g. from ``compute_stats``/``load_stats``,
     or from a checkpoint). Picklable: Zarr handles open lazily in each worker.
+    A store built from forecast inputs (``data.lead_times``) also gives each sample
+    ``lead_time_label`` (int32, index into ``lead_times``); ``lead_time_labels`` holds them all.
     """
 
     def __init__(self, store_path: str, split: str, normalizer: Normalizer):
@@ -57,6 +62,9 @@ class DownscalingSource:
         self.img_lr_channels = store.input_channels + store.static_channels
         self._normalizer = normalizer
         self._static = normalizer.normalize_static(store.static).astype(np.float32)
+        # Forecast inputs: the lead-time label of each sample (None for analysis inputs).
+        self.lead_times = store.lead_times
+        self.lead_time_labels = None if store.lead_time_labels is None else store.lead_time_labels[self.indices]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -69,11 +77,14 @@ class DownscalingSource:
         t = int(self.indices[i])
         target, inputs = self._store.read([t])
         img_lr = np.concatenate([self._normalizer.normalize_inputs(inputs[0]), self._static], axis=-1)
-        return {
+        sample = {
             "target": self._normalizer.normalize_target(target[0]).astype(np.float32),
             "img_lr": img_lr.astype(np.float32),
             "time_index": np.int64(t),
         }
+        if self.lead_time_labels is not None:
+            sample["lead_time_label"] = np.int32(self.lead_time_labels[i])
+        return sample
 
     def __repr__(self) -> str:
         return f"DownscalingSource({self._store.path!r}, {len(self)} samples)"
@@ -82,6 +93,20 @@ class DownscalingSource:
 def _read_options(read_threads: int) -> grain.ReadOptions:
     # Grain's default buffer (500 elements) is sized for small records; ours are whole batches.
     return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
+
+
+class _GlobalOrderRows:
+    """Local position j of process p -> the sample at global position
+    (j // batch_size) * global_batch + p * batch_size + j % batch_size of the shuffled order."""
+
+    def __init__(self, source, order, batch_size: int, process_index: int, process_count: int):
+        self._source, self._order = source, order
+        self._batch, self._offset = batch_size, process_index * batch_size
+        self._global_batch = batch_size * process_count
+
+    def __call__(self, j: int) -> dict:
+        row, col = divmod(int(j), self._batch)
+        return self._source[int(self._order[row * self._global_batch + self._offset + col])]
 
 
 def make_train_iterator(
@@ -94,16 +119,24 @@ def make_train_iterator(
     worker_count: int = 0,
     read_threads: int = 4,
 ) -> grain.DatasetIterator:
-    """Endless shuffled batches of this process's shard (``batch_size`` is per process).
+    """Endless shuffled batches of this process's rows of each global batch (``batch_size`` is
+    per process; the global batch is ``batch_size * process_count``).
 
-    Each process takes samples ``process_index::process_count`` (disjoint shards). Batches run
-    across epoch boundaries, so ``drop_remainder`` never loses samples of an epoch.
+    All processes shuffle the same global order (``seed``, a new permutation every epoch) and
+    process ``process_index`` takes rows ``[process_index * batch_size, (process_index + 1) *
+    batch_size)`` of every global batch, so the concatenation over processes (in process order,
+    the order of ``jax.devices()`` and so of the mesh) does not depend on ``process_count``.
+    Batches run across epoch boundaries, so ``drop_remainder`` never loses samples of an epoch.
     ``worker_count > 0`` moves reading into that many processes (``mp_prefetch``).
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(f"process {process_index} of {process_count} has no training samples ({source!r})")
-    ds = ds.shuffle(seed=seed).repeat().batch(batch_size, drop_remainder=True)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if len(source) == 0:
+        raise ValueError(f"no training samples ({source!r})")
+    order = grain.MapDataset.range(len(source)).shuffle(seed=seed).repeat()
+    local_length = len(order) // (batch_size * process_count) * batch_size
+    rows = _GlobalOrderRows(source, order, batch_size, process_index, process_count)
+    ds = grain.MapDataset.range(local_length).map(rows).batch(batch_size, drop_remainder=True)
     it_ds = ds.to_iter_dataset(_read_options(read_threads))
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -146,5 +179,7 @@ def make_eval_iterator(
         "time_index": np.int64(-1),
         "mask": np.bool_(False),
     }
+    if getattr(source, "lead_time_labels", None) is not None:
+        blank["lead_time_label"] = np.int32(0)  # a valid label; the slot is masked out
     ds = grain.MapDataset.range(n_batches * batch_size).map(_PadToLength(shard, blank)).batch(batch_size)
     return iter(ds.to_iter_dataset(_read_options(read_threads)))

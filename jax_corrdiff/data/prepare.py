@@ -8,6 +8,13 @@ Layout of ``<cache_dir>/data.zarr`` (Zarr v2, consolidated; opens with ``xr.open
     inputs (time, y, x, input_channel)   float32, on the target grid        ["variables" only]
     static (y, x, static_channel)        float32
     source_time_index (time)             int64, the step in the CWB Zarr    ["cwb" only]
+  forecast inputs (``data.lead_times`` non-empty): the time axis is a sample axis, one sample per
+  (init time, lead time) whose valid time init + lead is a target time; samples are sorted by
+  valid time, then lead. ``time`` is the VALID time (so train/valid periods select samples by
+  valid time, like the targets they are scored on), plus
+    valid_time, init_time (time)         datetime64, valid_time == time
+    lead_time (time)                     float64, hours
+    lead_time_label (time)               int32, index of the lead in data.lead_times
     attrs: format, config_hash, data_config, nonfinite_counts, complete, input/target file
            lists ("variables"); source_store, target/input_channel_index ("cwb")
 For ``format="cwb"`` nothing big is copied: the store holds the grid, times, static fields and
@@ -32,6 +39,7 @@ from jax_corrdiff.data.errors import (
     DataError,
     GridMismatchError,
     MissingTimesError,
+    NoForecastSamplesError,
     MissingVariableError,
     PreparedDataMismatchError,
 )
@@ -42,6 +50,7 @@ from jax_corrdiff.data.sources import (
     LON_NAMES,
     CwbStore,
     FieldSource,
+    ForecastSource,
     FieldSpec,
     apply_nan_policy,
     decode_times,
@@ -57,6 +66,8 @@ DATA_FIELDS = (
     "format", "target_paths", "target_variables", "input_paths", "input_variables", "coarsen_factor",
     "static_path", "static_variables", "train_period", "valid_period", "nan_policy", "nan_fill_value",
 )
+# Hashed only when non-empty, so stores of analysis-input configs keep their hash.
+OPTIONAL_DATA_FIELDS = ("lead_times",)
 _BLOCK_BYTES = 64 * 2**20  # read/write this much per block of time steps
 # Static fields (and inputs) count as on the target grid when their lat/lon agree to this many degrees.
 _GRID_TOLERANCE_DEG = 1e-3
@@ -69,6 +80,15 @@ def data_config_dict(data_cfg) -> dict:
     if missing:
         raise ValueError(f"data config lacks {', '.join(missing)}")
     cfg = {k: json.loads(json.dumps(data_cfg[k])) for k in DATA_FIELDS}
+    for key in OPTIONAL_DATA_FIELDS:
+        if key in data_cfg and data_cfg[key]:
+            cfg[key] = json.loads(json.dumps(list(data_cfg[key])))
+    if cfg.get("lead_times"):
+        leads = [float(h) for h in cfg["lead_times"]]
+        if len(set(leads)) != len(leads) or min(leads) < 0:
+            raise ValueError(f"data.lead_times must be distinct non-negative hours, got {cfg['lead_times']!r}")
+        if cfg["format"] != "variables" or not cfg["input_paths"]:
+            raise ValueError("data.lead_times needs data.format='variables' and forecast files in data.input_paths")
     if cfg["format"] not in ("variables", "cwb"):
         raise ValueError(f"data.format must be 'variables' or 'cwb', not {cfg['format']!r}")
     if cfg["nan_policy"] not in ("error", "fill"):
@@ -148,7 +168,83 @@ def input_regridder(inputs: FieldSource, lat: np.ndarray, lon: np.ndarray):
     return LatLonBilinear(*inputs.regular, lat, lon, path=path)
 
 
+def forecast_samples(inputs: ForecastSource, target_times: np.ndarray, path: str):
+    """(init index, lead index, target time index) of every (init, lead) of ``inputs`` whose valid
+    time is one of ``target_times`` (sorted), ordered by valid time then lead. Pairs without a
+    target are skipped; NoForecastSamplesError when none is left."""
+    n_init, n_lead = len(inputs.init_times), len(inputs.lead_times)
+    init_i, lead_i = (a.ravel() for a in np.meshgrid(np.arange(n_init), np.arange(n_lead), indexing="ij"))
+    valid = inputs.valid_times(init_i, lead_i)
+    pos = np.clip(np.searchsorted(target_times, valid), 0, max(len(target_times) - 1, 0))
+    keep = (target_times[pos] == valid) if len(target_times) else np.zeros(len(valid), bool)
+    if not keep.any():
+        raise NoForecastSamplesError(path, (
+            f"init times {time_str(inputs.init_times[0])} .. {time_str(inputs.init_times[-1])}, "
+            f"lead times {', '.join(f'{h:g}' for h in inputs.lead_times)} h; target times "
+            + (f"{time_str(target_times[0])} .. {time_str(target_times[-1])}" if len(target_times) else "none")))
+    init_i, lead_i, pos = init_i[keep], lead_i[keep], pos[keep]
+    order = np.lexsort((lead_i, pos))
+    return init_i[order], lead_i[order], pos[order]
+
+
+def _write_forecast(cfg: dict, store: str) -> dict:
+    """Forecast inputs: one sample per (init, lead) with a target at its valid time (see module doc)."""
+    target = FieldSource(cfg["target_paths"], cfg["target_variables"], "target")
+    target_desc = _describe(target.paths)
+    if target.lat is None:
+        raise MissingVariableError(target.paths[0], "lat/lon coordinates", LAT_NAMES + LON_NAMES)
+    inputs = ForecastSource(cfg["input_paths"], cfg["input_variables"], cfg["lead_times"], "forecast inputs")
+    input_desc = _describe(inputs.paths)
+    init_i, lead_i, t_i = forecast_samples(inputs, target.times, input_desc)
+    n_matched = len(t_i)
+    sel = _periods(target.times[t_i], cfg, target_desc)  # by valid time
+    init_i, lead_i, t_i = init_i[sel], lead_i[sel], t_i[sel]
+    regrid = input_regridder(inputs, target.lat, target.lon)
+    static, static_counts = read_static(cfg, target.lat, target.lon, target_desc)
+    names_t, names_i = [str(f) for f in target.fields], [str(f) for f in inputs.fields]
+    counts_t, counts_i = np.zeros(len(names_t), np.int64), np.zeros(len(names_i), np.int64)
+    policy, fill = cfg["nan_policy"], cfg["nan_fill_value"]
+    h, w = target.shape
+    for block in _blocks(len(t_i), h * w * 4 * (len(names_t) + len(names_i))):
+        rows = t_i[block]
+        t_val = target.read(rows)
+        counts_t += apply_nan_policy(t_val, names_t, policy, fill,
+                                     paths=[target.file_of(i) for i in rows], times=target.times[rows])
+        i_val = inputs.read(init_i[block], lead_i[block])
+        counts_i += apply_nan_policy(i_val, names_i, policy, fill,
+                                     paths=[inputs.file_of(i) for i in init_i[block]],
+                                     times=inputs.valid_times(init_i[block], lead_i[block]))  # valid times
+        ds = xr.Dataset(
+            {"target": (("time", "y", "x", "target_channel"), t_val),
+             "inputs": (("time", "y", "x", "input_channel"), i_val if regrid is None else regrid(i_val)),
+             "lead_time_label": (("time",), lead_i[block].astype(np.int32)),
+             "lead_time": (("time",), inputs.lead_times[lead_i[block]])},
+            coords={"time": target.times[rows], "valid_time": (("time",), target.times[rows]),
+                    "init_time": (("time",), inputs.init_times[init_i[block]]),
+                    "target_channel": names_t, "input_channel": names_i},
+        )
+        if block.start == 0:
+            ds = _with_grid(ds, target.lat, target.lon, static, cfg["static_variables"])
+            encoding = {"time": _TIME_ENCODING, "valid_time": _TIME_ENCODING, "init_time": _TIME_ENCODING,
+                        "target": {"chunks": (1, h, w, len(names_t))},
+                        "inputs": {"chunks": (1, h, w, len(names_i))}}
+            ds.to_zarr(store, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
+        else:
+            ds.to_zarr(store, append_dim="time", consolidated=True)
+    return {
+        "target_files": [os.path.abspath(p) for p in target.paths],
+        "input_files": [os.path.abspath(p) for p in inputs.paths],
+        "lead_times": [float(x) for x in inputs.lead_times],
+        # (init, lead) pairs of the files whose valid time is not a target time (skipped).
+        "forecast_pairs_without_target": int(len(inputs.init_times) * len(inputs.lead_times) - n_matched),
+        "nonfinite_counts": {"target": dict(zip(names_t, counts_t.tolist())),
+                             "inputs": dict(zip(names_i, counts_i.tolist())), "static": static_counts},
+    }
+
+
 def _write_variables(cfg: dict, store: str) -> dict:
+    if cfg.get("lead_times"):
+        return _write_forecast(cfg, store)
     target = FieldSource(cfg["target_paths"], cfg["target_variables"], "target")
     target_desc = _describe(target.paths)
     if target.lat is None:
@@ -295,6 +391,10 @@ class PreparedStore:
         self.static = np.asarray(g["static"][:], np.float32)
         if self.format == "cwb":
             self._source_index = np.asarray(g["source_time_index"][:])
+        # Forecast inputs: per-sample lead-time label (index into lead_times) and init time.
+        self.lead_times = tuple(self.attrs.get("lead_times", ()))
+        self.lead_time_labels = np.asarray(g["lead_time_label"][:], np.int32) if "lead_time_label" in g else None
+        self.init_times = decode_times(g["init_time"]) if "init_time" in g else None
         self._arrays = None
 
     def __getstate__(self):
@@ -372,6 +472,11 @@ def describe_prepared(store_path: str, normalizer: Normalizer) -> str:
         f"train {len(store.split_indices('train'))}, valid {len(store.split_indices('valid'))}",
         f"non-finite values ({store.config['nan_policy']}): {json.dumps(store.attrs['nonfinite_counts'])}",
     ]
+    if store.lead_time_labels is not None:
+        counts = np.bincount(store.lead_time_labels, minlength=len(store.lead_times))
+        lines.insert(3, "forecast samples by lead time (valid time = init + lead; periods select on valid time): "
+                     + ", ".join(f"{h:g} h: {n}" for h, n in zip(store.lead_times, counts))
+            + f" ({store.attrs.get('forecast_pairs_without_target', 0)} (init, lead) pairs without a target skipped)")
     for group in ("target", "input", "static"):
         for name, m, s in zip(getattr(normalizer, f"{group}_channels"), getattr(normalizer, f"{group}_mean"),
                               getattr(normalizer, f"{group}_std")):

@@ -21,7 +21,9 @@ import zarr
 from jax_corrdiff.data.errors import (
     DataError,
     EmptyTimeRangeError,
+    ForecastLayoutError,
     GridMismatchError,
+    MissingLeadTimeError,
     MissingLevelError,
     MissingVariableError,
     NonFiniteDataError,
@@ -30,6 +32,9 @@ from jax_corrdiff.data.errors import (
 LEVEL_DIMS = ("level", "plev", "pressure", "isobaricInhPa", "lev")
 LAT_NAMES = ("lat", "latitude", "XLAT", "nav_lat")
 LON_NAMES = ("lon", "longitude", "XLONG", "nav_lon")
+# Forecast inputs (``data.lead_times``): the initialization and lead-time dimensions.
+INIT_DIMS = ("init_time", "forecast_reference_time", "time")
+LEAD_DIMS = ("lead_time", "step", "prediction_timedelta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,3 +280,108 @@ class CwbStore:
                                         [labels[i] for i in candidates])
             index.append(match[0])
         return index
+
+
+_HOURS_PER_UNIT = {"d": 24.0, "h": 1.0, "m": 1 / 60, "s": 1 / 3600}
+
+
+def lead_hours(coord: xr.DataArray) -> np.ndarray:
+    """Lead times in hours (float64) from a timedelta64 coordinate, or a numeric one in hours
+    (or in the ``units`` it names: days, hours, minutes, seconds)."""
+    values = np.asarray(coord.values)
+    if np.issubdtype(values.dtype, np.timedelta64):
+        return values / np.timedelta64(1, "h")
+    units = str(coord.attrs.get("units", "hours")).strip().lower()
+    scale = _HOURS_PER_UNIT.get(units[:1] if units[:3] != "min" else "m", 1.0)
+    return values.astype(np.float64) * scale
+
+
+class ForecastSource:
+    """Named fields of forecast files laid out ``(init, lead, [level,] y, x)``, at ``lead_times``.
+
+    The init dimension is the first of ``INIT_DIMS`` a variable has, the lead dimension the first
+    of ``LEAD_DIMS`` (timedelta64, or numbers in hours). Files are concatenated along init time;
+    each must hold every lead time asked for. ``init_times`` is sorted (datetime64[ns]);
+    ``lat``/``lon``/``regular``/``shape`` are as for ``FieldSource`` (so ``input_regridder``
+    takes either). ``read(init_index, lead_index)`` -> float32 (N, H, W, C).
+    """
+
+    def __init__(self, patterns: Sequence[str], fields: Sequence[str], lead_times: Sequence[float], what: str):
+        self.what = what
+        self.paths = expand_paths(patterns, what)
+        self.fields = [FieldSpec.parse(f) for f in fields]
+        self.lead_times = np.asarray([float(h) for h in lead_times], np.float64)
+        if not self.fields:
+            raise ValueError(f"{what}: no variables named")
+        self._arrays, self.shape, file_inits = [], None, []
+        for path in self.paths:
+            ds = open_dataset(path)
+            arrays, inits = [], None
+            for spec in self.fields:
+                if spec.name not in ds.data_vars:
+                    raise MissingVariableError(path, spec.name, list(ds.data_vars))
+                da = _select_level(ds[spec.name], path, spec)
+                init_dim = next((d for d in INIT_DIMS if d in da.dims), None)
+                lead_dim = next((d for d in LEAD_DIMS if d in da.dims), None)
+                if init_dim is None or lead_dim is None:
+                    missing = "an init-time dimension (" + ", ".join(INIT_DIMS) + ")" if init_dim is None else \
+                        "a lead-time dimension (" + ", ".join(LEAD_DIMS) + ")"
+                    raise ForecastLayoutError(path, str(spec), f"dimensions {da.dims} lack {missing}")
+                if not np.issubdtype(da[init_dim].dtype, np.datetime64):
+                    raise ForecastLayoutError(path, str(spec), f"{init_dim!r} does not decode to datetime64 "
+                                              f"(dtype {da[init_dim].dtype})")
+                hours = lead_hours(da[lead_dim])
+                pos = [np.nonzero(np.isclose(hours, h))[0] for h in self.lead_times]
+                missing = [h for h, p in zip(self.lead_times, pos) if not len(p)]
+                if missing:
+                    raise MissingLeadTimeError(path, missing, hours)
+                spatial = tuple(d for d in da.dims if d not in (init_dim, lead_dim))
+                if len(spatial) != 2:
+                    raise ForecastLayoutError(path, str(spec), f"dimensions {da.dims}; expected "
+                                              f"({init_dim}, {lead_dim}, [level,] y, x)")
+                shape = tuple(da.sizes[d] for d in spatial)
+                if self.shape is None:
+                    self.shape = shape
+                    self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
+                elif shape != self.shape:
+                    raise GridMismatchError(path, f"{what} field {spec}", f"grid {shape} differs from {self.shape}")
+                these = da[init_dim].values.astype("datetime64[ns]")
+                if inits is None:
+                    inits = these
+                elif not np.array_equal(inits, these):
+                    raise ForecastLayoutError(path, str(spec), "its init times differ from the file's other variables'")
+                da = da.transpose(init_dim, lead_dim, *spatial)
+                arrays.append((da, np.array([int(p[0]) for p in pos])))
+            self._arrays.append(arrays)
+            file_inits.append(inits)
+        times = np.concatenate(file_inits)
+        file_of = np.concatenate([np.full(len(t), i) for i, t in enumerate(file_inits)])
+        local = np.concatenate([np.arange(len(t)) for t in file_inits])
+        order = np.argsort(times, kind="stable")
+        self.init_times, self._file, self._local = times[order], file_of[order], local[order]
+        dup = np.nonzero(np.diff(self.init_times) == np.timedelta64(0))[0]
+        if len(dup):
+            i = order[dup[0]]
+            raise DataError(f"{self.paths[file_of[i]]}: init time {time_str(times[i])} appears twice "
+                            f"in the {what} files")
+
+    def file_of(self, init_index: int) -> str:
+        return self.paths[self._file[init_index]]
+
+    def valid_times(self, init_index, lead_index) -> np.ndarray:
+        """init + lead (datetime64[ns]) of the given samples."""
+        lead_ns = np.round(self.lead_times[np.asarray(lead_index)] * 3600e9).astype("timedelta64[ns]")
+        return self.init_times[np.asarray(init_index)] + lead_ns
+
+    def read(self, init_index, lead_index) -> np.ndarray:
+        """Fields of the samples (init_times[init_index], lead_times[lead_index]): float32 (N, H, W, C)."""
+        init_index, lead_index = np.asarray(init_index), np.asarray(lead_index)
+        out = np.empty((len(init_index), *self.shape, len(self.fields)), np.float32)
+        files = self._file[init_index]
+        for f in np.unique(files):
+            rows = np.nonzero(files == f)[0]
+            inits = xr.DataArray(self._local[init_index[rows]], dims="sample")
+            for c, (da, lead_pos) in enumerate(self._arrays[f]):
+                leads = xr.DataArray(lead_pos[lead_index[rows]], dims="sample")
+                out[rows, ..., c] = da.isel({da.dims[0]: inits, da.dims[1]: leads}).transpose("sample", ...).values
+        return out

@@ -10,11 +10,17 @@ For tests, and to show users what ``data.format = "cwb"`` expects:
     cwb_center, cwb_scale, era5_center, era5_scale (channel); cwb_valid (time) int8;
     era5_valid (time, era5_channel) bool    -- also in the real store; the reader uses *_valid
 The fields are random but smooth (a few long Fourier modes) with plausible magnitudes.
+
+``write_china3km_dataset`` writes the China 3 km CorrDiff layout (fine targets, a 0.25 deg
+forecast file with init/lead time axes, static fields): see its docstring.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from jax_corrdiff.data.sources import FieldSpec
@@ -115,3 +121,200 @@ def write_cwb_zarr(path: str, *, times, height: int, width: int, cwb_variables=T
     }
     ds.to_zarr(path, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# China 3 km CorrDiff (Sun et al.; reference.md section 7): 25 km global forecasts -> 3 km.
+# --------------------------------------------------------------------------------------------
+
+CHINA3KM_LEVELS = (1000, 925, 850, 700, 500, 200)  # hPa
+CHINA3KM_SURFACE = ("t2m", "u10", "v10", "tp")
+CHINA3KM_UPPER = ("t", "u", "v", "q", "z")
+# Every channel, "name" or "name@level": the targets, and the same names in the forecast inputs.
+CHINA3KM_VARIABLES = (*CHINA3KM_SURFACE, *(f"{v}@{lv}" for v in CHINA3KM_UPPER for lv in CHINA3KM_LEVELS))
+CHINA3KM_STATIC = ("orog", "lsm")
+CHINA3KM_RESOLUTION_DEG = 0.03
+CHINA3KM_FULL_SHAPE = (1670, 2500)  # (lat, lon) points: 10-60N, 70-145E at 0.03 deg
+CHINA3KM_ORIGIN = (10.0, 70.0)  # (lat, lon) of the full domain's south-west point
+FORECAST_RESOLUTION_DEG = 0.25
+
+_ATTRS = {
+    "t2m": ("K", "2 metre temperature"),
+    "u10": ("m s-1", "10 metre eastward wind"),
+    "v10": ("m s-1", "10 metre northward wind"),
+    "tp": ("mm h-1", "total precipitation rate (hourly accumulation)"),
+    "t": ("K", "temperature"),
+    "u": ("m s-1", "eastward wind"),
+    "v": ("m s-1", "northward wind"),
+    "q": ("kg kg-1", "specific humidity"),
+    "z": ("m2 s-2", "geopotential"),
+    "orog": ("m", "surface height above sea level"),
+    "lsm": ("1", "land-sea mask (land fraction)"),
+}
+# name -> (mean, amplitude); upper-air ones per level in CHINA3KM_LEVELS order.
+_CHINA_SURFACE_MAG = {"t2m": (288.0, 8.0), "u10": (0.5, 4.0), "v10": (0.5, 4.0), "tp": (0.0, 1.0)}
+_CHINA_UPPER_MAG = {
+    "t": ([293.0, 289.0, 285.0, 276.0, 260.0, 220.0], [7.0, 6.0, 6.0, 5.0, 4.0, 3.0]),
+    "u": ([1.0, 3.0, 5.0, 8.0, 14.0, 25.0], [4.0, 5.0, 6.0, 7.0, 9.0, 12.0]),
+    "v": ([0.5, 1.0, 1.0, 1.0, 0.5, 0.0], [4.0, 5.0, 5.0, 6.0, 8.0, 10.0]),
+    "q": ([0.012, 0.010, 0.008, 0.005, 0.002, 0.00005], [0.004, 0.0035, 0.003, 0.002, 0.0008, 0.00002]),
+    "z": ([1000.0, 7500.0, 14600.0, 30500.0, 56500.0, 118000.0], [400.0, 400.0, 450.0, 550.0, 800.0, 1300.0]),
+}
+
+
+class _Waves:
+    """A smooth random field of (lat, lon, hours): a sum of moving plane waves, unit-ish std.
+    ``k`` is in cycles per ``extent`` degrees."""
+
+    def __init__(self, rng, extent: tuple[float, float], k_range: tuple[float, float], n: int = 6):
+        self.ky = rng.uniform(*k_range, n) * rng.choice([-1, 1], n) / extent[0]
+        self.kx = rng.uniform(*k_range, n) * rng.choice([-1, 1], n) / extent[1]
+        self.omega = rng.uniform(0.02, 0.08, n)  # radians per hour
+        self.phase = rng.uniform(0, 2 * np.pi, n)
+        self.amp = rng.normal(size=n) * np.sqrt(2.0 / n)
+
+    def __call__(self, lat: np.ndarray, lon: np.ndarray, hours: np.ndarray) -> np.ndarray:
+        """(T, H, W) for 1-D lat (H), lon (W), hours (T)."""
+        out = np.zeros((len(hours), len(lat), len(lon)))
+        for ky, kx, om, ph, a in zip(self.ky, self.kx, self.omega, self.phase, self.amp):
+            out += a * np.sin(2 * np.pi * (ky * lat[None, :, None] + kx * lon[None, None, :])
+                              + om * hours[:, None, None] + ph)
+        return out
+
+
+def _physical(name: str, level_index: int | None, z: np.ndarray) -> np.ndarray:
+    if level_index is None:
+        mean, amp = _CHINA_SURFACE_MAG[name]
+    else:
+        means, amps = _CHINA_UPPER_MAG[name]
+        mean, amp = means[level_index], amps[level_index]
+    if name == "tp":
+        return np.maximum(0.0, 2.0 * z - 1.5).astype(np.float32)  # mm/h: dry mostly, showers
+    values = mean + amp * z
+    if name == "q":
+        values = np.maximum(values, 0.0)
+    return values.astype(np.float32)
+
+
+def china3km_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-D (lat, lon) of the fine grid: the full 0.03 deg domain from 10N 70E, or a sub-box of
+    ``height`` x ``width`` points centred in it when smaller."""
+    full_h, full_w = CHINA3KM_FULL_SHAPE
+    i0, j0 = max(0, (full_h - height) // 2), max(0, (full_w - width) // 2)
+    lat = CHINA3KM_ORIGIN[0] + CHINA3KM_RESOLUTION_DEG * (i0 + np.arange(height))
+    lon = CHINA3KM_ORIGIN[1] + CHINA3KM_RESOLUTION_DEG * (j0 + np.arange(width))
+    return np.round(lat, 6), np.round(lon, 6)
+
+
+def write_china3km_dataset(directory: str, *, height: int = 64, width: int = 96, init_times=None,
+                           lead_times=(0, 6, 12), seed: int = 0, time_step_hours: int = 1,
+                           margin_deg: float = 1.0) -> dict[str, str]:
+    """Write a small synthetic China 3 km CorrDiff dataset to ``directory``; returns the paths.
+
+    ``target.nc``   fine 0.03 deg regular lat/lon grid (``china3km_grid``), hourly (or every
+                    ``time_step_hours``) valid times covering every init + lead:
+                    t2m, u10, v10, tp (time, lat, lon); t, u, v, q, z (time, level, lat, lon),
+                    ``level`` in hPa (1000, 925, 850, 700, 500, 200).
+    ``forecast.nc`` a 0.25 deg global-forecast-like file covering the fine box with a
+                    ``margin_deg`` margin, latitudes north to south as in GFS/IFS output:
+                    the same variables laid out (init_time, lead_time, [level,] lat, lon),
+                    ``lead_time`` timedelta64. The forecast is the fine field's large-scale part
+                    at the valid time plus an error growing with lead time.
+    ``static.nc``   orog (m), lsm (0..1) on the fine grid (lat, lon).
+    ``init_times``  datetime-likes (default: 4 inits 12 h apart from 2024-07-01T00).
+    Everything is built in memory (about 34 x 4 bytes per fine point and valid time, plus a
+    float64 field at a time), so keep ``height`` x ``width`` small; the full 1670 x 2500 domain
+    works but needs tens of GB for a few days of valid times.
+    """
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    if init_times is None:
+        init_times = pd.date_range("2024-07-01T00", periods=4, freq="12h")
+    inits = np.asarray(pd.DatetimeIndex(init_times).values, "datetime64[ns]")
+    leads = np.asarray([float(h) for h in lead_times])
+    t0 = inits.min()
+    span_h = float((inits.max() - t0) / np.timedelta64(1, "h") + leads.max())
+    valid = t0 + (np.arange(0, span_h + 1e-9, time_step_hours) * 3600e9).astype("timedelta64[ns]")
+    valid_h = (valid - t0) / np.timedelta64(1, "h")
+
+    lat, lon = china3km_grid(height, width)
+    res = FORECAST_RESOLUTION_DEG
+    c_lat = np.arange(np.floor((lat[0] - margin_deg) / res), np.ceil((lat[-1] + margin_deg) / res) + 1) * res
+    c_lon = np.arange(np.floor((lon[0] - margin_deg) / res), np.ceil((lon[-1] + margin_deg) / res) + 1) * res
+    c_lat = c_lat[::-1]  # north to south
+    extent = (max(lat[-1] - lat[0], 1.0), max(lon[-1] - lon[0], 1.0))
+
+    channels = [(n, None) for n in CHINA3KM_SURFACE] + [(n, k) for n in CHINA3KM_UPPER for k in range(len(CHINA3KM_LEVELS))]
+    init_h = (inits - t0) / np.timedelta64(1, "h")
+    fine, coarse = {}, {}
+    for name, k in channels:
+        large, small, error = (_Waves(rng, extent, (0.3, 1.2)), _Waves(rng, extent, (3.0, 8.0)),
+                               _Waves(rng, extent, (0.3, 1.2)))
+        fine[name, k] = _physical(name, k, large(lat, lon, valid_h) + 0.4 * small(lat, lon, valid_h))
+        fc = np.empty((len(inits), len(leads), len(c_lat), len(c_lon)), np.float32)
+        for a, ih in enumerate(init_h):
+            vh = ih + leads
+            growth = 0.05 + 0.3 * (leads / max(leads.max(), 24.0))
+            z = large(c_lat, c_lon, vh) + growth[:, None, None] * error(c_lat, c_lon, ih + 0.5 * leads)
+            fc[a] = _physical(name, k, z)
+        coarse[name, k] = fc
+
+    def dataset(values: dict, dims: tuple[str, ...], coords: dict) -> xr.Dataset:
+        data = {}
+        for name in (*CHINA3KM_SURFACE, *CHINA3KM_UPPER):
+            units, long_name = _ATTRS[name]
+            if name in CHINA3KM_SURFACE:
+                arr, d = values[name, None], dims
+            else:
+                arr = np.stack([values[name, k] for k in range(len(CHINA3KM_LEVELS))], axis=len(dims) - 2)
+                d = (*dims[:-2], "level", *dims[-2:])
+            data[name] = xr.Variable(d, arr, {"units": units, "long_name": long_name})
+        ds = xr.Dataset(data, coords=coords)
+        ds["level"].attrs.update(units="hPa", long_name="pressure level")
+        ds["lat"].attrs.update(units="degrees_north")
+        ds["lon"].attrs.update(units="degrees_east")
+        return ds
+
+    level = np.asarray(CHINA3KM_LEVELS, np.float64)
+    target = dataset(fine, ("time", "lat", "lon"), {"time": valid, "level": level, "lat": lat, "lon": lon})
+    target.attrs["title"] = "synthetic China 3 km CorrDiff targets (0.03 deg, regular lat/lon)"
+    forecast = dataset(coarse, ("init_time", "lead_time", "lat", "lon"),
+                       {"init_time": inits, "lead_time": (leads * 3600e9).astype("timedelta64[ns]"),
+                        "level": level, "lat": c_lat, "lon": c_lon})
+    forecast.attrs["title"] = "synthetic 0.25 deg global forecast (CMA-GFS / AI-model-like inputs)"
+
+    land = _Waves(rng, extent, (0.5, 2.0))(lat, lon, np.zeros(1))[0]
+    lsm = (1.0 / (1.0 + np.exp(-4.0 * (land + 0.3)))).astype(np.float32)
+    orog = (np.maximum(0.0, 1500.0 * lsm * (1.0 + 0.5 * _Waves(rng, extent, (2.0, 6.0))(lat, lon, np.zeros(1))[0]))
+            ).astype(np.float32)
+    static = xr.Dataset(
+        {n: xr.Variable(("lat", "lon"), v, {"units": _ATTRS[n][0], "long_name": _ATTRS[n][1]})
+         for n, v in (("orog", orog), ("lsm", lsm))},
+        coords={"lat": lat, "lon": lon},
+    )
+    paths = {"target": os.path.join(directory, "target.nc"), "forecast": os.path.join(directory, "forecast.nc"),
+             "static": os.path.join(directory, "static.nc")}
+    target.to_netcdf(paths["target"])
+    forecast.to_netcdf(paths["forecast"])
+    static.to_netcdf(paths["static"])
+    return paths
+
+
+def describe_files(paths: dict[str, str]) -> str:
+    """A short listing of each written file: dimensions, variables with units, coordinates."""
+    lines = []
+    for role, path in paths.items():
+        with xr.open_dataset(path) as ds:
+            dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
+            lines.append(f"{role}: {path}\n  dims: {dims}")
+            for name, da in ds.data_vars.items():
+                lines.append(f"  {name:5s} {str(da.dims):45s} {da.attrs.get('units', '')}  {da.attrs.get('long_name', '')}")
+            for name in ("time", "init_time", "lead_time", "level"):
+                if name in ds.coords:
+                    v = ds[name].values
+                    if np.issubdtype(v.dtype, np.timedelta64):
+                        v = [f"{h:g} h" for h in v / np.timedelta64(1, "h")]
+                    elif np.issubdtype(v.dtype, np.datetime64):
+                        v = [str(np.datetime64(t, "s")) for t in v]
+                    lines.append(f"  {name}: {v[0]} .. {v[-1]} ({len(v)})")
+    return "\n".join(lines)

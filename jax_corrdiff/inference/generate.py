@@ -26,7 +26,8 @@ from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.sources import FieldSpec, expand_paths, time_str
 from jax_corrdiff.diffusion.samplers import EDMSampler
-from jax_corrdiff.inference.sampling import corrdiff_ensemble
+from jax_corrdiff.diffusion.patching import TileLayout
+from jax_corrdiff.inference.sampling import corrdiff_ensemble, multidiffusion_denoisers, whole_image_denoisers
 from jax_corrdiff.inference.writer import EnsembleWriter
 from jax_corrdiff.models.factory import build_model
 from jax_corrdiff.training.checkpointing import load_grid, load_model
@@ -68,6 +69,7 @@ class CorrDiffModel:
     lat: np.ndarray
     lon: np.ndarray
     hr_mean_conditioning: bool
+    patch: dict
     workdir: str
 
     @classmethod
@@ -85,7 +87,7 @@ class CorrDiffModel:
         lat, lon = load_grid(diff_dir)
         return cls(build_model(reg_config), reg_vars, build_model(diff_config), diff_vars,
                    Normalizer.from_dict(diff_source["normalization"]), diff_source["data"], lat, lon,
-                   bool(diff_source["hr_mean_conditioning"]), workdir)  # fmt: skip
+                   bool(diff_source["hr_mean_conditioning"]), diff_source.get("patch", {}), workdir)  # fmt: skip
 
 
 def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
@@ -110,18 +112,33 @@ def _time_keys(seed: int, times: np.ndarray) -> jax.Array:
 
 
 def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, member_batch_size: int | None, mesh):
-    """jit(reg_vars, diff_vars, img_lr (B, H, W, C), keys (B,)) -> (mean, samples), normalized units."""
+    """jit(reg_vars, diff_vars, img_lr (B, H, W, C), keys (B,)) -> (mean, samples), normalized units.
 
-    def generate(reg_vars, diff_vars, img_lr, keys):
+    Patch-trained diffusion models sample by multi-diffusion over tiles of their patch size."""
+
+    lead_time_aware = bool(model.diffusion.unet.lead_time_steps)
+
+    def generate(reg_vars, diff_vars, img_lr, keys, labels):
+        labels = labels if lead_time_aware else None
+
+        def apply(x, cond, sigma, label, origin, margin):
+            return model.diffusion.apply(diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin,
+                                         grid_margin=margin)  # fmt: skip
+
+        patch = model.patch
+        if patch and patch["height"]:
+            layout = TileLayout(tuple(img_lr.shape[1:3]), (patch["height"], patch["width"]), patch["overlap"],
+                                patch["boundary"])  # fmt: skip
+            make_denoiser = multidiffusion_denoisers(apply, layout, hr_mean_conditioning=model.hr_mean_conditioning)
+        else:
+            make_denoiser = whole_image_denoisers(apply, hr_mean_conditioning=model.hr_mean_conditioning)
         return corrdiff_ensemble(
-            lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt),
-            lambda x, cond, sigma, lt: model.diffusion.apply(diff_vars, x, cond, sigma, lead_time_label=lt),
-            sampler, img_lr, keys, num_members=members, hr_mean_conditioning=model.hr_mean_conditioning,
-            member_batch_size=member_batch_size,
+            lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt), make_denoiser, sampler,
+            img_lr, keys, num_members=members, member_batch_size=member_batch_size, lead_time_label=labels,
         )  # fmt: skip
 
     repl, sharded = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded), out_shardings=sharded)
+    return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
 
 
 def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler: EDMSampler, *, members: int,
@@ -131,6 +148,9 @@ def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler
     if tuple(inputs.input_channels) != tuple(model.normalizer.input_channels):
         raise ValueError(f"{inputs.path}: input channels {inputs.input_channels} differ from the model's "
                          f"{model.normalizer.input_channels}")  # fmt: skip
+    if len(np.unique(inputs.times)) != len(inputs.times):
+        raise ValueError(f"{inputs.path}: several samples share a valid time (forecasts at several lead times); "
+                         "generate one lead time at a time (--lead_time)")  # fmt: skip
     mesh = make_mesh(num_devices)
     batch_size = batch_size or mesh.size
     if batch_size % mesh.size:
@@ -144,6 +164,7 @@ def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler
             has_truth=inputs.has_truth,
             variable_attrs=variable_attrs([inputs.path, *expand_paths(model.data_config["target_paths"], "target")],
                                           list(norm.target_channels)),
+            init_times=inputs.init_times,
             global_attrs={"title": "CorrDiff downscaling ensemble", "source": f"jax_corrdiff, model {model.workdir}",
                           "input": inputs.path, "sampler": repr(sampler), "seed": seed},
         )  # fmt: skip
@@ -168,7 +189,9 @@ def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler
         pad = batch_size - (stop - start)  # keep one compiled shape: repeat the last time
         img_lr = np.concatenate([img_lr, np.repeat(img_lr[-1:], pad, axis=0)]).astype(np.float32)
         keys = _time_keys(seed, np.concatenate([times, np.repeat(times[-1:], pad)]))
-        mean, samples = fn(reg_vars, diff_vars, _global(img_lr, mesh), _global_keys(keys, mesh))
+        labels = np.zeros(stop - start, np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels[start:stop]
+        labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
+        mean, samples = fn(reg_vars, diff_vars, _global(img_lr, mesh), _global_keys(keys, mesh), _global(labels, mesh))
         mean = multihost_utils.process_allgather(mean, tiled=True)[: stop - start]
         samples = multihost_utils.process_allgather(samples, tiled=True)[: stop - start]
         if writer is not None:

@@ -7,46 +7,68 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jax_corrdiff.diffusion.samplers import EDMSampler, sample_ensemble
+from jax_corrdiff.diffusion.patching import TileLayout, multidiffusion_denoiser
+from jax_corrdiff.diffusion.samplers import DenoiseFn, EDMSampler, sample_ensemble
 
 # mean_fn(img_lr, lead_time_label) -> (B, H, W, C_out)
 MeanFn = Callable[[jax.Array, jax.Array | None], jax.Array]
-# denoise_fn(x, cond, sigma, lead_time_label) -> x0_hat, batched over the leading axis
-DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
+# make_denoiser(mean (1, H, W, C), img_lr (1, H, W, C_in), lead_time_label (1,) | None) -> denoise(x, sigma)
+DenoiserFactory = Callable[[jax.Array, jax.Array, jax.Array | None], DenoiseFn]
+# apply(x, cond, sigma, lead_time_label, patch_origin, grid_margin) -> x0_hat, batched
+DiffusionApply = Callable[..., jax.Array]
+
+
+def whole_image_denoisers(apply: DiffusionApply, *, hr_mean_conditioning: bool) -> DenoiserFactory:
+    """D(x; sigma) on the whole image, conditioned on [mean |] img_lr."""
+
+    def make(mean, img_lr, label):
+        cond = jnp.concatenate([mean, img_lr], axis=-1) if hr_mean_conditioning else img_lr
+        return lambda x, sigma: apply(x, cond, sigma[None], label, None, 0)
+
+    return make
+
+
+def multidiffusion_denoisers(apply: DiffusionApply, layout: TileLayout, *, hr_mean_conditioning: bool,
+                             tile_sharding=None) -> DenoiserFactory:  # fmt: skip
+    """D(x; sigma) averaged over overlapping tiles (patch-trained models)."""
+
+    def patch_denoise(tiles, cond_tiles, sigma, origins, labels):
+        sigma = jnp.broadcast_to(sigma, (tiles.shape[0],))
+        return apply(tiles, cond_tiles, sigma, labels, origins, layout.boundary)
+
+    def make(mean, img_lr, label):
+        return multidiffusion_denoiser(patch_denoise, layout, img_lr, mean if hr_mean_conditioning else None,
+                                       label, tile_sharding)  # fmt: skip
+
+    return make
 
 
 def corrdiff_ensemble(
     mean_fn: MeanFn,
-    denoise_fn: DenoiseFn,
+    make_denoiser: DenoiserFactory,
     sampler: EDMSampler,
     img_lr: jax.Array,
     keys: jax.Array,
     *,
     num_members: int,
-    hr_mean_conditioning: bool,
     member_batch_size: int | None = None,
     lead_time_label: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (regression mean (B, H, W, C), samples (B, M, H, W, C)).
 
-    sample = mean + residual, residual drawn by the EDM sampler from the diffusion model
-    conditioned on [mean | img_lr] (or img_lr alone). ``keys`` holds one key per input
-    (e.g. per time); member m of input b uses fold_in(keys[b], m), so a sample does not
-    depend on how inputs or members are batched. Trace under ``jax.jit``.
+    sample = mean + residual, the residual drawn by the EDM sampler with the denoiser that
+    ``make_denoiser`` builds for each input. ``keys`` holds one key per input (e.g. per
+    time); member m of input b uses fold_in(keys[b], m), so a sample does not depend on how
+    inputs or members are batched. Trace under ``jax.jit``.
     """
     mean = mean_fn(img_lr, lead_time_label)
-    cond = jnp.concatenate([mean, img_lr], axis=-1) if hr_mean_conditioning else img_lr
     labels = lead_time_label if lead_time_label is not None else jnp.zeros(img_lr.shape[0], jnp.int32)
 
-    def one_input(cond_b, key_b, label_b):
+    def one_input(mean_b, img_b, key_b, label_b):
         label = label_b[None] if lead_time_label is not None else None
+        denoise = make_denoiser(mean_b[None], img_b[None], label)
+        single = lambda x, sigma: denoise(x[None], sigma)[0]  # noqa: E731
+        return sample_ensemble(sampler, single, mean.shape[1:], key_b, jnp.arange(num_members), member_batch_size)
 
-        def denoise(x, sigma):
-            return denoise_fn(x[None], cond_b[None], sigma[None], label)[0]
-
-        return sample_ensemble(
-            sampler, denoise, mean.shape[1:], key_b, jnp.arange(num_members), member_batch_size
-        )
-
-    residuals = jax.vmap(one_input)(cond, keys, labels)
+    residuals = jax.vmap(one_input)(mean, img_lr, keys, labels)
     return mean, mean[:, None] + residuals

@@ -56,19 +56,20 @@ class EnsembleWriter:
 
     def __init__(self, path: str, *, times: np.ndarray, members: int, lat: np.ndarray, lon: np.ndarray,
                  target_channels: Sequence[str], input_channels: Sequence[str], has_truth: bool,
-                 variable_attrs: dict[str, dict], global_attrs: dict):  # fmt: skip
+                 variable_attrs: dict[str, dict], global_attrs: dict, init_times: np.ndarray | None = None):  # fmt: skip
         self.path = path
         self.fields, self.levels = group_channels(target_channels)
         self.interpolated = {f.name: [list(input_channels).index(c) for c in self._names(f, target_channels)]
                              for f in self.fields
                              if all(c in input_channels for c in self._names(f, target_channels))}  # fmt: skip
         self.has_truth = has_truth
+        self.coordinates = "lat lon" if init_times is None else "lat lon forecast_reference_time"
         self.zarr = path.rstrip("/").endswith(".zarr")
         hours = _hours(times)
         if os.path.exists(path):
             self._open_existing(hours, members, lat.shape)
         else:
-            self._create(hours, members, lat, lon, variable_attrs, global_attrs)
+            self._create(hours, members, lat, lon, variable_attrs, global_attrs, init_times)
 
     @staticmethod
     def _names(field: Field, channels: Sequence[str]) -> list[str]:
@@ -79,7 +80,7 @@ class EnsembleWriter:
         lev = ("level",) if self.levels else ()
         for f in self.fields:
             dims = lev if f.levels[0] is not None else ()
-            attrs = {**variable_attrs.get(f.name, {}), "coordinates": "lat lon"}
+            attrs = {**variable_attrs.get(f.name, {}), "coordinates": self.coordinates}
             yield f.name, ("time", "ensemble", *dims, "y", "x"), attrs
             yield f"{f.name}_regression", ("time", *dims, "y", "x"), {**attrs, "comment": "CorrDiff regression mean"}
             if f.name in self.interpolated:
@@ -88,7 +89,7 @@ class EnsembleWriter:
             if self.has_truth:
                 yield f"{f.name}_truth", ("time", *dims, "y", "x"), {**attrs, "comment": "truth"}
 
-    def _create(self, hours, members, lat, lon, variable_attrs, global_attrs):
+    def _create(self, hours, members, lat, lon, variable_attrs, global_attrs, init_times):
         sizes = {"time": len(hours), "ensemble": members, "y": lat.shape[0], "x": lat.shape[1]}
         if self.levels:
             sizes["level"] = len(self.levels)
@@ -105,6 +106,9 @@ class EnsembleWriter:
         ]  # fmt: skip
         if self.levels:
             coords.append(("level", ("level",), np.asarray(self.levels, np.float64), {"long_name": "vertical level"}))
+        if init_times is not None:  # forecast inputs: the initialization of each valid time
+            coords.append(("forecast_reference_time", ("time",), _hours(init_times),
+                           {"units": TIME_UNITS, "calendar": "standard", "standard_name": "forecast_reference_time"}))  # fmt: skip
         attrs = {"Conventions": "CF-1.8", **global_attrs}
         tmp = self.path + ".partial"
         if self.zarr:

@@ -78,8 +78,11 @@ class EDMPrecondSR(nn.Module):
         sigma: jax.Array,
         *,
         lead_time_label: jax.Array | None = None,
+        patch_origin: jax.Array | None = None,
+        grid_margin: int = 0,
         train: bool = False,
     ) -> jax.Array:
+        """``patch_origin`` / ``grid_margin``: x is a patch of the image (see SongUNet)."""
         x = x.astype(jnp.float32)
         img_lr = img_lr.astype(jnp.float32)
         sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32).reshape(-1), (x.shape[0],))
@@ -93,5 +96,6 @@ class EDMPrecondSR(nn.Module):
             arg = c_in * jnp.concatenate([x, img_lr], axis=-1)
         else:
             arg = jnp.concatenate([c_in * x, img_lr], axis=-1)
-        f_x = self.unet(arg, c_noise, lead_time_label=lead_time_label, train=train)
+        f_x = self.unet(arg, c_noise, lead_time_label=lead_time_label, patch_origin=patch_origin,
+                        grid_margin=grid_margin, train=train)  # fmt: skip
         return c_skip * x + c_out * f_x

@@ -70,12 +70,22 @@ class SongUNet(nn.Module):
         noise_labels: jax.Array,
         *,
         lead_time_label: jax.Array | None = None,
+        patch_origin: jax.Array | None = None,
+        grid_margin: int = 0,
         train: bool = False,
     ) -> jax.Array:
-        """x: (B, H, W, C_in) at ``img_resolution``; noise_labels: (B,). Returns (B, H, W, C_out)."""
+        """x: (B, H, W, C_in); noise_labels: (B,). Returns (B, H, W, C_out).
+
+        Without ``patch_origin`` the input covers ``img_resolution``. With it, x is a patch and
+        ``patch_origin`` (B, 2) gives each patch's top-left corner in image coordinates: the
+        position grid and lead-time embedding are cropped there. Corners may reach
+        ``grid_margin`` pixels outside the image (multi-diffusion's reflect-padded border):
+        the embeddings are reflect-padded by that much first.
+        """
         self.setup_checks()
         batch, height, width, _ = x.shape
-        x = jnp.concatenate([x, *self._extra_channels(batch, height, width, lead_time_label)], axis=-1)
+        extra = self._extra_channels(batch, height, width, lead_time_label, patch_origin, grid_margin)
+        x = jnp.concatenate([x, *extra], axis=-1)
         emb = self._noise_embedding(noise_labels, batch)
 
         m = self.pad_multiple
@@ -90,6 +100,44 @@ class SongUNet(nn.Module):
             out = self._probabilities(out, train)
         return out
 
+    def _extra_channels(self, batch, height, width, lead_time_label, patch_origin, margin) -> list[jax.Array]:
+        """Position-grid and lead-time channels (B, H, W, .), appended after all conditioning."""
+        full_h, full_w = self.img_resolution
+        if patch_origin is None and (height, width) != (full_h, full_w) and (
+            self.position_grid != "none" or self.lead_time_steps
+        ):
+            raise ValueError(
+                f"input grid {height}x{width} differs from img_resolution {tuple(self.img_resolution)} "
+                "that sizes the position/lead-time embedding (pass patch_origin for patches)"
+            )
+        extra = []
+        if self.position_grid == "sinusoidal":
+            extra.append(jnp.asarray(sinusoidal_position_grid(full_h, full_w, self.num_grid_channels))[None])
+        elif self.position_grid == "learnable":
+            extra.append(self.param("pos_embd", nn.initializers.normal(1.0), (full_h, full_w, self.num_grid_channels))[None])
+        if self.lead_time_steps:
+            if lead_time_label is None:
+                raise ValueError("this model is lead-time aware: pass lead_time_label")
+            table = self.param(
+                "lt_embd", nn.initializers.normal(1.0), (self.lead_time_steps, full_h, full_w, self.lead_time_channels)
+            )
+            extra.append(table[jnp.asarray(lead_time_label, jnp.int32).reshape(batch)])
+        if patch_origin is None:
+            return [jnp.broadcast_to(e, (batch, *e.shape[1:])).astype(jnp.float32) for e in extra]
+
+        def crop(field, origin):
+            return jax.lax.dynamic_slice(field, (origin[0] + margin, origin[1] + margin, 0),
+                                         (height, width, field.shape[-1]))  # fmt: skip
+
+        origins = jnp.asarray(patch_origin, jnp.int32).reshape(batch, 2)
+        cropped = []
+        for e in extra:
+            if margin:
+                e = jnp.pad(e, ((0, 0), (margin, margin), (margin, margin), (0, 0)), mode="reflect")
+            per_sample = jax.vmap(crop) if e.shape[0] == batch else jax.vmap(crop, in_axes=(None, 0))
+            cropped.append(per_sample(e if e.shape[0] == batch else e[0], origins).astype(jnp.float32))
+        return cropped
+
     def _probabilities(self, out: jax.Array, train: bool) -> jax.Array:
         """``prob_channels`` are logits of mutually exclusive classes (SongUNetPosLtEmbd):
         scaled by a learned temperature, and turned into probabilities by a softmax over
@@ -98,35 +146,6 @@ class SongUNet(nn.Module):
         scale = self.param("prob_scale", nn.initializers.ones, (len(self.prob_channels),))
         logits = out[..., idx] * scale
         return out.at[..., idx].set(logits if train else jax.nn.softmax(logits, axis=-1))
-
-    def _extra_channels(self, batch, height, width, lead_time_label) -> list[jax.Array]:
-        """Position-grid and lead-time channels, appended after all conditioning."""
-        if (height, width) != tuple(self.img_resolution) and (
-            self.position_grid != "none" or self.lead_time_steps
-        ):
-            raise ValueError(
-                f"input grid {height}x{width} differs from img_resolution {tuple(self.img_resolution)} "
-                "that sizes the position/lead-time embedding"
-            )
-        extra = []
-        if self.position_grid == "sinusoidal":
-            grid = jnp.asarray(sinusoidal_position_grid(height, width, self.num_grid_channels))
-            extra.append(jnp.broadcast_to(grid, (batch, *grid.shape)))
-        elif self.position_grid == "learnable":
-            grid = self.param(
-                "pos_embd", nn.initializers.normal(1.0), (height, width, self.num_grid_channels)
-            )
-            extra.append(jnp.broadcast_to(grid, (batch, *grid.shape)))
-        if self.lead_time_steps:
-            if lead_time_label is None:
-                raise ValueError("this model is lead-time aware: pass lead_time_label")
-            table = self.param(
-                "lt_embd",
-                nn.initializers.normal(1.0),
-                (self.lead_time_steps, height, width, self.lead_time_channels),
-            )
-            extra.append(table[jnp.asarray(lead_time_label, jnp.int32).reshape(batch)])
-        return [e.astype(jnp.float32) for e in extra]
 
     def _noise_embedding(self, noise_labels: jax.Array, batch: int) -> jax.Array:
         emb_channels = self.model_channels * self.channel_mult_emb

@@ -22,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
@@ -32,17 +33,28 @@ def save_model(
     directory: str, model_config: dict, variables: Any, source: dict | None = None, grid: tuple | None = None
 ) -> None:
     """Write ``variables``, ``model_config`` and the (lat, lon) ``grid`` to ``directory``
-    (created; must not hold a model)."""
+    (created; must not hold a model).
+
+    With several processes every process calls it with the same arguments: Orbax writes the
+    variables once (process 0) and process 0 writes the small files; it returns on every
+    process once the directory is complete.
+    """
     directory = os.path.abspath(directory)
+    multiprocess = jax.process_count() > 1
+    if multiprocess:  # e.g. process 0 removing an earlier export must happen before the check below
+        multihost_utils.sync_global_devices(f"jax_corrdiff save_model start {directory}")
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
         raise FileExistsError(f"{directory} already holds a model; choose another output directory")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(directory, VARIABLES_DIR), jax.tree_util.tree_map(np.asarray, variables))
-    if grid is not None:
-        np.savez(os.path.join(directory, GRID_FILE), lat=np.asarray(grid[0]), lon=np.asarray(grid[1]))
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump({"model": model_config, "source": source or {}}, f, indent=2)
+    if jax.process_index() == 0:
+        if grid is not None:
+            np.savez(os.path.join(directory, GRID_FILE), lat=np.asarray(grid[0]), lon=np.asarray(grid[1]))
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            json.dump({"model": model_config, "source": source or {}}, f, indent=2)
+    if multiprocess:
+        multihost_utils.sync_global_devices(f"jax_corrdiff save_model done {directory}")
 
 
 def load_model(directory: str) -> tuple[dict, Any, dict]:

@@ -47,7 +47,9 @@ def model_config_for_stage(config, stage: str, data: data_setup.TrainingData) ->
         pairs = data.residual_pairs() if model.global_residual else []
         return dict(kind="regression", cond_channels=len(data.condition_channels), global_residual=pairs, **common)
     hr_mean = len(data.target_channels) if model.hr_mean_conditioning else 0
-    return dict(kind="diffusion", cond_channels=hr_mean + len(data.condition_channels),
+    # Patches also see the whole coarse input resized to the patch (global context).
+    context = len(data.condition_channels) if config.diffusion.patch.height else 0
+    return dict(kind="diffusion", cond_channels=hr_mean + len(data.condition_channels) + context,
                 sigma_data=model.sigma_data, **common)  # fmt: skip
 
 
@@ -125,6 +127,7 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
         loss_fn = diffusion_per_sample_loss(
             model, regression_model, p_mean=config.diffusion.loss.p_mean, p_std=config.diffusion.loss.p_std,
             sigma_data=config.diffusion.model.sigma_data, hr_mean_conditioning=config.diffusion.model.hr_mean_conditioning,
+            patch=config.diffusion.patch.to_dict(),
         )  # fmt: skip
 
     train_iter = data.train_iterator(local_batch_size(global_batch, mesh), seed=config.seed)
@@ -167,7 +170,10 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
             checkpoints.save(done, state, train_iter, meta)
     checkpoints.close()
     progress.close()
-    extra = {"hr_mean_conditioning": bool(config.diffusion.model.hr_mean_conditioning)} if stage == "diffusion" else {}
+    extra = {}
+    if stage == "diffusion":
+        extra = {"hr_mean_conditioning": bool(config.diffusion.model.hr_mean_conditioning),
+                 "patch": config.diffusion.patch.to_dict()}  # fmt: skip
     return _export(directory, model_config, state, data, stage, extra)
 
 

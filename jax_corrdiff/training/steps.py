@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
+from jax_corrdiff.diffusion.patching import patch_training_batch
 from jax_corrdiff.training.mesh import batch_sharded, replicated
 from jax_corrdiff.training.optimizer import ema_decay, learning_rate
 
@@ -61,26 +62,39 @@ def regression_per_sample_loss(model) -> PerSampleLoss:
     return loss
 
 
-def diffusion_per_sample_loss(model, regression_model, *, p_mean, p_std, sigma_data, hr_mean_conditioning) -> PerSampleLoss:
+def diffusion_per_sample_loss(model, regression_model, *, p_mean, p_std, sigma_data, hr_mean_conditioning,
+                              patch: dict | None = None) -> PerSampleLoss:  # fmt: skip
     """Residual EDM loss; ``frozen`` = the regression variables (an argument, not a
-    compile-time constant, so 80 M weights are not baked into the program)."""
+    compile-time constant, so 80 M weights are not baked into the program).
+
+    With ``patch`` (height, width > 0) each image contributes ``num_patches`` random patches
+    (diffusion.patching); the regression mean is still computed once on the whole image and
+    an image's loss is the mean over its patches."""
+    patched = bool(patch and patch["height"])
 
     def loss(params, constants, batch, rng, frozen, train):
         lead_time = batch.get("lead_time_label")
         mean = regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time)
-        dropout_rng, noise_rng = jax.random.split(rng)
+        patch_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
+        target, img_lr, origin = batch["target"], batch["img_lr"], None
+        if patched:
+            cut = patch_training_batch(patch_rng, target, mean, img_lr, lead_time, num_patches=patch["num_patches"],
+                                       patch=(patch["height"], patch["width"]))  # fmt: skip
+            target, mean, img_lr, origin = cut["target"], cut["regression_mean"], cut["img_lr"], cut["patch_origin"]
+            lead_time = cut.get("lead_time_label")
 
         def denoise(x, cond, sigma):
             return model.apply(
-                {"params": params, **constants}, x, cond, sigma,
-                lead_time_label=lead_time, train=train, rngs={"dropout": dropout_rng},
+                {"params": params, **constants}, x, cond, sigma, lead_time_label=lead_time, patch_origin=origin,
+                train=train, rngs={"dropout": dropout_rng},
             )  # fmt: skip
 
         per_pixel = residual_loss(
-            denoise, noise_rng, batch["target"], mean, batch["img_lr"],
+            denoise, noise_rng, target, mean, img_lr,
             p_mean=p_mean, p_std=p_std, sigma_data=sigma_data, hr_mean_conditioning=hr_mean_conditioning,
         )  # fmt: skip
-        return _pixel_mean(per_pixel)
+        per_sample = _pixel_mean(per_pixel)
+        return per_sample.reshape(batch["target"].shape[0], -1).mean(axis=1)
 
     return loss
 

@@ -1,0 +1,152 @@
+"""China 3 km CorrDiff (Sun et al., arXiv 2512.05377; reference.md sections 5 and 7).
+
+25 km global FORECASTS (CMA-GFS, or an SFNO-based AI model) at several lead times in, a
+CMA-MESO-like 0.03 deg analysis out, over 10-60N, 70-145E: about 1670 x 2500 (lat x lon)
+points. Targets: t2m, u10, v10, tp (hourly precipitation; the paper also downscales radar
+composite reflectivity -- add e.g. "cr" to ``target_variables`` when the target files carry
+it) and t, u, v, q, z on 1000, 925, 850, 700, 500, 200 hPa (34 channels); inputs: the same
+34 variables from the forecast file; static: orography and land-sea mask.
+
+Files (``python -m jax_corrdiff.make_synthetic --schema=china3km --output=DIR`` writes small
+ones with exactly this layout):
+  data.target_paths  NetCDF/Zarr (glob ok) with ``time`` = valid time, regular 0.03 deg
+                     lat/lon, surface (time, lat, lon) and upper-air (time, level, lat, lon)
+                     variables, ``level`` in hPa.
+  data.input_paths   forecasts laid out (init_time, lead_time, [level,] lat, lon) on a regular
+                     0.25 deg grid covering the domain (``time``/``forecast_reference_time``
+                     and ``step``/``prediction_timedelta`` are accepted too); every lead time
+                     of ``data.lead_times`` must be present.
+  data.static_path   orog, lsm on the target grid.
+The default paths below are placeholders: set them on the command line, e.g.
+
+    python -m jax_corrdiff.train --config=configs/china3km.py --workdir=DIR \
+        --config.data.target_paths="['/data/cma_meso_3km/*.nc']" \
+        --config.data.input_paths="['/data/cma_gfs_25km/*.nc']" \
+        --config.data.static_path=/data/cma_meso_3km/static.nc
+
+Each training sample is one (init time, lead time) whose valid time init + lead is a target
+time; the train/valid periods select samples by VALID time. Both UNets are lead-time aware
+(a learned per-lead embedding, ``lead_time_label`` = index into ``data.lead_times``), the
+regression adds its output to the interpolated forecast for every target that is also an
+input (global residual), and the diffusion model trains on random 448 x 448 patches with a
+learnable 100-channel position grid (PhysicsNeMo's patched diffusion: ``gridtype=learnable``,
+``N_grid_channels=100``), sampling by overlapping tiles (4 px overlap, 2 px border).
+
+Variant ``smoke``: a synthetic 64 x 96 dataset written (once) under
+``$JAX_CORRDIFF_CHINA3KM_SMOKE_DIR`` (default /tmp/jax_corrdiff_china3km_smoke), tiny widths,
+32 x 32 patches, a few steps:
+
+    python -m jax_corrdiff.train --config=configs/china3km.py:smoke --workdir=/tmp/c3k_smoke
+"""
+
+import os
+import shutil
+import tempfile
+
+from jax_corrdiff.config import base_config
+from jax_corrdiff.data.synthetic import (
+    CHINA3KM_LEVELS,
+    CHINA3KM_STATIC,
+    CHINA3KM_SURFACE,
+    CHINA3KM_UPPER,
+    write_china3km_dataset,
+)
+
+SURFACE = list(CHINA3KM_SURFACE)  # t2m, u10, v10, tp   (+ radar composite reflectivity when available)
+UPPER = [f"{v}@{level}" for v in CHINA3KM_UPPER for level in CHINA3KM_LEVELS]
+LEAD_TIMES = [0, 6, 12, 18, 24, 30, 36, 42, 48]  # hours
+SMOKE_DIR_ENV, SMOKE_DIR_DEFAULT = "JAX_CORRDIFF_CHINA3KM_SMOKE_DIR", "/tmp/jax_corrdiff_china3km_smoke"
+SMOKE_SHAPE = (64, 96)
+SMOKE_LEAD_TIMES = [0, 6, 12]
+SMOKE_INITS = "2024-07-01T00", 8, "6h"  # start, count, step: valid times 2024-07-01T00 .. 07-03T06
+
+
+def smoke_dataset(directory: str | None = None) -> dict:
+    """The smoke variant's synthetic files (in ``directory``, default $JAX_CORRDIFF_CHINA3KM_SMOKE_DIR
+    or /tmp/jax_corrdiff_china3km_smoke), written on first use (atomically: a temporary
+    directory renamed into place, so concurrent callers never see half a dataset)."""
+    directory = directory or os.environ.get(SMOKE_DIR_ENV, SMOKE_DIR_DEFAULT)
+    paths = {k: os.path.join(directory, f"{k}.nc") for k in ("target", "forecast", "static")}
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+    import pandas as pd
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".china3km_smoke_", dir=parent)
+    start, count, step = SMOKE_INITS
+    write_china3km_dataset(tmp, height=SMOKE_SHAPE[0], width=SMOKE_SHAPE[1],
+                           init_times=pd.date_range(start, periods=count, freq=step),
+                           lead_times=SMOKE_LEAD_TIMES, seed=0)  # fmt: skip
+    try:
+        os.rename(tmp, directory)
+    except OSError:  # another process got there first (or a stale partial directory)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not all(os.path.exists(p) for p in paths.values()):
+            raise
+    return paths
+
+
+def get_config(variant: str = ""):
+    config = base_config()
+    data = config.data
+    data.target_paths = ["/path/to/china_3km/target_*.nc"]  # placeholder
+    data.input_paths = ["/path/to/global_25km_forecast/*.nc"]  # placeholder
+    data.static_path = "/path/to/china_3km/static.nc"  # placeholder
+    data.target_variables = SURFACE + UPPER
+    data.input_variables = SURFACE + UPPER
+    data.static_variables = list(CHINA3KM_STATIC)
+    data.lead_times = list(LEAD_TIMES)
+    data.train_period = ["2020-01-01T00", "2022-12-31T23"]  # valid times
+    data.valid_period = ["2023-01-01T00", "2023-12-31T23"]
+
+    config.regression.model.global_residual = True
+    for stage in (config.regression, config.diffusion):
+        unet = stage.model.unet
+        unet.lead_time_steps = len(data.lead_times)
+        unet.lead_time_channels = 4
+    # Widths are the reference's (SongUNet 128 x [1,2,2,2,2], 4 blocks, attention at 28 =
+    # 448 >> 4, dropout 0.13; base_config). Patched diffusion as in PhysicsNeMo: a learnable
+    # position grid of 100 channels over the whole grid, cropped per patch (at 1670 x 2500
+    # that is 417 M grid parameters -- reduce num_grid_channels if memory is short).
+    diffusion = config.diffusion
+    diffusion.model.unet.position_grid = "learnable"
+    diffusion.model.unet.num_grid_channels = 100
+    # Random 448 x 448 patches per image (num_patches is our choice, not checked against the reference's configs).
+    diffusion.patch.height = diffusion.patch.width = 448
+    diffusion.patch.num_patches = 16
+    diffusion.patch.overlap = 4  # reference: 4 px overlap (0 gave NaNs), 2 px reflect-padded border
+    diffusion.patch.boundary = 2
+
+    if variant == "smoke":
+        paths = smoke_dataset()
+        data.target_paths = [paths["target"]]
+        data.input_paths = [paths["forecast"]]
+        data.static_path = paths["static"]
+        data.lead_times = list(SMOKE_LEAD_TIMES)
+        data.train_period = ["2024-07-01T00", "2024-07-02T11"]  # 15 samples (valid time)
+        data.valid_period = ["2024-07-02T12", "2024-07-03T23"]  # 9 samples
+        for stage in (config.regression, config.diffusion):
+            unet = stage.model.unet
+            unet.model_channels = 8
+            unet.channel_mult = [1, 2]
+            unet.num_blocks = 1
+            unet.attn_resolutions = []
+            unet.dropout = 0.0
+            unet.lead_time_steps = len(data.lead_times)
+            training = stage.training
+            training.batch_size = 4
+            training.lr = 1e-3
+            training.lr_rampup_samples = 16
+            training.ema_halflife_samples = 16
+            training.log_every_steps = 2
+            training.eval_every_steps = 4
+            training.checkpoint_every_steps = 4
+            training.eval_batches = 1
+            training.total_samples = 4 * 8
+        diffusion.model.unet.num_grid_channels = 4
+        diffusion.patch.height = diffusion.patch.width = 32
+        diffusion.patch.num_patches = 2
+    elif variant:
+        raise ValueError(f"unknown china3km variant {variant!r} (known: smoke)")
+    return config

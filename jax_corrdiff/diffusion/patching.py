@@ -1,0 +1,168 @@
+"""Patch-based diffusion for domains too large for one device (China 3 km CorrDiff, reference.md section 5).
+
+Training: each image contributes P random patches of (h, w); a patch is conditioned on its
+crop of the inputs (and of the regression mean), on the WHOLE coarse input resized to
+(h, w) as global context, and on the position grid / lead-time embedding cropped at its
+origin (the network crops those itself from ``patch_origin``).
+
+Sampling (multi-diffusion, Bar-Tal et al. 2023): the image is reflect-padded by
+``boundary`` pixels and covered by tiles of (h, w) whose starts are ``stride = size -
+overlap`` apart (the last tile flush with the far edge, so every pixel is covered); at every
+noise level each tile is denoised and the overlapping estimates are averaged. The average
+of denoisers is itself a denoiser, so the EDM sampler runs unchanged on top.
+
+One layout everywhere: patch p of image b sits at row b * P + p (the reference mixes
+patch-major and batch-major and gives patches the wrong embeddings when batch > 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# patch_denoise(x (N, h, w, C), cond (N, h, w, Cc), sigma, origins (N, 2), labels (N,) | None) -> (N, h, w, C)
+PatchDenoiser = Callable[..., jax.Array]
+
+
+def global_context(img_lr: jax.Array, height: int, width: int) -> jax.Array:
+    """The whole coarse input bilinearly resized to the patch size: (B, H, W, C) -> (B, h, w, C)."""
+    return jax.image.resize(img_lr, (img_lr.shape[0], height, width, img_lr.shape[-1]), "bilinear")
+
+
+def random_origins(key: jax.Array, batch: int, num_patches: int, image: tuple[int, int],
+                   patch: tuple[int, int]) -> jax.Array:  # fmt: skip
+    """(batch * num_patches, 2) uniform top-left corners, patch fully inside the image."""
+    (big_h, big_w), (h, w) = image, patch
+    if h > big_h or w > big_w:
+        raise ValueError(f"patch {h}x{w} is larger than the image {big_h}x{big_w}")
+    ky, kx = jax.random.split(key)
+    n = batch * num_patches
+    return jnp.stack(
+        [jax.random.randint(ky, (n,), 0, big_h - h + 1), jax.random.randint(kx, (n,), 0, big_w - w + 1)], axis=-1
+    )
+
+
+def crop_patches(images: jax.Array, origins: jax.Array, num_patches: int, patch: tuple[int, int]) -> jax.Array:
+    """Rows b * P + p of the result are the patch of image b at origins[b * P + p]."""
+    h, w = patch
+    per_patch_image = jnp.repeat(images, num_patches, axis=0)
+    crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))  # noqa: E731
+    return jax.vmap(crop)(per_patch_image, origins)
+
+
+def patch_training_batch(key, target, regression_mean, img_lr, lead_time_label, *, num_patches: int,
+                         patch: tuple[int, int]) -> dict:  # fmt: skip
+    """Cut P patches per image. The regression mean is computed once per image by the caller
+    and cropped here, never recomputed per patch."""
+    origins = random_origins(key, target.shape[0], num_patches, target.shape[1:3], patch)
+    batch = {
+        "target": crop_patches(target, origins, num_patches, patch),
+        "regression_mean": crop_patches(regression_mean, origins, num_patches, patch),
+        "img_lr": patch_conditioning(crop_patches(img_lr, origins, num_patches, patch), img_lr, num_patches),
+        "patch_origin": origins,
+    }
+    if lead_time_label is not None:
+        batch["lead_time_label"] = jnp.repeat(lead_time_label, num_patches, axis=0)
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayout:
+    """Static tiling of an (H, W) image padded by ``boundary`` into (h, w) tiles."""
+
+    image: tuple[int, int]
+    tile: tuple[int, int]
+    overlap: int
+    boundary: int
+
+    def __post_init__(self):
+        for size, big in zip(self.tile, self.padded):
+            if size > big:
+                raise ValueError(f"tile {self.tile} is larger than the padded image {self.padded}")
+            if self.overlap >= size:
+                raise ValueError(f"overlap {self.overlap} must be smaller than the tile {self.tile}")
+        if self.overlap < 0 or self.boundary < 0:
+            raise ValueError("overlap and boundary must be >= 0")
+
+    @property
+    def padded(self) -> tuple[int, int]:
+        return self.image[0] + 2 * self.boundary, self.image[1] + 2 * self.boundary
+
+    def _starts(self, axis: int) -> list[int]:
+        size, big = self.tile[axis], self.padded[axis]
+        stride = size - self.overlap
+        starts = list(range(0, big - size + 1, stride))
+        if starts[-1] != big - size:
+            starts.append(big - size)
+        return starts
+
+    @property
+    def origins(self) -> np.ndarray:
+        """(T, 2) tile corners in padded coordinates, row-major over the image."""
+        return np.array([(y, x) for y in self._starts(0) for x in self._starts(1)], np.int32)
+
+    def coverage(self) -> np.ndarray:
+        """How many tiles cover each padded pixel (>= 1 everywhere by construction)."""
+        count = np.zeros(self.padded, np.int32)
+        for y, x in self.origins:
+            count[y : y + self.tile[0], x : x + self.tile[1]] += 1
+        return count
+
+    def split(self, images: jax.Array) -> jax.Array:
+        """(B, H, W, C) -> (B * T, h, w, C), rows b * T + t, after reflect-padding."""
+        b = self.boundary
+        padded = jnp.pad(images, ((0, 0), (b, b), (b, b), (0, 0)), mode="reflect") if b else images
+        h, w = self.tile
+        tiles = [padded[:, y : y + h, x : x + w] for y, x in self.origins]
+        return jnp.stack(tiles, axis=1).reshape(-1, h, w, images.shape[-1])
+
+    def merge(self, tiles: jax.Array) -> jax.Array:
+        """Average overlapping tiles back into (B, H, W, C) (the inverse of split where tiles agree)."""
+        h, w = self.tile
+        n_tiles = len(self.origins)
+        tiles = tiles.reshape(-1, n_tiles, h, w, tiles.shape[-1])
+        total = jnp.zeros((tiles.shape[0], *self.padded, tiles.shape[-1]), tiles.dtype)
+        for t, (y, x) in enumerate(self.origins):
+            total = total.at[:, y : y + h, x : x + w].add(tiles[:, t])
+        total = total / jnp.asarray(self.coverage(), tiles.dtype)[None, :, :, None]
+        b = self.boundary
+        return total[:, b : b + self.image[0], b : b + self.image[1]]
+
+
+def patch_conditioning(img_lr_patches: jax.Array, img_lr: jax.Array, repeats: int) -> jax.Array:
+    """[coarse-input crop | whole coarse input resized to the patch]: the conditioning of a
+    patch (the regression-mean crop, if used, goes in front of it)."""
+    h, w = img_lr_patches.shape[1:3]
+    return jnp.concatenate([img_lr_patches, jnp.repeat(global_context(img_lr, h, w), repeats, axis=0)], axis=-1)
+
+
+def multidiffusion_denoiser(patch_denoise: PatchDenoiser, layout: TileLayout, img_lr: jax.Array,
+                            regression_mean: jax.Array | None = None, lead_time_label: jax.Array | None = None,
+                            tile_sharding=None):  # fmt: skip
+    """A whole-image denoiser (x, sigma) -> x0_hat built from a tile denoiser.
+
+    The tiles of the conditioning ([regression mean] | coarse input | global context) are
+    cut once here, outside the sampling loop. Tile origins are passed in image coordinates
+    (negative inside the reflect-padded border), so the network crops its position grid at
+    the right place. ``tile_sharding`` (e.g. a NamedSharding over the data axis) spreads the
+    tiles of one image across devices.
+    """
+    n_tiles = len(layout.origins)
+    cond_tiles = patch_conditioning(layout.split(img_lr), img_lr, n_tiles)
+    if regression_mean is not None:
+        cond_tiles = jnp.concatenate([layout.split(regression_mean), cond_tiles], axis=-1)
+    origins = jnp.tile(jnp.asarray(layout.origins - layout.boundary), (img_lr.shape[0], 1))
+    labels = None if lead_time_label is None else jnp.repeat(lead_time_label, n_tiles, axis=0)
+
+    def constrain(x):
+        return x if tile_sharding is None else jax.lax.with_sharding_constraint(x, tile_sharding)
+
+    def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:
+        tiles = constrain(layout.split(x))
+        return layout.merge(constrain(patch_denoise(tiles, cond_tiles, sigma, origins, labels)))
+
+    return denoise

@@ -1,0 +1,170 @@
+"""Several JAX processes on one machine (launch/local.sh, Gloo CPU collectives) behave like one.
+
+Training: 2 processes x 2 CPU devices give the parameters of 1 process x 4 devices (the global
+sample order does not depend on the process count), checkpoints are written once per step and
+resume with the same process count. Generation: 2 processes write one file equal to a
+1-process run.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import xarray as xr
+
+from jax_corrdiff.data import demo_data_path
+from jax_corrdiff.training.checkpointing import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL_SH = os.path.join(ROOT, "launch", "local.sh")
+TIMEOUT = 300
+
+SMOKE = [
+    "-m", "jax_corrdiff.train", f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:smoke",
+    "--config.stage=regression", "--config.regression.training.checkpoint_every_steps=2",
+    "--config.regression.training.eval_batches=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """One persistent compilation cache for the file's subprocesses: a resumed run reuses what its
+    first run compiled (compiling is most of these short runs on CPU)."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(nproc: int, devices: int, args: list[str], log_path, cache: str) -> tuple[subprocess.Popen, str]:
+    """``nproc`` JAX processes (through launch/local.sh when > 1) of ``devices`` CPU devices each."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("JAX_", "SLURM_")) and k != "XLA_FLAGS"}  # fmt: skip
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHON=sys.executable,
+               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep))  # fmt: skip
+    if nproc > 1:
+        env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
+        cmd = ["bash", LOCAL_SH, str(nproc), sys.executable, *args]
+    else:
+        cmd = [sys.executable, *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, str(log_path)
+
+
+def _wait(*runs: tuple[subprocess.Popen, str]) -> list[str]:
+    """Wait for every run; fail with the end of the log of the first that did not succeed."""
+    deadline = time.time() + TIMEOUT
+    outputs = []
+    for proc, log_path in runs:
+        try:
+            rc = proc.wait(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = "timeout"
+        with open(log_path) as f:
+            output = f.read()
+        assert rc == 0, f"{log_path}: exit status {rc}\n{output[-6000:]}"
+        outputs.append(output)
+    return outputs
+
+
+def _train_args(workdir, samples: int) -> list[str]:
+    return [*SMOKE, f"--workdir={workdir}", f"--config.regression.training.total_samples={samples}"]
+
+
+def _assert_trees_close(a, b, atol):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol)
+
+
+def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache):
+    two, one = tmp_path / "two", tmp_path / "one"
+    # 2 x 2 devices to step 4 (of 8), alongside 1 x 4 devices straight to step 8; batch 4.
+    _wait(_start(2, 2, _train_args(two, 16), tmp_path / "two_a.log", cache),
+          _start(1, 4, _train_args(one, 32), tmp_path / "one.log", cache))  # fmt: skip
+    checkpoints = two / "regression" / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["2", "4"]
+    for step in ("2", "4"):
+        assert sorted(os.listdir(checkpoints / step / "data")) == ["commit_success.txt", "process_0-of-2.json",
+                                                                   "process_1-of-2.json"]  # fmt: skip
+    first = load_model(str(two / "regression" / "model"))
+    assert first[2]["step"] == 4
+
+    (output,) = _wait(_start(2, 2, _train_args(two, 32), tmp_path / "two_b.log", cache))
+    assert output.count("resumed from step 4") == 2  # both processes
+    assert sorted(os.listdir(checkpoints), key=int) == ["4", "6", "8"]  # keep_checkpoints = 3
+
+    # Logs written once (process 0): one training-metrics line per logged step.
+    with open(two / "regression" / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [m["step"] for m in lines if "loss" in m] == [4, 8]
+    assert [m["step"] for m in lines if "valid_loss" in m] == [4, 8]
+
+    config_a, variables_a, source_a = load_model(str(two / "regression" / "model"))
+    config_b, variables_b, source_b = load_model(str(one / "regression" / "model"))
+    assert config_a == config_b and source_a["step"] == source_b["step"] == 8
+    _assert_trees_close(variables_a, variables_b, atol=1e-5)
+    # ...and training really moved the weights (the comparison is not vacuous).
+    moved = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree_util.tree_leaves(first[1]),
+                                                           jax.tree_util.tree_leaves(variables_a)))  # fmt: skip
+    assert moved > 1e-4
+
+
+def test_generation_across_two_processes_writes_one_file(smoke_workdir, tmp_path, cache):
+    era5 = demo_data_path("era5_t2m_uk_0p25deg.nc")
+
+    def args(out):
+        return ["-m", "jax_corrdiff.generate", f"--workdir={smoke_workdir}", f"--input={era5}", "--coarsen",
+                f"--output={out}", "--members=2", "--times=2019-03-22T00,2019-03-22T02", "--sampler=deterministic",
+                "--steps=4", "--batch_size=4"]  # fmt: skip
+
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two, one = tmp_path / "two" / "out.nc", tmp_path / "one" / "out.nc"
+    _wait(_start(2, 2, args(two), tmp_path / "gen_two.log", cache),
+          _start(1, 4, args(one), tmp_path / "gen_one.log", cache))
+    assert os.listdir(tmp_path / "two") == ["out.nc"]
+    with xr.open_dataset(two) as a, xr.open_dataset(one) as b:
+        assert a.sizes["time"] == 3 and a.sizes["ensemble"] == 2
+        assert sorted(a.data_vars) == sorted(b.data_vars)
+        np.testing.assert_array_equal(a.time.values, b.time.values)
+        for name in a.data_vars:
+            assert np.isfinite(a[name].values).all(), name
+            np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-4, err_msg=name)
+
+
+def test_environment_rules(monkeypatch):
+    from jax_corrdiff import distributed
+
+    for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "JAX_DISTRIBUTED"):
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.describe_environment() == "single process"
+    distributed.initialize()  # a no-op: this test process stays single
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed.describe_environment() == "single process"
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert distributed.describe_environment() == "SLURM"
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    assert distributed.describe_environment().startswith("explicit")
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(RuntimeError, match="incomplete"):
+        distributed.initialize()
+    assert jax.process_count() == 1
