@@ -149,6 +149,19 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
     log.info("%s: %d parameters, steps %d -> %d, global batch %d on %d devices", stage,
                  sum(p.size for p in jax.tree_util.tree_leaves(state.params)), start, total_steps,
                  global_batch, mesh.size)  # fmt: skip
+    def validate(step: int) -> None:
+        """Validation loss of the raw and EMA weights on fixed noise (comparable across steps)."""
+        losses = {
+            name: data.validation_loss(eval_step, params, state.constants, frozen, mesh,
+                                       local_batch_size(global_batch, mesh), training.eval_batches)
+            for name, params in (("valid_loss", state.params), ("valid_loss_ema", state.ema_params))
+        }  # fmt: skip
+        log.info("%s step %d | validation loss %.5f (EMA %.5f)", stage, step, losses["valid_loss"],
+                 losses["valid_loss_ema"])  # fmt: skip
+        progress.scalars(step, losses)
+
+    if start == 0:
+        validate(0)  # the untrained baseline every later validation loss is read against
     pending: list[dict] = []
     for step in range(start, total_steps):
         state, metrics = train_step(state, data.next_train_batch(train_iter, mesh), frozen)
@@ -158,14 +171,7 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
             progress.log(done, _mean_metrics(pending))
             pending = []
         if done % training.eval_every_steps == 0 or done == total_steps:
-            losses = {
-                name: data.validation_loss(eval_step, params, state.constants, frozen, mesh,
-                                           local_batch_size(global_batch, mesh), training.eval_batches)
-                for name, params in (("valid_loss", state.params), ("valid_loss_ema", state.ema_params))
-            }  # fmt: skip
-            log.info("%s step %d | validation loss %.5f (EMA %.5f)", stage, done, losses["valid_loss"],
-                         losses["valid_loss_ema"])  # fmt: skip
-            progress.scalars(done, losses)
+            validate(done)
         if done % training.checkpoint_every_steps == 0 or done == total_steps:
             checkpoints.save(done, state, train_iter, meta)
     checkpoints.close()
