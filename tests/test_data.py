@@ -27,7 +27,6 @@ from jax_corrdiff.data import (
     TAIWAN_CWB_VARIABLES,
     TAIWAN_ERA5_VARIABLES,
     block_average,
-    compute_stats,
     degrade,
     demo_data_path,
     ensure_prepared,

@@ -1,6 +1,5 @@
 """python -m jax_corrdiff.generate on the smoke demo: CF output, reproducibility, resume, errors."""
 
-import os
 import subprocess
 import sys
 

@@ -223,14 +223,8 @@ def _write_forecast(cfg: dict, store: str) -> dict:
                     "init_time": (("time",), inputs.init_times[init_i[block]]),
                     "target_channel": names_t, "input_channel": names_i},
         )
-        if block.start == 0:
-            ds = _with_grid(ds, target.lat, target.lon, static, cfg["static_variables"])
-            encoding = {"time": _TIME_ENCODING, "valid_time": _TIME_ENCODING, "init_time": _TIME_ENCODING,
-                        "target": {"chunks": (1, h, w, len(names_t))},
-                        "inputs": {"chunks": (1, h, w, len(names_i))}}
-            ds.to_zarr(store, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
-        else:
-            ds.to_zarr(store, append_dim="time", consolidated=True)
+        _write_block(ds, store, block.start == 0, target, static, cfg,
+                     {"valid_time": _TIME_ENCODING, "init_time": _TIME_ENCODING})  # fmt: skip
     return {
         "target_files": [os.path.abspath(p) for p in target.paths],
         "input_files": [os.path.abspath(p) for p in inputs.paths],
@@ -279,19 +273,25 @@ def _write_variables(cfg: dict, store: str) -> dict:
              "inputs": (("time", "y", "x", "input_channel"), i_val if regrid is None else regrid(i_val))},
             coords={"time": target.times[rows], "target_channel": names_t, "input_channel": names_i},
         )
-        if block.start == 0:
-            ds = _with_grid(ds, target.lat, target.lon, static, cfg["static_variables"])
-            encoding = {"time": _TIME_ENCODING, "target": {"chunks": (1, h, w, len(names_t))},
-                        "inputs": {"chunks": (1, h, w, len(names_i))}}
-            ds.to_zarr(store, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
-        else:
-            ds.to_zarr(store, append_dim="time", consolidated=True)
+        _write_block(ds, store, block.start == 0, target, static, cfg, {})
     return {
         "target_files": [os.path.abspath(p) for p in target.paths],
         "input_files": [os.path.abspath(p) for p in inputs.paths],
         "nonfinite_counts": {"target": dict(zip(names_t, counts_t.tolist())),
                              "inputs": dict(zip(names_i, counts_i.tolist())), "static": static_counts},
     }
+
+
+def _write_block(ds: xr.Dataset, store: str, first: bool, target, static, cfg: dict, time_encodings: dict) -> None:
+    """Create the store with the grid and static fields from the first block of time steps,
+    then append each later block along time (one time step per chunk)."""
+    if not first:
+        ds.to_zarr(store, append_dim="time", consolidated=True)
+        return
+    ds = _with_grid(ds, target.lat, target.lon, static, cfg["static_variables"])
+    encoding = {"time": _TIME_ENCODING, **time_encodings,
+                **{name: {"chunks": (1, *ds[name].shape[1:])} for name in ("target", "inputs")}}  # fmt: skip
+    ds.to_zarr(store, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
 
 
 def _with_grid(ds: xr.Dataset, lat, lon, static, static_names) -> xr.Dataset:

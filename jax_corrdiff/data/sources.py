@@ -128,6 +128,21 @@ def _lat_lon(ds: xr.Dataset, dims: tuple[str, str]):
     return None, None, None
 
 
+def _merge_times(file_times: list[np.ndarray], paths: Sequence[str], what: str,
+                 label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The times of several files as one sorted axis: (times, file of each, index within its
+    file). A time found twice is an error naming the file."""
+    times = np.concatenate(file_times)
+    file_of = np.concatenate([np.full(len(t), i) for i, t in enumerate(file_times)])
+    local = np.concatenate([np.arange(len(t)) for t in file_times])
+    order = np.argsort(times, kind="stable")
+    dup = np.nonzero(np.diff(times[order]) == np.timedelta64(0))[0]
+    if len(dup):
+        i = order[dup[0]]
+        raise DataError(f"{paths[file_of[i]]}: {label} {time_str(times[i])} appears twice in the {what} files")
+    return times[order], file_of[order], local[order]
+
+
 class FieldSource:
     """Named fields from one or more files, concatenated along time and read as (T, H, W, C).
 
@@ -169,16 +184,7 @@ class FieldSource:
                 file_times.append(ds["time"].values.astype("datetime64[ns]"))
         self.times = None
         if not static:
-            times = np.concatenate(file_times)
-            file_of = np.concatenate([np.full(len(t), i) for i, t in enumerate(file_times)])
-            local = np.concatenate([np.arange(len(t)) for t in file_times])
-            order = np.argsort(times, kind="stable")
-            self.times, self._file, self._local = times[order], file_of[order], local[order]
-            dup = np.nonzero(np.diff(self.times) == np.timedelta64(0))[0]
-            if len(dup):
-                i = order[dup[0]]
-                raise DataError(f"{self.paths[file_of[i]]}: time {time_str(times[i])} appears twice "
-                                f"in the {what} files")
+            self.times, self._file, self._local = _merge_times(file_times, self.paths, what, "time")
 
     def file_of(self, index: int) -> str:
         return self.paths[self._file[index]]
@@ -354,16 +360,7 @@ class ForecastSource:
                 arrays.append((da, np.array([int(p[0]) for p in pos])))
             self._arrays.append(arrays)
             file_inits.append(inits)
-        times = np.concatenate(file_inits)
-        file_of = np.concatenate([np.full(len(t), i) for i, t in enumerate(file_inits)])
-        local = np.concatenate([np.arange(len(t)) for t in file_inits])
-        order = np.argsort(times, kind="stable")
-        self.init_times, self._file, self._local = times[order], file_of[order], local[order]
-        dup = np.nonzero(np.diff(self.init_times) == np.timedelta64(0))[0]
-        if len(dup):
-            i = order[dup[0]]
-            raise DataError(f"{self.paths[file_of[i]]}: init time {time_str(times[i])} appears twice "
-                            f"in the {what} files")
+        self.init_times, self._file, self._local = _merge_times(file_inits, self.paths, what, "init time")
 
     def file_of(self, init_index: int) -> str:
         return self.paths[self._file[init_index]]
