@@ -114,7 +114,7 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache
     with open(two / "regression" / "metrics.jsonl") as f:
         lines = [json.loads(line) for line in f]
     assert [m["step"] for m in lines if "loss" in m] == [4, 8]
-    assert [m["step"] for m in lines if "valid_loss" in m] == [4, 8]
+    assert [m["step"] for m in lines if "valid_loss" in m] == [0, 4, 8]  # step 0: the untrained baseline
 
     config_a, variables_a, source_a = load_model(str(two / "regression" / "model"))
     config_b, variables_b, source_b = load_model(str(one / "regression" / "model"))
