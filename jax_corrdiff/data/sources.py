@@ -143,7 +143,21 @@ def _merge_times(file_times: list[np.ndarray], paths: Sequence[str], what: str,
     return times[order], file_of[order], local[order]
 
 
-class FieldSource:
+class _GriddedFiles:
+    """The grid shared by every field of a source: taken from the first, checked on the rest."""
+
+    shape: tuple[int, int] | None = None
+
+    def _adopt_grid(self, ds: xr.Dataset, da: xr.DataArray, spatial: tuple[str, str], path: str, what: str) -> None:
+        shape = tuple(da.sizes[d] for d in spatial)
+        if self.shape is None:
+            self.shape = shape
+            self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
+        elif shape != self.shape:
+            raise GridMismatchError(path, what, f"grid {shape} differs from {self.shape}")
+
+
+class FieldSource(_GriddedFiles):
     """Named fields from one or more files, concatenated along time and read as (T, H, W, C).
 
     ``times`` is sorted (datetime64[ns]) or None for static files; ``lat``/``lon`` are 2-D (or
@@ -170,12 +184,7 @@ class FieldSource:
                 spatial = tuple(d for d in da.dims if d != "time")
                 if len(spatial) != 2:
                     raise DataError(f"{path}: {spec} has dimensions {da.dims}; expected (time,) y, x")
-                shape = tuple(da.sizes[d] for d in spatial)
-                if self.shape is None:
-                    self.shape = shape
-                    self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
-                elif shape != self.shape:
-                    raise GridMismatchError(path, f"{what} field {spec}", f"grid {shape} differs from {self.shape}")
+                self._adopt_grid(ds, da, spatial, path, f"{what} field {spec}")
                 arrays.append(da.transpose(*(("time",) if has_time else ()), *spatial))
             self._arrays.append(arrays)
             if not static:
@@ -302,7 +311,7 @@ def lead_hours(coord: xr.DataArray) -> np.ndarray:
     return values.astype(np.float64) * scale
 
 
-class ForecastSource:
+class ForecastSource(_GriddedFiles):
     """Named fields of forecast files laid out ``(init, lead, [level,] y, x)``, at ``lead_times``.
 
     The init dimension is the first of ``INIT_DIMS`` a variable has, the lead dimension the first
@@ -345,12 +354,7 @@ class ForecastSource:
                 if len(spatial) != 2:
                     raise ForecastLayoutError(path, str(spec), f"dimensions {da.dims}; expected "
                                               f"({init_dim}, {lead_dim}, [level,] y, x)")
-                shape = tuple(da.sizes[d] for d in spatial)
-                if self.shape is None:
-                    self.shape = shape
-                    self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
-                elif shape != self.shape:
-                    raise GridMismatchError(path, f"{what} field {spec}", f"grid {shape} differs from {self.shape}")
+                self._adopt_grid(ds, da, spatial, path, f"{what} field {spec}")
                 these = da[init_dim].values.astype("datetime64[ns]")
                 if inits is None:
                     inits = these
