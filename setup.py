@@ -1,12 +1,14 @@
 """jax_corrdiff: CorrDiff (residual corrective diffusion) for km-scale downscaling in JAX/Flax."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="jax_corrdiff",
     version="0.1.0",
     description="CorrDiff km-scale atmospheric downscaling (regression UNet + EDM residual diffusion) in JAX/Flax",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["jax_corrdiff", "jax_corrdiff.*"]),
@@ -32,6 +34,6 @@ setup(
     ],
     extras_require={
         "cuda12": ["jax[cuda12]>=0.8"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.15"],
     },
 )

@@ -47,9 +47,14 @@ def main() -> None:
         start = time.time()
         ours, reference = parity.run_case(workdir, case)
         results[case["name"]] = parity.relative_error(ours, reference)
-        print(f"{case['name']:32s} max|jax-torch|/std(torch) = {results[case['name']]:.2e}  ({time.time() - start:.1f} s)")
+        print(
+            f"{case['name']:32s} max|jax-torch|/std(torch) = {results[case['name']]:.2e}  ({time.time() - start:.1f} s)"
+        )
     worst = max(results, key=results.get)
-    print(f"worst: {worst} {results[worst]:.2e} (profile {manifest['profile']}, physicsnemo {manifest['physicsnemo_version']})")
+    print(
+        f"worst: {worst} {results[worst]:.2e} "
+        f"(profile {manifest['profile']}, physicsnemo {manifest['physicsnemo_version']})"
+    )
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"profile": manifest.get("profile_config"), "relative_error": results}, f, indent=2)

@@ -75,9 +75,14 @@ def smoke_dataset(directory: str | None = None) -> dict:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".china3km_smoke_", dir=parent)
     start, count, step = SMOKE_INITS
-    write_china3km_dataset(tmp, height=SMOKE_SHAPE[0], width=SMOKE_SHAPE[1],
-                           init_times=pd.date_range(start, periods=count, freq=step),
-                           lead_times=SMOKE_LEAD_TIMES, seed=0)  # fmt: skip
+    write_china3km_dataset(
+        tmp,
+        height=SMOKE_SHAPE[0],
+        width=SMOKE_SHAPE[1],
+        init_times=pd.date_range(start, periods=count, freq=step),
+        lead_times=SMOKE_LEAD_TIMES,
+        seed=0,
+    )
     try:
         os.rename(tmp, directory)
     except OSError:  # another process got there first (or a stale partial directory)

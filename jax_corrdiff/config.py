@@ -112,4 +112,3 @@ def base_config() -> ml_collections.ConfigDict:
     # workdir's regression stage.
     config.diffusion.regression_model = config_dict.placeholder(str)
     return config
-

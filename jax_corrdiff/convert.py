@@ -19,10 +19,17 @@ _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write.", requi
 def main(argv):
     del argv
     config, variables, archive = convert(_PHYSICSNEMO.value)
-    source = {"format": "physicsnemo", "path": archive.path, "class": archive.args["__name__"],
-              "args": archive.args.get("__args__", {}), "metadata": archive.metadata}  # fmt: skip
+    source = {
+        "format": "physicsnemo",
+        "path": archive.path,
+        "class": archive.args["__name__"],
+        "args": archive.args.get("__args__", {}),
+        "metadata": archive.metadata,
+    }
     save_model(_OUTPUT.value, config, variables, source)
-    logging.info("%s (%s, %d parameters) -> %s", archive.path, archive.args["__name__"], count_params(config), _OUTPUT.value)
+    logging.info(
+        "%s (%s, %d parameters) -> %s", archive.path, archive.args["__name__"], count_params(config), _OUTPUT.value
+    )
     print(f"wrote {config['kind']} model ({count_params(config):,} parameters) to {_OUTPUT.value}")
 
 

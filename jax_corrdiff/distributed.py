@@ -65,5 +65,11 @@ def initialize() -> None:
         )
     else:
         jax.distributed.initialize()
-    log.info("jax.distributed: %s, process %d of %d, %d local / %d global devices", mode, jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())  # fmt: skip
+    log.info(
+        "jax.distributed: %s, process %d of %d, %d local / %d global devices",
+        mode,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -45,13 +45,36 @@ def main(argv):
     distributed.initialize()
 
     model = CorrDiffModel.load(_WORKDIR.value)
-    inputs = InferenceInputs.open(model.data_config, _INPUT.value, coarsen=_COARSEN.value, lat=model.lat,
-                                  lon=model.lon, period=_TIMES.value, times=_TIME.value,
-                                  lead_time=_LEAD_TIME.value)  # fmt: skip
-    sampler = make_sampler(_SAMPLER.value, steps=_STEPS.value, sigma_min=_SIGMA_MIN.value, sigma_max=_SIGMA_MAX.value,
-                           churn=_CHURN.value, s_min=_S_MIN.value, s_max=_S_MAX.value, s_noise=_S_NOISE.value)  # fmt: skip
-    generate(model, inputs, _OUTPUT.value, sampler, members=_MEMBERS.value, seed=_SEED.value,
-             batch_size=_BATCH.value, member_batch_size=_MEMBER_BATCH.value or None)  # fmt: skip
+    inputs = InferenceInputs.open(
+        model.data_config,
+        _INPUT.value,
+        coarsen=_COARSEN.value,
+        lat=model.lat,
+        lon=model.lon,
+        period=_TIMES.value,
+        times=_TIME.value,
+        lead_time=_LEAD_TIME.value,
+    )
+    sampler = make_sampler(
+        _SAMPLER.value,
+        steps=_STEPS.value,
+        sigma_min=_SIGMA_MIN.value,
+        sigma_max=_SIGMA_MAX.value,
+        churn=_CHURN.value,
+        s_min=_S_MIN.value,
+        s_max=_S_MAX.value,
+        s_noise=_S_NOISE.value,
+    )
+    generate(
+        model,
+        inputs,
+        _OUTPUT.value,
+        sampler,
+        members=_MEMBERS.value,
+        seed=_SEED.value,
+        batch_size=_BATCH.value,
+        member_batch_size=_MEMBER_BATCH.value or None,
+    )
     print(f"wrote {_OUTPUT.value}")
 
 

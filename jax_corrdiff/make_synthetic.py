@@ -20,7 +20,9 @@ _SCHEMA = flags.DEFINE_enum("schema", None, ["china3km", "cwb"], "Which layout t
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Grid points in y (china3km: 64, cwb: 32).")
 _WIDTH = flags.DEFINE_integer("width", None, "Grid points in x (china3km: 96, cwb: 32).")
-_INIT_TIMES = flags.DEFINE_list("init_times", None, "china3km: forecast init times (default: 4, 12 h apart from 2024-07-01T00).")
+_INIT_TIMES = flags.DEFINE_list(
+    "init_times", None, "china3km: forecast init times (default: 4, 12 h apart from 2024-07-01T00)."
+)
 _LEAD_TIMES = flags.DEFINE_list("lead_times", ["0", "6", "12"], "china3km: lead times in hours.")
 _TIMES = flags.DEFINE_integer("times", 24, "cwb: hourly time steps from 2020-01-01T00.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -32,19 +34,29 @@ def main(argv):
     out = _OUTPUT.value
     if _SCHEMA.value == "china3km":
         paths = write_china3km_dataset(
-            out, height=_HEIGHT.value or 64, width=_WIDTH.value or 96,
+            out,
+            height=_HEIGHT.value or 64,
+            width=_WIDTH.value or 96,
             init_times=None if _INIT_TIMES.value is None else pd.DatetimeIndex(_INIT_TIMES.value),
-            lead_times=[float(h) for h in _LEAD_TIMES.value], seed=_SEED.value,
-        )  # fmt: skip
+            lead_times=[float(h) for h in _LEAD_TIMES.value],
+            seed=_SEED.value,
+        )
         print(describe_files(paths))
         leads = ", ".join(_LEAD_TIMES.value)
-        print(f"use with configs/china3km.py: --config.data.target_paths=\"['{paths['target']}']\" "
-              f"--config.data.input_paths=\"['{paths['forecast']}']\" --config.data.static_path={paths['static']} "
-              f"--config.data.lead_times=\"[{leads}]\"")
+        print(
+            f"use with configs/china3km.py: --config.data.target_paths=\"['{paths['target']}']\" "
+            f"--config.data.input_paths=\"['{paths['forecast']}']\" --config.data.static_path={paths['static']} "
+            f'--config.data.lead_times="[{leads}]"'
+        )
     else:
         os.makedirs(out, exist_ok=True)
-        path = write_cwb_zarr(os.path.join(out, "cwb.zarr"), height=_HEIGHT.value or 32, width=_WIDTH.value or 32,
-                              times=pd.date_range("2020-01-01T00", periods=_TIMES.value, freq="h"), seed=_SEED.value)
+        path = write_cwb_zarr(
+            os.path.join(out, "cwb.zarr"),
+            height=_HEIGHT.value or 32,
+            width=_WIDTH.value or 32,
+            times=pd.date_range("2020-01-01T00", periods=_TIMES.value, freq="h"),
+            seed=_SEED.value,
+        )
         import xarray as xr
 
         with xr.open_zarr(path) as ds:

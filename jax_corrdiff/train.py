@@ -31,8 +31,9 @@ def main(argv):
     config = _CONFIG.value
     if config.stage not in STAGES:
         raise app.UsageError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
-    log.info("JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
-             jax.devices())  # fmt: skip
+    log.info(
+        "JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
+    )
     log.info("config:\n%s", config)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if jax.process_index() == 0:

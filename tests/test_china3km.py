@@ -1,10 +1,10 @@
 """configs/china3km.py:smoke end to end: forecast inputs with lead times, pressure levels,
 global residual, patched diffusion, multi-diffusion generation of one lead time."""
 
+import china3km
 import numpy as np
 import xarray as xr
 
-import china3km
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.inference.generate import CorrDiffModel, generate, make_sampler
 from jax_corrdiff.training.loop import train_and_evaluate
@@ -21,9 +21,11 @@ def test_china3km_smoke_trains_and_generates(tmp_path):
     assert model.patch["height"] == config.diffusion.patch.height > 0
     forecast = config.data.input_paths[0]
     lead = float(config.data.lead_times[1])
+
     def open_(**kw):
-        return InferenceInputs.open(model.data_config, forecast, coarsen=False, lat=model.lat, lon=model.lon,
-                                    lead_time=lead, **kw)  # fmt: skip
+        return InferenceInputs.open(
+            model.data_config, forecast, coarsen=False, lat=model.lat, lon=model.lon, lead_time=lead, **kw
+        )
 
     inputs = open_(times=[str(t) for t in open_().times[:2]])
     assert set(inputs.lead_time_labels.tolist()) == {1}
@@ -31,6 +33,7 @@ def test_china3km_smoke_trains_and_generates(tmp_path):
     with xr.open_dataset(out) as ds:
         assert ds.t.dims == ("time", "ensemble", "level", "y", "x") and ds.sizes["level"] == 6
         assert ds.t2m.attrs["units"] == "K" and "forecast_reference_time" in ds.coords
-        np.testing.assert_array_equal(ds.forecast_reference_time.values + np.timedelta64(int(lead), "h"),
-                                      ds.time.values)  # fmt: skip
+        np.testing.assert_array_equal(
+            ds.forecast_reference_time.values + np.timedelta64(int(lead), "h"), ds.time.values
+        )
         assert bool(np.isfinite(ds.t.values).all())

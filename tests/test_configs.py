@@ -38,8 +38,9 @@ def test_hrrr_idaho_trains_three_variables_with_static_fields(tmp_path):
 
 
 def test_taiwan_config_reads_the_cwb_zarr_schema(tmp_path):
-    store = write_cwb_zarr(str(tmp_path / "cwb.zarr"), times=pd.date_range("2020-12-31T18", periods=12, freq="h"),
-                           height=32, width=32)  # fmt: skip
+    store = write_cwb_zarr(
+        str(tmp_path / "cwb.zarr"), times=pd.date_range("2020-12-31T18", periods=12, freq="h"), height=32, width=32
+    )
     config = _shrink(taiwan.get_config())
     config.data.target_paths = [store]
     config.data.train_period = ["2020-12-31T18", "2020-12-31T23"]

@@ -5,17 +5,27 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from utils import redraw_params
 
 from jax_corrdiff.diffusion import EDMSampler
 from jax_corrdiff.inference.sampling import corrdiff_ensemble, whole_image_denoisers
 from jax_corrdiff.models import build_model, init_variables
-from utils import redraw_params
 
 UNET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
-REG = dict(kind="regression", img_resolution=[16, 16], out_channels=2, cond_channels=3,
-           unet=dict(UNET, embedding_type="zero", position_grid="sinusoidal"))  # fmt: skip
-DIFF = dict(kind="diffusion", img_resolution=[16, 16], out_channels=2, cond_channels=5,
-            unet=dict(UNET, position_grid="sinusoidal"))  # fmt: skip
+REG = dict(
+    kind="regression",
+    img_resolution=[16, 16],
+    out_channels=2,
+    cond_channels=3,
+    unet=dict(UNET, embedding_type="zero", position_grid="sinusoidal"),
+)
+DIFF = dict(
+    kind="diffusion",
+    img_resolution=[16, 16],
+    out_channels=2,
+    cond_channels=5,
+    unet=dict(UNET, position_grid="sinusoidal"),
+)
 
 
 def _generate(img_lr, keys, members, member_batch_size=None):
@@ -27,11 +37,15 @@ def _generate(img_lr, keys, members, member_batch_size=None):
     def run(img_lr, keys, members, member_batch_size):
         return corrdiff_ensemble(
             lambda x, lt: reg.apply(reg_vars, x),
-            whole_image_denoisers(lambda x, cond, sigma, *_: diff.apply(diff_vars, x, cond, sigma),
-                                  hr_mean_conditioning=True),
+            whole_image_denoisers(
+                lambda x, cond, sigma, *_: diff.apply(diff_vars, x, cond, sigma), hr_mean_conditioning=True
+            ),
             EDMSampler(num_steps=4, sigma_max=80.0, s_churn=2.0),
-            img_lr, keys, num_members=members, member_batch_size=member_batch_size,
-        )  # fmt: skip
+            img_lr,
+            keys,
+            num_members=members,
+            member_batch_size=member_batch_size,
+        )
 
     return run(img_lr, keys, members, member_batch_size), reg.apply(reg_vars, img_lr)
 

@@ -14,6 +14,8 @@ import xarray as xr
 import zarr
 
 from jax_corrdiff.data import (
+    TAIWAN_CWB_VARIABLES,
+    TAIWAN_ERA5_VARIABLES,
     DownscalingSource,
     EmptyTimeRangeError,
     GridMismatchError,
@@ -24,8 +26,6 @@ from jax_corrdiff.data import (
     NonFiniteDataError,
     Normalizer,
     PreparedDataMismatchError,
-    TAIWAN_CWB_VARIABLES,
-    TAIWAN_ERA5_VARIABLES,
     block_average,
     degrade,
     demo_data_path,
@@ -48,10 +48,18 @@ VALID = ["2019-03-04", "2019-03-04"]  # 24
 
 def era5_config(**overrides) -> ml_collections.ConfigDict:
     cfg = dict(
-        format="variables", target_paths=[ERA5], target_variables=["t2m"], input_paths=[],
-        input_variables=["t2m"], coarsen_factor=8, static_path=ERA5_STATIC,
-        static_variables=["orog", "land_frac"], train_period=TRAIN, valid_period=VALID,
-        nan_policy="error", nan_fill_value=0.0,
+        format="variables",
+        target_paths=[ERA5],
+        target_variables=["t2m"],
+        input_paths=[],
+        input_variables=["t2m"],
+        coarsen_factor=8,
+        static_path=ERA5_STATIC,
+        static_variables=["orog", "land_frac"],
+        train_period=TRAIN,
+        valid_period=VALID,
+        nan_policy="error",
+        nan_fill_value=0.0,
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
@@ -70,9 +78,13 @@ def test_block_average_by_hand():
     x = np.arange(25, dtype=np.float64).reshape(1, 5, 5, 1)  # x[i, j] = 5 i + j
     got = block_average(x, 2)[0, ..., 0]
     # Full 2x2 blocks, then partial blocks at the right/bottom edges average what they hold.
-    want = np.array([[(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2],
-                     [(10 + 11 + 15 + 16) / 4, (12 + 13 + 17 + 18) / 4, (14 + 19) / 2],
-                     [(20 + 21) / 2, (22 + 23) / 2, 24.0]])
+    want = np.array(
+        [
+            [(0 + 1 + 5 + 6) / 4, (2 + 3 + 7 + 8) / 4, (4 + 9) / 2],
+            [(10 + 11 + 15 + 16) / 4, (12 + 13 + 17 + 18) / 4, (14 + 19) / 2],
+            [(20 + 21) / 2, (22 + 23) / 2, 24.0],
+        ]
+    )
     np.testing.assert_allclose(got, want)
     np.testing.assert_allclose(block_centres(5, 2), [0.5, 2.5, 4.0])
 
@@ -150,8 +162,13 @@ def test_inputs_on_their_own_grid_are_interpolated_bilinearly(tmp_path):
     coarse = era5.isel(lat=slice(None, None, 2), lon=slice(None, None, 2))  # 0.5 deg
     coarse = coarse.assign_coords(lon=np.mod(coarse.lon, 360.0))  # 0..360, unsorted order
     coarse.to_netcdf(tmp_path / "coarse.nc")
-    cfg = era5_config(input_paths=[str(tmp_path / "coarse.nc")], static_path="", static_variables=[],
-                      train_period=["2019-03-01T00", "2019-03-01T09"], valid_period=["2019-03-01T10", "2019-03-01T11"])
+    cfg = era5_config(
+        input_paths=[str(tmp_path / "coarse.nc")],
+        static_path="",
+        static_variables=[],
+        train_period=["2019-03-01T00", "2019-03-01T09"],
+        valid_period=["2019-03-01T10", "2019-03-01T11"],
+    )
     ds = xr.open_zarr(prepare_dataset(cfg, str(tmp_path / "prepared")))
     fine, got = era5["t2m"].values[:12], ds["inputs"].values[..., 0]
     np.testing.assert_allclose(got[:, ::2, ::2], fine[:, ::2, ::2], rtol=1e-6)  # coarse points
@@ -163,8 +180,13 @@ def test_target_files_from_a_glob_of_netcdf_and_zarr_parts(tmp_path):
     era5 = xr.open_dataset(ERA5).isel(time=slice(0, 48)).load()
     era5.isel(time=slice(24, 48)).to_netcdf(tmp_path / "part_1.nc")  # later times first on disk
     era5.isel(time=slice(0, 24)).to_zarr(tmp_path / "part_0.zarr", zarr_format=2)
-    cfg = era5_config(target_paths=[str(tmp_path / "part_*")], static_path="", static_variables=[],
-                      train_period=["2019-03-01", "2019-03-01"], valid_period=["2019-03-02", "2019-03-02"])
+    cfg = era5_config(
+        target_paths=[str(tmp_path / "part_*")],
+        static_path="",
+        static_variables=[],
+        train_period=["2019-03-01", "2019-03-01"],
+        valid_period=["2019-03-02", "2019-03-02"],
+    )
     ds = xr.open_zarr(prepare_dataset(cfg, str(tmp_path / "prepared")))
     np.testing.assert_array_equal(ds["time"].values, era5["time"].values)
     np.testing.assert_array_equal(ds["target"].values[..., 0], era5["t2m"].values)
@@ -180,16 +202,26 @@ def test_missing_variable_is_named(tmp_path):
 
 def test_missing_level_is_named(tmp_path):
     with pytest.raises(MissingLevelError, match=r"hrrr_3km_idaho_rme_sfc\.nc: no level 850 of 't2m'.*no vertical"):
-        prepare_dataset(era5_config(target_paths=[HRRR], target_variables=["t2m@850"], static_path="",
-                                    static_variables=[]), str(tmp_path))
+        prepare_dataset(
+            era5_config(target_paths=[HRRR], target_variables=["t2m@850"], static_path="", static_variables=[]),
+            str(tmp_path),
+        )
     times = pd.date_range("2019-03-01", periods=3, freq="h")
     level_file = str(tmp_path / "levels.nc")
-    xr.Dataset({"t": (("time", "plev", "lat", "lon"), np.zeros((3, 2, 4, 5), np.float32))},
-               coords={"time": times, "plev": [850.0, 700.0], "lat": np.arange(4.0), "lon": np.arange(5.0)}
-               ).to_netcdf(level_file)
-    cfg = era5_config(target_paths=[level_file], target_variables=["t@500"], input_variables=["t@850"],
-                      coarsen_factor=2, static_path="", static_variables=[],
-                      train_period=["2019-03-01", "2019-03-01"], valid_period=["2019-03-01", "2019-03-01"])
+    xr.Dataset(
+        {"t": (("time", "plev", "lat", "lon"), np.zeros((3, 2, 4, 5), np.float32))},
+        coords={"time": times, "plev": [850.0, 700.0], "lat": np.arange(4.0), "lon": np.arange(5.0)},
+    ).to_netcdf(level_file)
+    cfg = era5_config(
+        target_paths=[level_file],
+        target_variables=["t@500"],
+        input_variables=["t@850"],
+        coarsen_factor=2,
+        static_path="",
+        static_variables=[],
+        train_period=["2019-03-01", "2019-03-01"],
+        valid_period=["2019-03-01", "2019-03-01"],
+    )
     with pytest.raises(MissingLevelError, match=r"levels\.nc: no level 500 of 't'; available levels: 850, 700"):
         prepare_dataset(cfg, str(tmp_path / "a"))
     cfg.target_variables = ["t"]
@@ -223,16 +255,24 @@ def test_static_fields_on_another_grid_are_rejected(tmp_path):
 
 def test_time_range_without_data_is_named(tmp_path):
     cfg = era5_config(train_period=["2020-01-01", "2020-01-31"])
-    with pytest.raises(EmptyTimeRangeError, match=r"era5_t2m_uk_0p25deg\.nc: no time step in the requested "
-                                                   r"period 2020-01-01 \.\. 2020-01-31; the file covers 2019-03-01"):
+    with pytest.raises(
+        EmptyTimeRangeError,
+        match=r"era5_t2m_uk_0p25deg\.nc: no time step in the requested "
+        r"period 2020-01-01 \.\. 2020-01-31; the file covers 2019-03-01",
+    ):
         prepare_dataset(cfg, str(tmp_path))
 
 
 def test_input_grid_must_cover_the_target_and_its_times(tmp_path):
     era5 = xr.open_dataset(ERA5).isel(time=slice(0, 48))
     era5.sel(lat=slice(56, 52)).to_netcdf(tmp_path / "crop.nc")
-    cfg = era5_config(input_paths=[str(tmp_path / "crop.nc")], static_path="", static_variables=[],
-                      train_period=["2019-03-01", "2019-03-01"], valid_period=["2019-03-02", "2019-03-02"])
+    cfg = era5_config(
+        input_paths=[str(tmp_path / "crop.nc")],
+        static_path="",
+        static_variables=[],
+        train_period=["2019-03-01", "2019-03-01"],
+        valid_period=["2019-03-02", "2019-03-02"],
+    )
     with pytest.raises(GridMismatchError, match=r"crop\.nc: input grid does not cover the target grid.*latitude"):
         prepare_dataset(cfg, str(tmp_path / "a"))
     era5.isel(time=slice(0, 40)).to_netcdf(tmp_path / "short.nc")
@@ -338,11 +378,19 @@ def test_eval_iterator_covers_every_sample_once_with_a_mask(era5_prepared):
 
 
 def test_cwb_store_through_the_pipeline(tmp_path):
-    cwb_path = write_cwb_zarr(str(tmp_path / "cwb.zarr"), times=pd.date_range("2018-01-01", periods=6, freq="h"),
-                              height=32, width=32, seed=1)
-    cfg = era5_config(format="cwb", target_paths=[cwb_path], target_variables=list(TAIWAN_CWB_VARIABLES),
-                      input_variables=list(TAIWAN_ERA5_VARIABLES), static_path="", static_variables=[],
-                      train_period=["2018-01-01T00", "2018-01-01T03"], valid_period=["2018-01-01T04", "2018-01-01T05"])
+    cwb_path = write_cwb_zarr(
+        str(tmp_path / "cwb.zarr"), times=pd.date_range("2018-01-01", periods=6, freq="h"), height=32, width=32, seed=1
+    )
+    cfg = era5_config(
+        format="cwb",
+        target_paths=[cwb_path],
+        target_variables=list(TAIWAN_CWB_VARIABLES),
+        input_variables=list(TAIWAN_ERA5_VARIABLES),
+        static_path="",
+        static_variables=[],
+        train_period=["2018-01-01T00", "2018-01-01T03"],
+        valid_period=["2018-01-01T04", "2018-01-01T05"],
+    )
     store, normalizer = ensure_prepared(cfg, str(tmp_path / "prepared"))
     assert not os.path.exists(os.path.join(store, "target"))  # nothing big copied
     source = DownscalingSource(store, "train", normalizer)
@@ -352,8 +400,9 @@ def test_cwb_store_through_the_pipeline(tmp_path):
 
     raw = zarr.open_group(cwb_path, mode="r")
     sample = source[1]
-    np.testing.assert_allclose(normalizer.denormalize_target(sample["target"]),
-                               np.moveaxis(raw["cwb"][1], 0, -1), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        normalizer.denormalize_target(sample["target"]), np.moveaxis(raw["cwb"][1], 0, -1), rtol=1e-5, atol=1e-3
+    )
     cwb_all = np.moveaxis(raw["cwb"][:4], 1, -1).reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(normalizer.target_mean, cwb_all.mean(0), rtol=1e-5)
 
@@ -361,8 +410,13 @@ def test_cwb_store_through_the_pipeline(tmp_path):
     raw_rw = zarr.open_group(cwb_path, mode="r+")
     raw_rw["cwb_valid"][2] = 0
     zarr.consolidate_metadata(cwb_path)
-    cfg2 = era5_config(**{**cfg.to_dict(), "target_variables": ["temperature_2m"],
-                          "input_variables": ["temperature@850", "total_column_water_vapour"]})
+    cfg2 = era5_config(
+        **{
+            **cfg.to_dict(),
+            "target_variables": ["temperature_2m"],
+            "input_variables": ["temperature@850", "total_column_water_vapour"],
+        }
+    )
     store2, norm2 = ensure_prepared(cfg2, str(tmp_path / "prepared2"))
     assert DownscalingSource(store2, "train", norm2).indices.tolist() == [0, 1, 2]  # source steps 0, 1, 3
     assert zarr.open_group(store2, mode="r")["source_time_index"][:].tolist() == [0, 1, 3, 4, 5]
@@ -380,8 +434,12 @@ def test_prepare_entry_point(tmp_path):
         "def get_config():\n"
         f"    return ml_collections.ConfigDict({{'data': {era5_config(coarsen_factor=4).to_dict()!r}}})\n"
     )
-    out = subprocess.run([sys.executable, "-m", "jax_corrdiff.prepare", f"--config={config_file}",
-                          f"--workdir={tmp_path}"], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-m", "jax_corrdiff.prepare", f"--config={config_file}", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert "train 72, valid 24" in out.stdout and "static land_frac" in out.stdout
     assert os.path.exists(tmp_path / "prepared" / "stats.json")

@@ -34,8 +34,7 @@ def _linear(lat, lon, offset):
 def write_target(path, times=TARGET_TIMES):
     hours = (times - times[0]) / pd.Timedelta("1h")
     t2m = np.stack([_linear(FINE_LAT, FINE_LON, 1000.0 + h) for h in hours]).astype(np.float32)
-    ds = xr.Dataset({"t2m": (("time", "lat", "lon"), t2m)},
-                    coords={"time": times, "lat": FINE_LAT, "lon": FINE_LON})  # fmt: skip
+    ds = xr.Dataset({"t2m": (("time", "lat", "lon"), t2m)}, coords={"time": times, "lat": FINE_LAT, "lon": FINE_LON})
     ds.to_netcdf(path)
     return str(path)
 
@@ -49,8 +48,10 @@ def write_forecast(path, *, init_dim="init_time", lead_dim="lead_time", numeric_
     level = np.array([850.0, 500.0])
     t = np.stack([values, values + 1.0], axis=2)  # (init, lead, level, lat, lon)
     ds = xr.Dataset(
-        {"t2m": ((init_dim, lead_dim, "lat", "lon"), values.astype(np.float32)),
-         "t": ((init_dim, lead_dim, "level", "lat", "lon"), t.astype(np.float32))},
+        {
+            "t2m": ((init_dim, lead_dim, "lat", "lon"), values.astype(np.float32)),
+            "t": ((init_dim, lead_dim, "level", "lat", "lon"), t.astype(np.float32)),
+        },
         coords={init_dim: INITS, lead_dim: lead_coord, "lat": lat, "lon": lon, "level": level},
     )
     if numeric_leads:
@@ -61,17 +62,32 @@ def write_forecast(path, *, init_dim="init_time", lead_dim="lead_time", numeric_
 
 def forecast_config(target, forecast, **overrides):
     cfg = dict(
-        format="variables", target_paths=[target], target_variables=["t2m"], input_paths=[forecast],
-        input_variables=["t2m", "t@500"], coarsen_factor=8, static_path="", static_variables=[],
-        train_period=["2024-01-01T00", "2024-01-01T23"], valid_period=["2024-01-02T00", "2024-01-02T23"],
-        nan_policy="error", nan_fill_value=0.0, lead_times=list(LEADS),
+        format="variables",
+        target_paths=[target],
+        target_variables=["t2m"],
+        input_paths=[forecast],
+        input_variables=["t2m", "t@500"],
+        coarsen_factor=8,
+        static_path="",
+        static_variables=[],
+        train_period=["2024-01-01T00", "2024-01-01T23"],
+        valid_period=["2024-01-02T00", "2024-01-02T23"],
+        nan_policy="error",
+        nan_fill_value=0.0,
+        lead_times=list(LEADS),
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
 
-@pytest.mark.parametrize("layout", [("init_time", "lead_time", False), ("time", "step", True),
-                                    ("forecast_reference_time", "prediction_timedelta", False)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("init_time", "lead_time", False),
+        ("time", "step", True),
+        ("forecast_reference_time", "prediction_timedelta", False),
+    ],
+)
 def test_forecast_samples_labels_valid_times_and_exact_linear_inputs(tmp_path, layout):
     init_dim, lead_dim, numeric = layout
     target = write_target(tmp_path / "target.nc")
@@ -129,8 +145,9 @@ def test_forecast_errors_are_named(tmp_path):
     with pytest.raises(ForecastLayoutError, match="lead-time dimension"):  # an analysis file as forecast
         prepare_dataset(forecast_config(target, target, input_variables=["t2m"]), str(tmp_path / "c"))
     with pytest.raises(EmptyTimeRangeError):
-        prepare_dataset(forecast_config(target, forecast, valid_period=["2024-03-01", "2024-03-02"]),
-                        str(tmp_path / "d"))  # fmt: skip
+        prepare_dataset(
+            forecast_config(target, forecast, valid_period=["2024-03-01", "2024-03-02"]), str(tmp_path / "d")
+        )
     with pytest.raises(ValueError, match="lead_times"):
         data_config_dict(forecast_config(target, forecast, input_paths=[]))
     with pytest.raises(ValueError, match="distinct"):
@@ -147,17 +164,34 @@ def test_lead_times_hashed_only_when_set(tmp_path):
 
 
 def test_china3km_writer_schema(tmp_path):
-    paths = write_china3km_dataset(str(tmp_path), height=10, width=14, lead_times=[0, 6],
-                                   init_times=pd.date_range("2024-07-01", periods=2, freq="6h"))  # fmt: skip
-    with xr.open_dataset(paths["target"]) as t, xr.open_dataset(paths["forecast"]) as f, \
-            xr.open_dataset(paths["static"]) as s:  # fmt: skip
+    paths = write_china3km_dataset(
+        str(tmp_path),
+        height=10,
+        width=14,
+        lead_times=[0, 6],
+        init_times=pd.date_range("2024-07-01", periods=2, freq="6h"),
+    )
+    with (
+        xr.open_dataset(paths["target"]) as t,
+        xr.open_dataset(paths["forecast"]) as f,
+        xr.open_dataset(paths["static"]) as s,
+    ):
         assert dict(t.sizes) == {"time": 13, "level": 6, "lat": 10, "lon": 14}
         assert t["t"].dims == ("time", "level", "lat", "lon") and t["t2m"].dims == ("time", "lat", "lon")
         assert t["level"].values.tolist() == list(CHINA3KM_LEVELS) and t["level"].attrs["units"] == "hPa"
         np.testing.assert_allclose(np.diff(t["lat"].values), 0.03, atol=1e-6)
         units = {v: t[v].attrs["units"] for v in t.data_vars}
-        assert units == {"t2m": "K", "u10": "m s-1", "v10": "m s-1", "tp": "mm h-1", "t": "K", "u": "m s-1",
-                         "v": "m s-1", "q": "kg kg-1", "z": "m2 s-2"}
+        assert units == {
+            "t2m": "K",
+            "u10": "m s-1",
+            "v10": "m s-1",
+            "tp": "mm h-1",
+            "t": "K",
+            "u": "m s-1",
+            "v": "m s-1",
+            "q": "kg kg-1",
+            "z": "m2 s-2",
+        }
         assert float(t["tp"].min()) >= 0 and float(t["q"].min()) >= 0
         assert 250 < float(t["t2m"].mean()) < 320 and 50_000 < float(t["z"].sel(level=500).mean()) < 60_000
         assert f["t"].dims == ("init_time", "lead_time", "level", "lat", "lon")
@@ -167,20 +201,42 @@ def test_china3km_writer_schema(tmp_path):
         assert f["lon"].min() < t["lon"].min() and f["lon"].max() > t["lon"].max()
         assert set(f.data_vars) == set(t.data_vars)
         assert set(s.data_vars) == {"orog", "lsm"} and s["orog"].shape == (10, 14)
-        assert 0 <= float(s["lsm"].min()) and float(s["lsm"].max()) <= 1
+        assert float(s["lsm"].min()) >= 0 and float(s["lsm"].max()) <= 1
     assert len(CHINA3KM_VARIABLES) == 34
 
 
 def test_make_synthetic_command(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "jax_corrdiff.make_synthetic", "--schema=china3km", f"--output={tmp_path / 'c'}",
-         "--height=8", "--width=8", "--lead_times=0,12", "--init_times=2024-01-01T00,2024-01-01T12"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jax_corrdiff.make_synthetic",
+            "--schema=china3km",
+            f"--output={tmp_path / 'c'}",
+            "--height=8",
+            "--width=8",
+            "--lead_times=0,12",
+            "--init_times=2024-01-01T00,2024-01-01T12",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "forecast:" in run.stdout and "lead_time: 0 h .. 12 h (2)" in run.stdout
     assert sorted(os.listdir(tmp_path / "c")) == ["forecast.nc", "static.nc", "target.nc"]
-    run = subprocess.run([sys.executable, "-m", "jax_corrdiff.make_synthetic", "--schema=cwb",
-                          f"--output={tmp_path / 'w'}", "--times=2"], capture_output=True, text=True, check=True)  # fmt: skip
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jax_corrdiff.make_synthetic",
+            "--schema=cwb",
+            f"--output={tmp_path / 'w'}",
+            "--times=2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "cwb.zarr" in run.stdout and os.path.isdir(tmp_path / "w" / "cwb.zarr")
 
 

@@ -20,18 +20,31 @@ def _run(workdir, output, *, batch_size=0, num_devices=0, members=3, period=PERI
     model = CorrDiffModel.load(workdir)
     inputs = InferenceInputs.open(model.data_config, path, coarsen=coarsen, lat=model.lat, lon=model.lon, period=period)
     sampler = make_sampler("stochastic", steps=4, churn=2.0)
-    return generate(model, inputs, str(output), sampler, members=members, seed=7, batch_size=batch_size,
-                    num_devices=num_devices)  # fmt: skip
+    return generate(
+        model, inputs, str(output), sampler, members=members, seed=7, batch_size=batch_size, num_devices=num_devices
+    )
 
 
 def test_command_writes_cf_netcdf_in_physical_units(smoke_workdir, tmp_path):
     out = tmp_path / "out.nc"
     result = subprocess.run(
-        [sys.executable, "-m", "jax_corrdiff.generate", f"--workdir={smoke_workdir}", f"--input={ERA5}", "--coarsen",
-         f"--output={out}", "--members=2", "--times=2019-03-22T00,2019-03-22T01", "--sampler=deterministic",
-         "--steps=3"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jax_corrdiff.generate",
+            f"--workdir={smoke_workdir}",
+            f"--input={ERA5}",
+            "--coarsen",
+            f"--output={out}",
+            "--members=2",
+            "--times=2019-03-22T00,2019-03-22T01",
+            "--sampler=deterministic",
+            "--steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ds = xr.open_dataset(out)
     assert ds.attrs["Conventions"] == "CF-1.8"
@@ -73,8 +86,10 @@ def test_coarse_file_on_its_own_grid_is_interpolated(smoke_workdir, tmp_path):
     lat, lon = np.arange(61.0, 46.9, -1.0), np.arange(-12.0, 4.1, 1.0)
     times = np.array(["2019-03-22T00", "2019-03-22T01"], dtype="datetime64[ns]")
     field = 280 + 0.5 * lat[None, :, None] + 0.1 * lon[None, None, :] + np.zeros((2, 1, 1))
-    coarse = xr.Dataset({"t2m": (("time", "latitude", "longitude"), field.astype(np.float32), {"units": "K"})},
-                        coords={"time": times, "latitude": lat, "longitude": lon})  # fmt: skip
+    coarse = xr.Dataset(
+        {"t2m": (("time", "latitude", "longitude"), field.astype(np.float32), {"units": "K"})},
+        coords={"time": times, "latitude": lat, "longitude": lon},
+    )
     path = str(tmp_path / "coarse.nc")
     coarse.to_netcdf(path)
     ds = xr.open_dataset(_run(smoke_workdir, tmp_path / "a.nc", coarsen=False, path=path, period=None))

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import redraw_params
 
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
 from jax_corrdiff.models.layers import GroupNorm
-from utils import redraw_params
 
 TAIWAN_UNET = dict(
     model_channels=128,
@@ -31,10 +31,20 @@ def tiny(kind, hw=(32, 32), **over):
 
 
 def test_taiwan_parameter_counts_match_physicsnemo():
-    reg = dict(kind="regression", img_resolution=[448, 448], out_channels=4, cond_channels=12,
-               unet=dict(TAIWAN_UNET, embedding_type="zero"))
-    diff = dict(kind="diffusion", img_resolution=[448, 448], out_channels=4, cond_channels=16,
-                unet=dict(TAIWAN_UNET, embedding_type="positional"))
+    reg = dict(
+        kind="regression",
+        img_resolution=[448, 448],
+        out_channels=4,
+        cond_channels=12,
+        unet=dict(TAIWAN_UNET, embedding_type="zero"),
+    )
+    diff = dict(
+        kind="diffusion",
+        img_resolution=[448, 448],
+        out_channels=4,
+        cond_channels=16,
+        unet=dict(TAIWAN_UNET, embedding_type="positional"),
+    )
     assert count_params(reg) == 79_673_988
     assert count_params(diff) == 80_007_300
     assert count_params(dict(diff, cond_channels=12)) == 80_002_692

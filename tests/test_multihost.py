@@ -26,10 +26,13 @@ LOCAL_SH = os.path.join(ROOT, "launch", "local.sh")
 TIMEOUT = 300
 
 SMOKE = [
-    "-m", "jax_corrdiff.train", f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:smoke",
-    "--config.stage=regression", "--config.regression.training.checkpoint_every_steps=2",
+    "-m",
+    "jax_corrdiff.train",
+    f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:smoke",
+    "--config.stage=regression",
+    "--config.regression.training.checkpoint_every_steps=2",
     "--config.regression.training.eval_batches=1",
-]  # fmt: skip
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +50,16 @@ def _free_port() -> int:
 
 def _start(nproc: int, devices: int, args: list[str], log_path, cache: str) -> tuple[subprocess.Popen, str]:
     """``nproc`` JAX processes (through launch/local.sh when > 1) of ``devices`` CPU devices each."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_", "SLURM_")) and k != "XLA_FLAGS"}  # fmt: skip
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHON=sys.executable,
-               JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-               PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_")) and k != "XLA_FLAGS"}
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_CPU_DEVICES=str(devices),
+        PYTHON=sys.executable,
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
     if nproc > 1:
         env["JAX_COORDINATOR_ADDRESS"] = f"127.0.0.1:{_free_port()}"
         cmd = ["bash", LOCAL_SH, str(nproc), sys.executable, *args]
@@ -96,13 +103,18 @@ def _assert_trees_close(a, b, atol):
 def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache):
     two, one = tmp_path / "two", tmp_path / "one"
     # 2 x 2 devices to step 4 (of 8), alongside 1 x 4 devices straight to step 8; batch 4.
-    _wait(_start(2, 2, _train_args(two, 16), tmp_path / "two_a.log", cache),
-          _start(1, 4, _train_args(one, 32), tmp_path / "one.log", cache))  # fmt: skip
+    _wait(
+        _start(2, 2, _train_args(two, 16), tmp_path / "two_a.log", cache),
+        _start(1, 4, _train_args(one, 32), tmp_path / "one.log", cache),
+    )
     checkpoints = two / "regression" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["2", "4"]
     for step in ("2", "4"):
-        assert sorted(os.listdir(checkpoints / step / "data")) == ["commit_success.txt", "process_0-of-2.json",
-                                                                   "process_1-of-2.json"]  # fmt: skip
+        assert sorted(os.listdir(checkpoints / step / "data")) == [
+            "commit_success.txt",
+            "process_0-of-2.json",
+            "process_1-of-2.json",
+        ]
     first = load_model(str(two / "regression" / "model"))
     assert first[2]["step"] == 4
 
@@ -121,8 +133,10 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache
     assert config_a == config_b and source_a["step"] == source_b["step"] == 8
     _assert_trees_close(variables_a, variables_b, atol=1e-5)
     # ...and training really moved the weights (the comparison is not vacuous).
-    moved = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree_util.tree_leaves(first[1]),
-                                                           jax.tree_util.tree_leaves(variables_a)))  # fmt: skip
+    moved = max(
+        float(np.abs(x - y).max())
+        for x, y in zip(jax.tree_util.tree_leaves(first[1]), jax.tree_util.tree_leaves(variables_a))
+    )
     assert moved > 1e-4
 
 
@@ -130,15 +144,27 @@ def test_generation_across_two_processes_writes_one_file(smoke_workdir, tmp_path
     era5 = demo_data_path("era5_t2m_uk_0p25deg.nc")
 
     def args(out):
-        return ["-m", "jax_corrdiff.generate", f"--workdir={smoke_workdir}", f"--input={era5}", "--coarsen",
-                f"--output={out}", "--members=2", "--times=2019-03-22T00,2019-03-22T02", "--sampler=deterministic",
-                "--steps=4", "--batch_size=4"]  # fmt: skip
+        return [
+            "-m",
+            "jax_corrdiff.generate",
+            f"--workdir={smoke_workdir}",
+            f"--input={era5}",
+            "--coarsen",
+            f"--output={out}",
+            "--members=2",
+            "--times=2019-03-22T00,2019-03-22T02",
+            "--sampler=deterministic",
+            "--steps=4",
+            "--batch_size=4",
+        ]
 
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     two, one = tmp_path / "two" / "out.nc", tmp_path / "one" / "out.nc"
-    _wait(_start(2, 2, args(two), tmp_path / "gen_two.log", cache),
-          _start(1, 4, args(one), tmp_path / "gen_one.log", cache))
+    _wait(
+        _start(2, 2, args(two), tmp_path / "gen_two.log", cache),
+        _start(1, 4, args(one), tmp_path / "gen_one.log", cache),
+    )
     assert os.listdir(tmp_path / "two") == ["out.nc"]
     with xr.open_dataset(two) as a, xr.open_dataset(one) as b:
         assert a.sizes["time"] == 3 and a.sizes["ensemble"] == 2

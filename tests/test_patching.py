@@ -4,17 +4,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from utils import redraw_params
 
 from jax_corrdiff.diffusion import EDMSampler
 from jax_corrdiff.diffusion.patching import TileLayout, crop_patches, multidiffusion_denoiser, patch_training_batch
 from jax_corrdiff.models import build_model, init_variables
-from utils import redraw_params
 
 H, W = 24, 40
-PATCH_MODEL = dict(kind="diffusion", img_resolution=[H, W], out_channels=2, cond_channels=2 + 3 + 3,
-                   unet=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
-                             position_grid="learnable", num_grid_channels=4, lead_time_steps=3,
-                             lead_time_channels=2))  # fmt: skip
+PATCH_MODEL = dict(
+    kind="diffusion",
+    img_resolution=[H, W],
+    out_channels=2,
+    cond_channels=2 + 3 + 3,
+    unet=dict(
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+        position_grid="learnable",
+        num_grid_channels=4,
+        lead_time_steps=3,
+        lead_time_channels=2,
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +38,11 @@ def patch_model():
 
 def _fields(batch=2, seed=3):
     k = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(k[0], (batch, H, W, 2)), jax.random.normal(k[1], (batch, H, W, 2)),
-            jax.random.normal(k[2], (batch, H, W, 3)))  # fmt: skip
+    return (
+        jax.random.normal(k[0], (batch, H, W, 2)),
+        jax.random.normal(k[1], (batch, H, W, 2)),
+        jax.random.normal(k[2], (batch, H, W, 3)),
+    )
 
 
 def test_patches_are_laid_out_batch_major_with_their_own_location_and_label(patch_model):
@@ -44,12 +60,18 @@ def test_patches_are_laid_out_batch_major_with_their_own_location_and_label(patc
     x = jax.random.normal(jax.random.key(6), cut["target"].shape)
     cond = jnp.concatenate([cut["regression_mean"], cut["img_lr"]], axis=-1)
     sigma = jnp.full((6,), 1.5)
-    together = model.apply(variables, x, cond, sigma, lead_time_label=cut["lead_time_label"],
-                           patch_origin=cut["patch_origin"])  # fmt: skip
+    together = model.apply(
+        variables, x, cond, sigma, lead_time_label=cut["lead_time_label"], patch_origin=cut["patch_origin"]
+    )
     for row in range(6):
-        alone = model.apply(variables, x[row : row + 1], cond[row : row + 1], sigma[:1],
-                            lead_time_label=cut["lead_time_label"][row : row + 1],
-                            patch_origin=cut["patch_origin"][row : row + 1])  # fmt: skip
+        alone = model.apply(
+            variables,
+            x[row : row + 1],
+            cond[row : row + 1],
+            sigma[:1],
+            lead_time_label=cut["lead_time_label"][row : row + 1],
+            patch_origin=cut["patch_origin"][row : row + 1],
+        )
         np.testing.assert_allclose(together[row], alone[0], rtol=1e-4, atol=1e-5)
 
 
@@ -70,8 +92,15 @@ def test_bad_tilings_are_rejected():
 
 def _patch_denoise(model, variables, margin):
     def denoise(tiles, cond, sigma, origins, labels):
-        return model.apply(variables, tiles, cond, jnp.broadcast_to(sigma, (tiles.shape[0],)),
-                           lead_time_label=labels, patch_origin=origins, grid_margin=margin)  # fmt: skip
+        return model.apply(
+            variables,
+            tiles,
+            cond,
+            jnp.broadcast_to(sigma, (tiles.shape[0],)),
+            lead_time_label=labels,
+            patch_origin=origins,
+            grid_margin=margin,
+        )
 
     return denoise
 
@@ -141,8 +170,14 @@ def test_patch_trained_demo_generates_by_multidiffusion(smoke_workdir, tmp_path)
     train_and_evaluate(config, str(workdir))
     model = CorrDiffModel.load(str(workdir))
     assert model.patch["height"] == 16
-    inputs = InferenceInputs.open(model.data_config, demo_data_path("era5_t2m_uk_0p25deg.nc"), coarsen=True,
-                                  lat=model.lat, lon=model.lon, period=["2019-03-22T00", "2019-03-22T01"])  # fmt: skip
+    inputs = InferenceInputs.open(
+        model.data_config,
+        demo_data_path("era5_t2m_uk_0p25deg.nc"),
+        coarsen=True,
+        lat=model.lat,
+        lon=model.lon,
+        period=["2019-03-22T00", "2019-03-22T01"],
+    )
     out = generate(model, inputs, str(tmp_path / "p.nc"), make_sampler("deterministic", steps=3), members=2, seed=0)
     with xr.open_dataset(out) as ds:
         assert ds.t2m.shape == (2, 2, 33, 49) and bool(np.isfinite(ds.t2m.values).all())

@@ -49,8 +49,10 @@ def _reference_output(name):
 
 def test_legacy_attention_key_names_convert_identically():
     archive = read_mdlus(DIFFUSION)
-    legacy = {re.sub(r"\.attn\.norm\.", ".norm2.", re.sub(r"\.attn\.(qkv|proj)\.", r".\1.", k)): v
-              for k, v in archive.state_dict.items()}  # fmt: skip
+    legacy = {
+        re.sub(r"\.attn\.norm\.", ".norm2.", re.sub(r"\.attn\.(qkv|proj)\.", r".\1.", k)): v
+        for k, v in archive.state_dict.items()
+    }
     assert legacy.keys() != archive.state_dict.keys()
     config = physicsnemo.model_config_from_args(archive)
     new = physicsnemo.convert_state_dict(archive, config)
@@ -87,8 +89,10 @@ def test_convert_command_writes_a_reloadable_model_dir(tmp_path):
     out_dir = tmp_path / "converted"
     result = subprocess.run(
         [sys.executable, "-m", "jax_corrdiff.convert", "--physicsnemo", DIFFUSION, "--output", str(out_dir)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     config, variables, source = load_model(str(out_dir))
     assert config["kind"] == "diffusion" and source["class"] == "EDMPrecondSuperResolution"

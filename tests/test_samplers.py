@@ -10,8 +10,26 @@ from jax_corrdiff.diffusion import EDMSampler, edm_sigma_steps, sample_ensemble,
 SIGMA_DATA = 0.5
 
 # reference.md section 4: the 18-step schedule PhysicsNeMo uses (4 significant digits).
-REFERENCE_18 = [800, 560.7, 385.6, 259.6, 170.7, 109.3, 67.86, 40.70, 23.45, 12.88, 6.694, 3.251,
-                1.453, 0.5844, 0.2052, 0.0599, 0.0134, 0.002]  # fmt: skip
+REFERENCE_18 = [
+    800,
+    560.7,
+    385.6,
+    259.6,
+    170.7,
+    109.3,
+    67.86,
+    40.70,
+    23.45,
+    12.88,
+    6.694,
+    3.251,
+    1.453,
+    0.5844,
+    0.2052,
+    0.0599,
+    0.0134,
+    0.002,
+]
 
 
 def gaussian_denoiser(x, sigma):
@@ -80,9 +98,7 @@ def test_ensemble_members_are_independent_of_batching():
     sampler = EDMSampler(num_steps=6, s_churn=10.0)
     key = jax.random.key(7)
     shape = (1, 8, 8, 2)
-    run = jax.jit(
-        lambda ids, bs: sample_ensemble(sampler, gaussian_denoiser, shape, key, ids, bs), static_argnums=1
-    )
+    run = jax.jit(lambda ids, bs: sample_ensemble(sampler, gaussian_denoiser, shape, key, ids, bs), static_argnums=1)
     all_at_once = run(jnp.arange(4), None)
     two_by_two = run(jnp.arange(4), 2)
     np.testing.assert_allclose(all_at_once, two_by_two, rtol=1e-5, atol=2e-5)

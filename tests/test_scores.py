@@ -35,9 +35,15 @@ def make_generation_dataset(n_time=3, n_members=4, ny=12, nx=16, levels=(500, 85
     rng = np.random.default_rng(seed)
     time = np.datetime64("2023-01-01T00:00", "ns") + np.arange(n_time) * np.timedelta64(6, "h")
     lat, lon = np.meshgrid(22.0 + 0.02 * np.arange(ny), 120.0 + 0.02 * np.arange(nx), indexing="ij")
-    coords = {"time": time, "ensemble": np.arange(n_members), "y": np.arange(ny) * 2.0, "x": np.arange(nx) * 2.0,
-              "lat": (("y", "x"), lat), "lon": (("y", "x"), lon),
-              "level": ("level", np.array(levels, dtype=float), {"units": "hPa"})}  # fmt: skip
+    coords = {
+        "time": time,
+        "ensemble": np.arange(n_members),
+        "y": np.arange(ny) * 2.0,
+        "x": np.arange(nx) * 2.0,
+        "lat": (("y", "x"), lat),
+        "lon": (("y", "x"), lon),
+        "level": ("level", np.array(levels, dtype=float), {"units": "hPa"}),
+    }
     data_vars = {}
 
     def add(name, units, long_name, base, with_levels=False, interpolated=True):
@@ -83,11 +89,13 @@ def test_fair_crps_equals_ferro_formula_by_hand(members):
     members = np.array(members)
     truth = np.array([3.0, 0.5])
     m = len(members)
-    expected = np.mean([
-        np.mean([abs(x - y) for x in members[:, p]])
-        - sum(abs(a - b) for a, b in itertools.product(members[:, p], repeat=2)) / (2 * m * (m - 1))
-        for p, y in enumerate(truth)
-    ])  # fmt: skip
+    expected = np.mean(
+        [
+            np.mean([abs(x - y) for x in members[:, p]])
+            - sum(abs(a - b) for a, b in itertools.product(members[:, p], repeat=2)) / (2 * m * (m - 1))
+            for p, y in enumerate(truth)
+        ]
+    )
     assert metrics.fair_crps(ensemble(members), field(truth)) == pytest.approx(expected)
 
 
@@ -231,8 +239,11 @@ def test_score_dataset_matches_pooled_hand_computation_with_nan_truth():
     valid = np.isfinite(truth)
     assert field_scores["n_points"] == valid.sum()
     members = ds["t2m"].values.astype(float)
-    for model, forecast in (("corrdiff", members.mean(1)), ("regression", ds["t2m_regression"].values),
-                            ("bilinear", ds["t2m_interpolated"].values)):  # fmt: skip
+    for model, forecast in (
+        ("corrdiff", members.mean(1)),
+        ("regression", ds["t2m_regression"].values),
+        ("bilinear", ds["t2m_interpolated"].values),
+    ):
         errors = np.abs(forecast.astype(float) - truth)[valid]
         aggregate = field_scores["models"][model]["aggregate"]
         assert aggregate["mae"] == pytest.approx(errors.mean(), rel=1e-9)
@@ -246,8 +257,10 @@ def test_score_dataset_matches_pooled_hand_computation_with_nan_truth():
     corrdiff = field_scores["models"]["corrdiff"]["aggregate"]
     assert corrdiff["crps"] == pytest.approx(crps[valid].mean(), rel=1e-9)
     assert corrdiff["spread"] == pytest.approx(np.sqrt(members.var(1, ddof=1)[valid].mean()), rel=1e-9)
-    assert field_scores["models"]["regression"]["aggregate"]["crps"] == field_scores["models"]["regression"][
-        "aggregate"]["mae"]  # fmt: skip
+    assert (
+        field_scores["models"]["regression"]["aggregate"]["crps"]
+        == field_scores["models"]["regression"]["aggregate"]["mae"]
+    )
     assert field_scores["models"]["regression"]["aggregate"]["spread"] is None
     assert sum(field_scores["rank_histogram"]) == valid.sum()
     assert field_scores["spectra"]["n_fields"] == {"truth": 2, "corrdiff": 12, "regression": 3, "bilinear": 3}
@@ -310,8 +323,11 @@ def test_cli_writes_table_json_csv_and_figures(tmp_path):
     assert "t@850" in run.stdout and "bilinear" in run.stdout and "SSR" in run.stdout
     with open(output / "scores.csv") as f:
         rows = [(r["variable"], r["level"], r["model"]) for r in csv.DictReader(f)]
-    assert rows == [(v, level, model) for v, level in (("t2m", ""), ("t", "850"))
-                    for model in ("corrdiff", "regression", "bilinear")]  # fmt: skip
+    assert rows == [
+        (v, level, model)
+        for v, level in (("t2m", ""), ("t", "850"))
+        for model in ("corrdiff", "regression", "bilinear")
+    ]
     with open(output / "scores.json") as f:
         scores_json = json.load(f)
     assert set(scores_json["fields"]) == {"t2m", "t@850"}

@@ -88,15 +88,7 @@ def _tensor_pickle(
     metadata: dict | None = None,
 ) -> bytes:
     """A data.pkl holding one tensor, laid out exactly as torch.save does."""
-    pid = (
-        b"("
-        + _frag("storage")
-        + _global("torch", storage)
-        + _frag(key)
-        + _frag("cpu")
-        + _frag(numel)
-        + b"tQ"
-    )
+    pid = b"(" + _frag("storage") + _global("torch", storage) + _frag(key) + _frag("cpu") + _frag(numel) + b"tQ"
     args = (
         b"("
         + pid
@@ -213,9 +205,7 @@ def test_negative_view_metadata() -> None:
 
 @pytest.mark.parametrize("target", ["os.system", "builtins.eval"])
 @pytest.mark.parametrize("protocol", [0, 2, 4])
-def test_malicious_zip_refused_without_running(
-    tmp_path: pathlib.Path, target: str, protocol: int
-) -> None:
+def test_malicious_zip_refused_without_running(tmp_path: pathlib.Path, target: str, protocol: int) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_payloads(marker)[target], protocol=protocol)
     # The pickler writes os.system as posix.system, and builtins as
@@ -224,9 +214,7 @@ def test_malicious_zip_refused_without_running(
         "os.system": r"(posix|nt|os)\.system",
         "builtins.eval": r"(__builtin__|builtins)\.eval",
     }
-    with pytest.raises(
-        UnsafePickleError, match=rf"'{refused[target]}'.*no code from the file was run"
-    ):
+    with pytest.raises(UnsafePickleError, match=rf"'{refused[target]}'.*no code from the file was run"):
         load_torch_checkpoint(_torch_zip(payload, {}))
     assert not marker.exists()
     pickle.loads(payload)  # control: the same bytes do run code under plain pickle
@@ -235,9 +223,7 @@ def test_malicious_zip_refused_without_running(
 
 @pytest.mark.parametrize("target", ["os.system", "builtins.eval"])
 @pytest.mark.parametrize("framed", [False, True], ids=["bare-pickle", "legacy-header"])
-def test_malicious_legacy_refused_without_running(
-    tmp_path: pathlib.Path, target: str, framed: bool
-) -> None:
+def test_malicious_legacy_refused_without_running(tmp_path: pathlib.Path, target: str, framed: bool) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_payloads(marker)[target], protocol=2)
     data = _legacy_stream(payload) if framed else payload
@@ -344,9 +330,7 @@ def test_missing_storage_record() -> None:
         (0, (2,), (-1,), "non-negative"),
     ],
 )
-def test_out_of_bounds_views_rejected(
-    offset: int, size: tuple[int, ...], stride: tuple[int, ...], match: str
-) -> None:
+def test_out_of_bounds_views_rejected(offset: int, size: tuple[int, ...], stride: tuple[int, ...], match: str) -> None:
     pkl = _tensor_pickle("0", 4, offset, size, stride)
     with pytest.raises(ValueError, match=match):
         load_torch_checkpoint(_torch_zip(pkl, {"0": bytes(16)}))
@@ -426,9 +410,7 @@ def test_read_mdlus_rejects_nested_checkpoint(tmp_path: pathlib.Path) -> None:
 def test_read_mdlus_refuses_malicious_model(tmp_path: pathlib.Path) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps(_payloads(marker)["builtins.eval"], protocol=2)
-    path = _zip_mdlus(
-        tmp_path / "d.mdlus", {"model.pt": _torch_zip(payload, {}), "args.json": b"{}"}
-    )
+    path = _zip_mdlus(tmp_path / "d.mdlus", {"model.pt": _torch_zip(payload, {}), "args.json": b"{}"})
     with pytest.raises(UnsafePickleError, match=r"d\.mdlus:model\.pt"):
         read_mdlus(path)
     assert not marker.exists()

@@ -82,10 +82,19 @@ def test_four_devices_equal_one_device(tmp_path):
 
 def test_unknown_config_key_is_rejected(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "jax_corrdiff.train", "--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
-         "--config.regression.training.learning_rate=1e-3"],
-        cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jax_corrdiff.train",
+            "--config=configs/demo.py:smoke",
+            f"--workdir={tmp_path}",
+            "--config.regression.training.learning_rate=1e-3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode != 0
     assert "learning_rate" in result.stderr
 

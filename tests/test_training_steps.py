@@ -11,9 +11,21 @@ from jax_corrdiff.training.mesh import make_mesh, to_global
 from jax_corrdiff.training.optimizer import ema_decay, learning_rate, make_optimizer
 from jax_corrdiff.training.steps import init_train_state, make_train_step, regression_per_sample_loss
 
-MODEL = dict(kind="regression", img_resolution=[16, 16], out_channels=2, cond_channels=3,
-             unet=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0,
-                       embedding_type="zero", position_grid="sinusoidal"))  # fmt: skip
+MODEL = dict(
+    kind="regression",
+    img_resolution=[16, 16],
+    out_channels=2,
+    cond_channels=3,
+    unet=dict(
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[],
+        dropout=0.0,
+        embedding_type="zero",
+        position_grid="sinusoidal",
+    ),
+)
 
 
 def training_config(**overrides):
@@ -44,8 +56,10 @@ def test_ema_half_life_in_samples():
 
 def _batch(n=8, seed=0):
     k1, k2 = jax.random.split(jax.random.key(seed))
-    return {"img_lr": np.array(jax.random.normal(k1, (n, 16, 16, 3))),
-            "target": np.array(jax.random.normal(k2, (n, 16, 16, 2)))}  # fmt: skip
+    return {
+        "img_lr": np.array(jax.random.normal(k1, (n, 16, 16, 3))),
+        "target": np.array(jax.random.normal(k2, (n, 16, 16, 2))),
+    }
 
 
 def _run(num_devices, steps=3, **overrides):
@@ -75,8 +89,9 @@ def test_four_devices_match_one_device():
 def test_gradient_accumulation_matches_full_batch():
     full, _ = _run(2)
     accumulated, _ = _run(2, grad_accumulation=4)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), full.params,
-                           accumulated.params)  # fmt: skip
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), full.params, accumulated.params
+    )
 
 
 def test_nonfinite_gradients_are_zeroed_and_counted():

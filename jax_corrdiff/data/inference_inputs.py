@@ -19,7 +19,7 @@ For analysis inputs ``init_times`` and ``lead_time_labels`` are None.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -36,8 +36,9 @@ from jax_corrdiff.data.sources import (
 )
 
 
-def _select_times(source_times: np.ndarray, path: str, period: Sequence[str] | None,
-                  times: Sequence[str] | None) -> np.ndarray:  # fmt: skip
+def _select_times(
+    source_times: np.ndarray, path: str, period: Sequence[str] | None, times: Sequence[str] | None
+) -> np.ndarray:
     """Indices into ``source_times`` (sorted, may repeat): a [start, end] period, a list of times
     (every position holding each), or all."""
     if period is not None and times is not None:
@@ -75,16 +76,27 @@ class InferenceInputs:
     _leads: np.ndarray | None = None  # forecast: lead index of each selected sample (_rows = init index)
 
     @classmethod
-    def open(cls, data_config, path: str, *, coarsen: bool, lat: np.ndarray, lon: np.ndarray,
-             period: Sequence[str] | None = None, times: Sequence[str] | None = None,
-             lead_time: float | None = None) -> InferenceInputs:  # fmt: skip
+    def open(
+        cls,
+        data_config,
+        path: str,
+        *,
+        coarsen: bool,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        period: Sequence[str] | None = None,
+        times: Sequence[str] | None = None,
+        lead_time: float | None = None,
+    ) -> InferenceInputs:
         """``lead_time`` (hours) picks one lead of a forecast file, so each valid time is one sample."""
         cfg = data_config_dict(data_config)
         if cfg["format"] != "variables":
             raise ValueError(f"generation reads NetCDF/Zarr variables; data.format {cfg['format']!r} is not supported")
         if cfg.get("lead_times"):
             if coarsen:
-                raise ValueError("a forecast-input model (data.lead_times) generates from forecast files, not coarsened truth")
+                raise ValueError(
+                    "a forecast-input model (data.lead_times) generates from forecast files, not coarsened truth"
+                )
             return cls._open_forecast(cfg, path, lat=lat, lon=lon, period=period, times=times, lead_time=lead_time)
         if lead_time is not None:
             raise ValueError("lead_time applies to forecast-input models (data.lead_times) only")
@@ -101,12 +113,18 @@ class InferenceInputs:
         rows = _select_times(inputs.times, inputs.paths[0], period, times)
         static, _ = read_static(cfg, lat, lon, "the model's grid")
         return cls(
-            path=path, times=inputs.times[rows], static=static,
+            path=path,
+            times=inputs.times[rows],
+            static=static,
             input_channels=tuple(str(f) for f in inputs.fields),
             target_channels=tuple(str(FieldSpec.parse(v)) for v in cfg["target_variables"]),
-            has_truth=coarsen, _inputs=inputs, _truth=truth, _rows=rows, _regrid=regrid,
+            has_truth=coarsen,
+            _inputs=inputs,
+            _truth=truth,
+            _rows=rows,
+            _regrid=regrid,
             _nan_policy=(cfg["nan_policy"], float(cfg["nan_fill_value"])),
-        )  # fmt: skip
+        )
 
     @classmethod
     def _open_forecast(cls, cfg: dict, path: str, *, lat, lon, period, times, lead_time) -> InferenceInputs:
@@ -125,14 +143,21 @@ class InferenceInputs:
         keep = _select_times(valid, path, period, times)
         static, _ = read_static(cfg, lat, lon, "the model's grid")
         return cls(
-            path=path, times=valid[keep], static=static,
+            path=path,
+            times=valid[keep],
+            static=static,
             input_channels=tuple(str(f) for f in inputs.fields),
             target_channels=tuple(str(FieldSpec.parse(v)) for v in cfg["target_variables"]),
-            has_truth=False, _inputs=inputs, _truth=None, _rows=init_i[keep],
-            _regrid=input_regridder(inputs, lat, lon), _nan_policy=(cfg["nan_policy"], float(cfg["nan_fill_value"])),
-            init_times=inputs.init_times[init_i[keep]], lead_time_labels=lead_i[keep].astype(np.int32),
+            has_truth=False,
+            _inputs=inputs,
+            _truth=None,
+            _rows=init_i[keep],
+            _regrid=input_regridder(inputs, lat, lon),
+            _nan_policy=(cfg["nan_policy"], float(cfg["nan_fill_value"])),
+            init_times=inputs.init_times[init_i[keep]],
+            lead_time_labels=lead_i[keep].astype(np.int32),
             _leads=lead_i[keep],
-        )  # fmt: skip
+        )
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -143,8 +168,9 @@ class InferenceInputs:
         else:
             values, when = source.read(rows, leads), source.valid_times(rows, leads)
         policy, fill = self._nan_policy
-        apply_nan_policy(values, [str(f) for f in source.fields], policy, fill,
-                         paths=[self.path] * len(rows), times=when)  # fmt: skip
+        apply_nan_policy(
+            values, [str(f) for f in source.fields], policy, fill, paths=[self.path] * len(rows), times=when
+        )
         return values
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:

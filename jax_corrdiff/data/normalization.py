@@ -117,8 +117,11 @@ class Normalizer:
 def save_stats(path: str, normalizer: Normalizer, *, config_hash: str, train_period: Sequence[str]) -> None:
     """Write ``stats.json``: the normalizer plus the data-config hash and period it came from."""
     with open(path, "w") as f:
-        json.dump({"config_hash": config_hash, "train_period": list(train_period),
-                   "normalizer": normalizer.to_dict()}, f, indent=2)
+        json.dump(
+            {"config_hash": config_hash, "train_period": list(train_period), "normalizer": normalizer.to_dict()},
+            f,
+            indent=2,
+        )
 
 
 def load_stats(path: str) -> Normalizer:

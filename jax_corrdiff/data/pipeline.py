@@ -49,12 +49,16 @@ class DownscalingSource:
     def __init__(self, store_path: str, split: str, normalizer: Normalizer):
         self._store = PreparedStore(store_path)
         store = self._store
-        for group, ours in (("target", store.target_channels), ("input", store.input_channels),
-                            ("static", store.static_channels)):
+        for group, ours in (
+            ("target", store.target_channels),
+            ("input", store.input_channels),
+            ("static", store.static_channels),
+        ):
             theirs = getattr(normalizer, f"{group}_channels")
             if tuple(theirs) != tuple(ours):
-                raise DataError(f"{store_path}: normalizer {group} channels {list(theirs)} differ from the "
-                                f"store's {list(ours)}")
+                raise DataError(
+                    f"{store_path}: normalizer {group} channels {list(theirs)} differ from the store's {list(ours)}"
+                )
         self.indices = store.split_indices(split)
         self.times = store.times[self.indices]
         self.lat, self.lon = store.lat, store.lon

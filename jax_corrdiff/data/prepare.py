@@ -39,8 +39,8 @@ from jax_corrdiff.data.errors import (
     DataError,
     GridMismatchError,
     MissingTimesError,
-    NoForecastSamplesError,
     MissingVariableError,
+    NoForecastSamplesError,
     PreparedDataMismatchError,
 )
 from jax_corrdiff.data.normalization import Normalizer, RunningMoments, load_stats, save_stats
@@ -50,8 +50,8 @@ from jax_corrdiff.data.sources import (
     LON_NAMES,
     CwbStore,
     FieldSource,
-    ForecastSource,
     FieldSpec,
+    ForecastSource,
     apply_nan_policy,
     decode_times,
     expand_paths,
@@ -63,8 +63,18 @@ PREPARED_DIR = "prepared"  # WORKDIR/prepared holds the store and its statistics
 STORE_NAME = "data.zarr"
 STATS_NAME = "stats.json"
 DATA_FIELDS = (
-    "format", "target_paths", "target_variables", "input_paths", "input_variables", "coarsen_factor",
-    "static_path", "static_variables", "train_period", "valid_period", "nan_policy", "nan_fill_value",
+    "format",
+    "target_paths",
+    "target_variables",
+    "input_paths",
+    "input_variables",
+    "coarsen_factor",
+    "static_path",
+    "static_variables",
+    "train_period",
+    "valid_period",
+    "nan_policy",
+    "nan_fill_value",
 )
 # Hashed only when non-empty, so stores of analysis-input configs keep their hash.
 OPTIONAL_DATA_FIELDS = ("lead_times",)
@@ -135,13 +145,17 @@ def require_on_grid(src: FieldSource, lat: np.ndarray, lon: np.ndarray, what: st
     """Raise GridMismatchError unless ``src`` lies on the (lat, lon) grid of ``target``."""
     path = _describe(src.paths)
     if src.shape != lat.shape:
-        raise GridMismatchError(path, f"{what} are not on the target grid",
-                                f"grid {src.shape}, target grid {lat.shape} ({target})")
+        raise GridMismatchError(
+            path, f"{what} are not on the target grid", f"grid {src.shape}, target grid {lat.shape} ({target})"
+        )
     if src.lat is not None:
         dist = _grid_distance(src.lat, src.lon, lat, lon)
         if dist > _GRID_TOLERANCE_DEG:
-            raise GridMismatchError(path, f"{what} are not on the target grid",
-                                    f"lat/lon differ from the target's ({target}) by up to {dist:.4f} deg")
+            raise GridMismatchError(
+                path,
+                f"{what} are not on the target grid",
+                f"lat/lon differ from the target's ({target}) by up to {dist:.4f} deg",
+            )
 
 
 def read_static(cfg: dict, lat: np.ndarray, lon: np.ndarray, target: str):
@@ -159,12 +173,13 @@ def read_static(cfg: dict, lat: np.ndarray, lon: np.ndarray, target: str):
 def input_regridder(inputs: FieldSource, lat: np.ndarray, lon: np.ndarray):
     """None when the inputs already sit on the (lat, lon) target grid, else a LatLonBilinear to it."""
     path = _describe(inputs.paths)
-    if inputs.lat is not None and inputs.shape == lat.shape:
-        if _grid_distance(inputs.lat, inputs.lon, lat, lon) <= _GRID_TOLERANCE_DEG:
-            return None
+    on_target = inputs.lat is not None and inputs.shape == lat.shape
+    if on_target and _grid_distance(inputs.lat, inputs.lon, lat, lon) <= _GRID_TOLERANCE_DEG:
+        return None
     if inputs.regular is None:
-        raise GridMismatchError(path, "input grid", "inputs need a regular grid with 1-D lat and lon "
-                                "(or to be on the target grid already)")
+        raise GridMismatchError(
+            path, "input grid", "inputs need a regular grid with 1-D lat and lon (or to be on the target grid already)"
+        )
     return LatLonBilinear(*inputs.regular, lat, lon, path=path)
 
 
@@ -178,10 +193,14 @@ def forecast_samples(inputs: ForecastSource, target_times: np.ndarray, path: str
     pos = np.clip(np.searchsorted(target_times, valid), 0, max(len(target_times) - 1, 0))
     keep = (target_times[pos] == valid) if len(target_times) else np.zeros(len(valid), bool)
     if not keep.any():
-        raise NoForecastSamplesError(path, (
-            f"init times {time_str(inputs.init_times[0])} .. {time_str(inputs.init_times[-1])}, "
-            f"lead times {', '.join(f'{h:g}' for h in inputs.lead_times)} h; target times "
-            + (f"{time_str(target_times[0])} .. {time_str(target_times[-1])}" if len(target_times) else "none")))
+        raise NoForecastSamplesError(
+            path,
+            (
+                f"init times {time_str(inputs.init_times[0])} .. {time_str(inputs.init_times[-1])}, "
+                f"lead times {', '.join(f'{h:g}' for h in inputs.lead_times)} h; target times "
+                + (f"{time_str(target_times[0])} .. {time_str(target_times[-1])}" if len(target_times) else "none")
+            ),
+        )
     init_i, lead_i, pos = init_i[keep], lead_i[keep], pos[keep]
     order = np.lexsort((lead_i, pos))
     return init_i[order], lead_i[order], pos[order]
@@ -208,31 +227,53 @@ def _write_forecast(cfg: dict, store: str) -> dict:
     for block in _blocks(len(t_i), h * w * 4 * (len(names_t) + len(names_i))):
         rows = t_i[block]
         t_val = target.read(rows)
-        counts_t += apply_nan_policy(t_val, names_t, policy, fill,
-                                     paths=[target.file_of(i) for i in rows], times=target.times[rows])
-        i_val = inputs.read(init_i[block], lead_i[block])
-        counts_i += apply_nan_policy(i_val, names_i, policy, fill,
-                                     paths=[inputs.file_of(i) for i in init_i[block]],
-                                     times=inputs.valid_times(init_i[block], lead_i[block]))  # valid times
-        ds = xr.Dataset(
-            {"target": (("time", "y", "x", "target_channel"), t_val),
-             "inputs": (("time", "y", "x", "input_channel"), i_val if regrid is None else regrid(i_val)),
-             "lead_time_label": (("time",), lead_i[block].astype(np.int32)),
-             "lead_time": (("time",), inputs.lead_times[lead_i[block]])},
-            coords={"time": target.times[rows], "valid_time": (("time",), target.times[rows]),
-                    "init_time": (("time",), inputs.init_times[init_i[block]]),
-                    "target_channel": names_t, "input_channel": names_i},
+        counts_t += apply_nan_policy(
+            t_val, names_t, policy, fill, paths=[target.file_of(i) for i in rows], times=target.times[rows]
         )
-        _write_block(ds, store, block.start == 0, target, static, cfg,
-                     {"valid_time": _TIME_ENCODING, "init_time": _TIME_ENCODING})  # fmt: skip
+        i_val = inputs.read(init_i[block], lead_i[block])
+        counts_i += apply_nan_policy(
+            i_val,
+            names_i,
+            policy,
+            fill,
+            paths=[inputs.file_of(i) for i in init_i[block]],
+            times=inputs.valid_times(init_i[block], lead_i[block]),
+        )  # valid times
+        ds = xr.Dataset(
+            {
+                "target": (("time", "y", "x", "target_channel"), t_val),
+                "inputs": (("time", "y", "x", "input_channel"), i_val if regrid is None else regrid(i_val)),
+                "lead_time_label": (("time",), lead_i[block].astype(np.int32)),
+                "lead_time": (("time",), inputs.lead_times[lead_i[block]]),
+            },
+            coords={
+                "time": target.times[rows],
+                "valid_time": (("time",), target.times[rows]),
+                "init_time": (("time",), inputs.init_times[init_i[block]]),
+                "target_channel": names_t,
+                "input_channel": names_i,
+            },
+        )
+        _write_block(
+            ds,
+            store,
+            block.start == 0,
+            target,
+            static,
+            cfg,
+            {"valid_time": _TIME_ENCODING, "init_time": _TIME_ENCODING},
+        )
     return {
         "target_files": [os.path.abspath(p) for p in target.paths],
         "input_files": [os.path.abspath(p) for p in inputs.paths],
         "lead_times": [float(x) for x in inputs.lead_times],
         # (init, lead) pairs of the files whose valid time is not a target time (skipped).
         "forecast_pairs_without_target": int(len(inputs.init_times) * len(inputs.lead_times) - n_matched),
-        "nonfinite_counts": {"target": dict(zip(names_t, counts_t.tolist())),
-                             "inputs": dict(zip(names_i, counts_i.tolist())), "static": static_counts},
+        "nonfinite_counts": {
+            "target": dict(zip(names_t, counts_t.tolist())),
+            "inputs": dict(zip(names_i, counts_i.tolist())),
+            "static": static_counts,
+        },
     }
 
 
@@ -263,22 +304,29 @@ def _write_variables(cfg: dict, store: str) -> dict:
     for block in _blocks(len(sel), h * w * 4 * (len(names_t) + len(names_i))):
         rows, in_rows = sel[block], input_sel[block]
         t_val = target.read(rows)
-        counts_t += apply_nan_policy(t_val, names_t, policy, fill,
-                                     paths=[target.file_of(i) for i in rows], times=target.times[rows])
+        counts_t += apply_nan_policy(
+            t_val, names_t, policy, fill, paths=[target.file_of(i) for i in rows], times=target.times[rows]
+        )
         i_val = inputs.read(in_rows)
-        counts_i += apply_nan_policy(i_val, names_i, policy, fill,
-                                     paths=[inputs.file_of(i) for i in in_rows], times=inputs.times[in_rows])
+        counts_i += apply_nan_policy(
+            i_val, names_i, policy, fill, paths=[inputs.file_of(i) for i in in_rows], times=inputs.times[in_rows]
+        )
         ds = xr.Dataset(
-            {"target": (("time", "y", "x", "target_channel"), t_val),
-             "inputs": (("time", "y", "x", "input_channel"), i_val if regrid is None else regrid(i_val))},
+            {
+                "target": (("time", "y", "x", "target_channel"), t_val),
+                "inputs": (("time", "y", "x", "input_channel"), i_val if regrid is None else regrid(i_val)),
+            },
             coords={"time": target.times[rows], "target_channel": names_t, "input_channel": names_i},
         )
         _write_block(ds, store, block.start == 0, target, static, cfg, {})
     return {
         "target_files": [os.path.abspath(p) for p in target.paths],
         "input_files": [os.path.abspath(p) for p in inputs.paths],
-        "nonfinite_counts": {"target": dict(zip(names_t, counts_t.tolist())),
-                             "inputs": dict(zip(names_i, counts_i.tolist())), "static": static_counts},
+        "nonfinite_counts": {
+            "target": dict(zip(names_t, counts_t.tolist())),
+            "inputs": dict(zip(names_i, counts_i.tolist())),
+            "static": static_counts,
+        },
     }
 
 
@@ -289,15 +337,19 @@ def _write_block(ds: xr.Dataset, store: str, first: bool, target, static, cfg: d
         ds.to_zarr(store, append_dim="time", consolidated=True)
         return
     ds = _with_grid(ds, target.lat, target.lon, static, cfg["static_variables"])
-    encoding = {"time": _TIME_ENCODING, **time_encodings,
-                **{name: {"chunks": (1, *ds[name].shape[1:])} for name in ("target", "inputs")}}  # fmt: skip
+    encoding = {
+        "time": _TIME_ENCODING,
+        **time_encodings,
+        **{name: {"chunks": (1, *ds[name].shape[1:])} for name in ("target", "inputs")},
+    }
     ds.to_zarr(store, mode="w", zarr_format=2, consolidated=True, encoding=encoding)
 
 
 def _with_grid(ds: xr.Dataset, lat, lon, static, static_names) -> xr.Dataset:
     ds = ds.assign(static=(("y", "x", "static_channel"), static))
-    return ds.assign_coords(lat=(("y", "x"), lat), lon=(("y", "x"), lon),
-                            static_channel=np.array([str(s) for s in static_names], dtype=str))
+    return ds.assign_coords(
+        lat=(("y", "x"), lat), lon=(("y", "x"), lon), static_channel=np.array([str(s) for s in static_names], dtype=str)
+    )
 
 
 def _write_cwb(cfg: dict, store: str) -> dict:
@@ -312,8 +364,10 @@ def _write_cwb(cfg: dict, store: str) -> dict:
     # Nothing is copied, but every selected step is read once here so that NaNs surface now
     # (policy "error") or get counted (policy "fill"; the reader fills them on the fly).
     g = zarr.open_group(path, mode="r")
-    names = {"cwb": [str(FieldSpec.parse(f)) for f in cfg["target_variables"]],
-             "era5": [str(FieldSpec.parse(f)) for f in cfg["input_variables"]]}
+    names = {
+        "cwb": [str(FieldSpec.parse(f)) for f in cfg["target_variables"]],
+        "era5": [str(FieldSpec.parse(f)) for f in cfg["input_variables"]],
+    }
     index = {"cwb": src.target_index, "era5": src.input_index}
     counts = {k: np.zeros(len(v), np.int64) for k, v in names.items()}
     h, w = src.shape
@@ -321,8 +375,14 @@ def _write_cwb(cfg: dict, store: str) -> dict:
         rows = sel[block]
         for key in ("cwb", "era5"):
             values = np.moveaxis(g[key].get_orthogonal_selection((rows, index[key])), 1, -1).astype(np.float32)
-            counts[key] += apply_nan_policy(values, names[key], cfg["nan_policy"], cfg["nan_fill_value"],
-                                            paths=[path] * len(rows), times=src.times[rows])
+            counts[key] += apply_nan_policy(
+                values,
+                names[key],
+                cfg["nan_policy"],
+                cfg["nan_fill_value"],
+                paths=[path] * len(rows),
+                times=src.times[rows],
+            )
     ds = xr.Dataset(
         {"source_time_index": (("time",), sel.astype(np.int64))},
         coords={"time": src.times[sel], "target_channel": names["cwb"], "input_channel": names["era5"]},
@@ -333,8 +393,11 @@ def _write_cwb(cfg: dict, store: str) -> dict:
         "source_store": os.path.abspath(path),
         "target_channel_index": [int(i) for i in src.target_index],
         "input_channel_index": [int(i) for i in src.input_index],
-        "nonfinite_counts": {"target": dict(zip(names["cwb"], counts["cwb"].tolist())),
-                             "inputs": dict(zip(names["era5"], counts["era5"].tolist())), "static": static_counts},
+        "nonfinite_counts": {
+            "target": dict(zip(names["cwb"], counts["cwb"].tolist())),
+            "inputs": dict(zip(names["era5"], counts["era5"].tolist())),
+            "static": static_counts,
+        },
     }
 
 
@@ -362,7 +425,8 @@ def prepare_dataset(data_cfg, cache_dir: str, *, overwrite: bool = False) -> str
         os.remove(stats)
     attrs = (_write_variables if cfg["format"] == "variables" else _write_cwb)(cfg, store)
     zarr.open_group(store, mode="r+").attrs.update(
-        {**attrs, "format": cfg["format"], "config_hash": digest, "data_config": cfg, "complete": True})
+        {**attrs, "format": cfg["format"], "config_hash": digest, "data_config": cfg, "complete": True}
+    )
     zarr.consolidate_metadata(store)
     return store
 
@@ -423,8 +487,14 @@ class PreparedStore:
         ):
             values = array.get_orthogonal_selection((self._source_index[indices], channels))
             values = np.moveaxis(values, 1, -1).astype(np.float32)
-            apply_nan_policy(values, names, self.config["nan_policy"], self.config["nan_fill_value"],
-                             paths=[self.attrs["source_store"]] * len(indices), times=self.times[indices])
+            apply_nan_policy(
+                values,
+                names,
+                self.config["nan_policy"],
+                self.config["nan_fill_value"],
+                paths=[self.attrs["source_store"]] * len(indices),
+                times=self.times[indices],
+            )
             out.append(values)
         return tuple(out)
 
@@ -445,8 +515,12 @@ def compute_stats(store_path: str) -> Normalizer:
     moments_s.update(store.static)
     (tm, ts), (im, is_), (sm, ss) = moments_t.mean_std(), moments_i.mean_std(), moments_s.mean_std()
     normalizer = Normalizer(store.target_channels, tm, ts, store.input_channels, im, is_, store.static_channels, sm, ss)
-    save_stats(os.path.join(os.path.dirname(os.path.abspath(store_path)), STATS_NAME), normalizer,
-               config_hash=store.attrs["config_hash"], train_period=store.config["train_period"])
+    save_stats(
+        os.path.join(os.path.dirname(os.path.abspath(store_path)), STATS_NAME),
+        normalizer,
+        config_hash=store.attrs["config_hash"],
+        train_period=store.config["train_period"],
+    )
     return normalizer
 
 
@@ -474,11 +548,17 @@ def describe_prepared(store_path: str, normalizer: Normalizer) -> str:
     ]
     if store.lead_time_labels is not None:
         counts = np.bincount(store.lead_time_labels, minlength=len(store.lead_times))
-        lines.insert(3, "forecast samples by lead time (valid time = init + lead; periods select on valid time): "
-                     + ", ".join(f"{h:g} h: {n}" for h, n in zip(store.lead_times, counts))
-            + f" ({store.attrs.get('forecast_pairs_without_target', 0)} (init, lead) pairs without a target skipped)")
+        lines.insert(
+            3,
+            "forecast samples by lead time (valid time = init + lead; periods select on valid time): "
+            + ", ".join(f"{h:g} h: {n}" for h, n in zip(store.lead_times, counts))
+            + f" ({store.attrs.get('forecast_pairs_without_target', 0)} (init, lead) pairs without a target skipped)",
+        )
     for group in ("target", "input", "static"):
-        for name, m, s in zip(getattr(normalizer, f"{group}_channels"), getattr(normalizer, f"{group}_mean"),
-                              getattr(normalizer, f"{group}_std")):
+        for name, m, s in zip(
+            getattr(normalizer, f"{group}_channels"),
+            getattr(normalizer, f"{group}_mean"),
+            getattr(normalizer, f"{group}_std"),
+        ):
             lines.append(f"  {group:6s} {name:24s} mean {m:12.5g}  std {s:12.5g}")
     return "\n".join(lines)

@@ -61,7 +61,8 @@ def decode_times(array) -> np.ndarray:
     """A Zarr time array (CF ``units``/``calendar`` attributes, or already datetime64) as datetime64[ns]."""
     if "units" in array.attrs:
         values = xr.coding.times.decode_cf_datetime(
-            array[:], array.attrs["units"], array.attrs.get("calendar", "standard"))
+            array[:], array.attrs["units"], array.attrs.get("calendar", "standard")
+        )
         return np.asarray(values).astype("datetime64[ns]")
     return np.asarray(array[:]).astype("datetime64[ns]")
 
@@ -97,13 +98,19 @@ def _select_level(da: xr.DataArray, path: str, spec: FieldSpec) -> xr.DataArray:
         if level_dims:
             levels = da[level_dims[0]].values
             raise MissingLevelError(
-                path, spec.name, None, levels,
+                path,
+                spec.name,
+                None,
+                levels,
                 reason=f"it has levels {', '.join(f'{v:g}' for v in levels)}; name one as '{spec.name}@LEVEL'",
             )
         return da
     if not level_dims:
         raise MissingLevelError(
-            path, spec.name, spec.level, [],
+            path,
+            spec.name,
+            spec.level,
+            [],
             reason=f"{spec.name!r} has no vertical dimension (looked for {', '.join(LEVEL_DIMS)})",
         )
     levels = np.asarray(da[level_dims[0]].values, np.float64)
@@ -128,8 +135,9 @@ def _lat_lon(ds: xr.Dataset, dims: tuple[str, str]):
     return None, None, None
 
 
-def _merge_times(file_times: list[np.ndarray], paths: Sequence[str], what: str,
-                 label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def _merge_times(
+    file_times: list[np.ndarray], paths: Sequence[str], what: str, label: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The times of several files as one sorted axis: (times, file of each, index within its
     file). A time found twice is an error naming the file."""
     times = np.concatenate(file_times)
@@ -273,8 +281,11 @@ class CwbStore:
         self.lat, self.lon = np.asarray(g["XLAT"][:], np.float64), np.asarray(g["XLONG"][:], np.float64)
         self.shape = tuple(g["cwb"].shape[-2:])
         if self.lat.shape != self.shape or tuple(g["era5"].shape[-2:]) != self.shape:
-            raise GridMismatchError(path, "cwb/era5/XLAT grids", f"cwb {self.shape}, era5 "
-                                    f"{tuple(g['era5'].shape[-2:])}, XLAT {self.lat.shape}")
+            raise GridMismatchError(
+                path,
+                "cwb/era5/XLAT grids",
+                f"cwb {self.shape}, era5 {tuple(g['era5'].shape[-2:])}, XLAT {self.lat.shape}",
+            )
 
     def _channel_index(self, g, prefix: str, fields: Sequence[str]) -> list[int]:
         names = [_as_str(v) for v in g[f"{prefix}_variable"][:]]
@@ -291,8 +302,9 @@ class CwbStore:
             else:
                 match = [i for i in candidates if np.isclose(levels[i], spec.level)]
             if not match:
-                raise MissingLevelError(self.path, f"{prefix} channel {spec.name}", spec.level,
-                                        [labels[i] for i in candidates])
+                raise MissingLevelError(
+                    self.path, f"{prefix} channel {spec.name}", spec.level, [labels[i] for i in candidates]
+                )
             index.append(match[0])
         return index
 
@@ -339,12 +351,16 @@ class ForecastSource(_GriddedFiles):
                 init_dim = next((d for d in INIT_DIMS if d in da.dims), None)
                 lead_dim = next((d for d in LEAD_DIMS if d in da.dims), None)
                 if init_dim is None or lead_dim is None:
-                    missing = "an init-time dimension (" + ", ".join(INIT_DIMS) + ")" if init_dim is None else \
-                        "a lead-time dimension (" + ", ".join(LEAD_DIMS) + ")"
+                    missing = (
+                        "an init-time dimension (" + ", ".join(INIT_DIMS) + ")"
+                        if init_dim is None
+                        else "a lead-time dimension (" + ", ".join(LEAD_DIMS) + ")"
+                    )
                     raise ForecastLayoutError(path, str(spec), f"dimensions {da.dims} lack {missing}")
                 if not np.issubdtype(da[init_dim].dtype, np.datetime64):
-                    raise ForecastLayoutError(path, str(spec), f"{init_dim!r} does not decode to datetime64 "
-                                              f"(dtype {da[init_dim].dtype})")
+                    raise ForecastLayoutError(
+                        path, str(spec), f"{init_dim!r} does not decode to datetime64 (dtype {da[init_dim].dtype})"
+                    )
                 hours = lead_hours(da[lead_dim])
                 pos = [np.nonzero(np.isclose(hours, h))[0] for h in self.lead_times]
                 missing = [h for h, p in zip(self.lead_times, pos) if not len(p)]
@@ -352,8 +368,9 @@ class ForecastSource(_GriddedFiles):
                     raise MissingLeadTimeError(path, missing, hours)
                 spatial = tuple(d for d in da.dims if d not in (init_dim, lead_dim))
                 if len(spatial) != 2:
-                    raise ForecastLayoutError(path, str(spec), f"dimensions {da.dims}; expected "
-                                              f"({init_dim}, {lead_dim}, [level,] y, x)")
+                    raise ForecastLayoutError(
+                        path, str(spec), f"dimensions {da.dims}; expected ({init_dim}, {lead_dim}, [level,] y, x)"
+                    )
                 self._adopt_grid(ds, da, spatial, path, f"{what} field {spec}")
                 these = da[init_dim].values.astype("datetime64[ns]")
                 if inits is None:

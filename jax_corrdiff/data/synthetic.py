@@ -28,19 +28,27 @@ from jax_corrdiff.data.sources import FieldSpec
 TAIWAN_CWB_VARIABLES = ("maximum_radar_reflectivity", "temperature_2m", "eastward_wind_10m", "northward_wind_10m")
 TAIWAN_ERA5_VARIABLES = (
     "total_column_water_vapour",
-    "geopotential@500", "temperature@500", "eastward_wind@500", "northward_wind@500",
-    "geopotential@850", "temperature@850", "eastward_wind@850", "northward_wind@850",
-    "temperature_2m", "eastward_wind_10m", "northward_wind_10m",
+    "geopotential@500",
+    "temperature@500",
+    "eastward_wind@500",
+    "northward_wind@500",
+    "geopotential@850",
+    "temperature@850",
+    "eastward_wind@850",
+    "northward_wind@850",
+    "temperature_2m",
+    "eastward_wind_10m",
+    "northward_wind_10m",
 )
 
 # (name, level) -> (mean, amplitude) in the variable's units; unknown names get (0, 1).
 _MAGNITUDES = {
     ("maximum_radar_reflectivity", None): (15.0, 15.0),  # dBZ, clipped at 0 below
-    ("temperature_2m", None): (295.0, 5.0),              # K
-    ("eastward_wind_10m", None): (0.0, 5.0),             # m s-1
+    ("temperature_2m", None): (295.0, 5.0),  # K
+    ("eastward_wind_10m", None): (0.0, 5.0),  # m s-1
     ("northward_wind_10m", None): (0.0, 5.0),
-    ("total_column_water_vapour", None): (45.0, 10.0),   # kg m-2
-    ("geopotential", 500.0): (57_500.0, 500.0),          # m2 s-2
+    ("total_column_water_vapour", None): (45.0, 10.0),  # kg m-2
+    ("geopotential", 500.0): (57_500.0, 500.0),  # m2 s-2
     ("geopotential", 850.0): (14_800.0, 300.0),
     ("temperature", 500.0): (267.0, 3.0),
     ("temperature", 850.0): (289.0, 4.0),
@@ -76,8 +84,16 @@ def _scaled(rng, specs, n_times, h, w, max_wavenumber):
     return values
 
 
-def write_cwb_zarr(path: str, *, times, height: int, width: int, cwb_variables=TAIWAN_CWB_VARIABLES,
-                   era5_variables=TAIWAN_ERA5_VARIABLES, seed: int = 0) -> str:
+def write_cwb_zarr(
+    path: str,
+    *,
+    times,
+    height: int,
+    width: int,
+    cwb_variables=TAIWAN_CWB_VARIABLES,
+    era5_variables=TAIWAN_ERA5_VARIABLES,
+    seed: int = 0,
+) -> str:
     """Write a CWB-layout Zarr (v2, consolidated) to ``path``; ``times`` is a sequence of
     datetime-likes; variables are "name" or "name@level". Returns ``path``."""
     rng = np.random.default_rng(seed)
@@ -92,12 +108,18 @@ def write_cwb_zarr(path: str, *, times, height: int, width: int, cwb_variables=T
     lon = 120.0 + 0.0195 * jj + 0.002 * (ii - height / 2) / max(height, 1)
 
     def names_levels(specs, prefix):
-        return {f"{prefix}_variable": ((f"{prefix}_channel",), np.array([s.name for s in specs])),
-                f"{prefix}_pressure": ((f"{prefix}_channel",),
-                                       np.array([np.nan if s.level is None else s.level for s in specs]))}
+        return {
+            f"{prefix}_variable": ((f"{prefix}_channel",), np.array([s.name for s in specs])),
+            f"{prefix}_pressure": (
+                (f"{prefix}_channel",),
+                np.array([np.nan if s.level is None else s.level for s in specs]),
+            ),
+        }
 
-    dims = {"cwb": ("time", "cwb_channel", "south_north", "west_east"),
-            "era5": ("time", "era5_channel", "south_north", "west_east")}
+    dims = {
+        "cwb": ("time", "cwb_channel", "south_north", "west_east"),
+        "era5": ("time", "era5_channel", "south_north", "west_east"),
+    }
     ds = xr.Dataset(
         {
             "cwb": (dims["cwb"], cwb),
@@ -111,8 +133,11 @@ def write_cwb_zarr(path: str, *, times, height: int, width: int, cwb_variables=T
             "cwb_valid": (("time",), np.ones(len(times), np.int8)),
             "era5_valid": (("time", "era5_channel"), np.ones((len(times), len(era5_specs)), bool)),
         },
-        coords={"time": times, "XLAT": (("south_north", "west_east"), lat),
-                "XLONG": (("south_north", "west_east"), lon)},
+        coords={
+            "time": times,
+            "XLAT": (("south_north", "west_east"), lat),
+            "XLONG": (("south_north", "west_east"), lon),
+        },
     )
     encoding = {
         "time": {"units": "hours since 1990-01-01 00:00:00", "dtype": "int64"},
@@ -177,8 +202,9 @@ class _Waves:
         """(T, H, W) for 1-D lat (H), lon (W), hours (T)."""
         out = np.zeros((len(hours), len(lat), len(lon)))
         for ky, kx, om, ph, a in zip(self.ky, self.kx, self.omega, self.phase, self.amp):
-            out += a * np.sin(2 * np.pi * (ky * lat[None, :, None] + kx * lon[None, None, :])
-                              + om * hours[:, None, None] + ph)
+            out += a * np.sin(
+                2 * np.pi * (ky * lat[None, :, None] + kx * lon[None, None, :]) + om * hours[:, None, None] + ph
+            )
         return out
 
 
@@ -206,9 +232,17 @@ def china3km_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.round(lat, 6), np.round(lon, 6)
 
 
-def write_china3km_dataset(directory: str, *, height: int = 64, width: int = 96, init_times=None,
-                           lead_times=(0, 6, 12), seed: int = 0, time_step_hours: int = 1,
-                           margin_deg: float = 1.0) -> dict[str, str]:
+def write_china3km_dataset(
+    directory: str,
+    *,
+    height: int = 64,
+    width: int = 96,
+    init_times=None,
+    lead_times=(0, 6, 12),
+    seed: int = 0,
+    time_step_hours: int = 1,
+    margin_deg: float = 1.0,
+) -> dict[str, str]:
     """Write a small synthetic China 3 km CorrDiff dataset to ``directory``; returns the paths.
 
     ``target.nc``   fine 0.03 deg regular lat/lon grid (``china3km_grid``), hourly (or every
@@ -244,12 +278,17 @@ def write_china3km_dataset(directory: str, *, height: int = 64, width: int = 96,
     c_lat = c_lat[::-1]  # north to south
     extent = (max(lat[-1] - lat[0], 1.0), max(lon[-1] - lon[0], 1.0))
 
-    channels = [(n, None) for n in CHINA3KM_SURFACE] + [(n, k) for n in CHINA3KM_UPPER for k in range(len(CHINA3KM_LEVELS))]
+    channels = [(n, None) for n in CHINA3KM_SURFACE] + [
+        (n, k) for n in CHINA3KM_UPPER for k in range(len(CHINA3KM_LEVELS))
+    ]
     init_h = (inits - t0) / np.timedelta64(1, "h")
     fine, coarse = {}, {}
     for name, k in channels:
-        large, small, error = (_Waves(rng, extent, (0.3, 1.2)), _Waves(rng, extent, (3.0, 8.0)),
-                               _Waves(rng, extent, (0.3, 1.2)))
+        large, small, error = (
+            _Waves(rng, extent, (0.3, 1.2)),
+            _Waves(rng, extent, (3.0, 8.0)),
+            _Waves(rng, extent, (0.3, 1.2)),
+        )
         fine[name, k] = _physical(name, k, large(lat, lon, valid_h) + 0.4 * small(lat, lon, valid_h))
         fc = np.empty((len(inits), len(leads), len(c_lat), len(c_lon)), np.float32)
         for a, ih in enumerate(init_h):
@@ -278,22 +317,36 @@ def write_china3km_dataset(directory: str, *, height: int = 64, width: int = 96,
     level = np.asarray(CHINA3KM_LEVELS, np.float64)
     target = dataset(fine, ("time", "lat", "lon"), {"time": valid, "level": level, "lat": lat, "lon": lon})
     target.attrs["title"] = "synthetic China 3 km CorrDiff targets (0.03 deg, regular lat/lon)"
-    forecast = dataset(coarse, ("init_time", "lead_time", "lat", "lon"),
-                       {"init_time": inits, "lead_time": (leads * 3600e9).astype("timedelta64[ns]"),
-                        "level": level, "lat": c_lat, "lon": c_lon})
+    forecast = dataset(
+        coarse,
+        ("init_time", "lead_time", "lat", "lon"),
+        {
+            "init_time": inits,
+            "lead_time": (leads * 3600e9).astype("timedelta64[ns]"),
+            "level": level,
+            "lat": c_lat,
+            "lon": c_lon,
+        },
+    )
     forecast.attrs["title"] = "synthetic 0.25 deg global forecast (CMA-GFS / AI-model-like inputs)"
 
     land = _Waves(rng, extent, (0.5, 2.0))(lat, lon, np.zeros(1))[0]
     lsm = (1.0 / (1.0 + np.exp(-4.0 * (land + 0.3)))).astype(np.float32)
-    orog = (np.maximum(0.0, 1500.0 * lsm * (1.0 + 0.5 * _Waves(rng, extent, (2.0, 6.0))(lat, lon, np.zeros(1))[0]))
-            ).astype(np.float32)
+    orog = (
+        np.maximum(0.0, 1500.0 * lsm * (1.0 + 0.5 * _Waves(rng, extent, (2.0, 6.0))(lat, lon, np.zeros(1))[0]))
+    ).astype(np.float32)
     static = xr.Dataset(
-        {n: xr.Variable(("lat", "lon"), v, {"units": _ATTRS[n][0], "long_name": _ATTRS[n][1]})
-         for n, v in (("orog", orog), ("lsm", lsm))},
+        {
+            n: xr.Variable(("lat", "lon"), v, {"units": _ATTRS[n][0], "long_name": _ATTRS[n][1]})
+            for n, v in (("orog", orog), ("lsm", lsm))
+        },
         coords={"lat": lat, "lon": lon},
     )
-    paths = {"target": os.path.join(directory, "target.nc"), "forecast": os.path.join(directory, "forecast.nc"),
-             "static": os.path.join(directory, "static.nc")}
+    paths = {
+        "target": os.path.join(directory, "target.nc"),
+        "forecast": os.path.join(directory, "forecast.nc"),
+        "static": os.path.join(directory, "static.nc"),
+    }
     target.to_netcdf(paths["target"])
     forecast.to_netcdf(paths["forecast"])
     static.to_netcdf(paths["static"])
@@ -308,7 +361,9 @@ def describe_files(paths: dict[str, str]) -> str:
             dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
             lines.append(f"{role}: {path}\n  dims: {dims}")
             for name, da in ds.data_vars.items():
-                lines.append(f"  {name:5s} {str(da.dims):45s} {da.attrs.get('units', '')}  {da.attrs.get('long_name', '')}")
+                lines.append(
+                    f"  {name:5s} {str(da.dims):45s} {da.attrs.get('units', '')}  {da.attrs.get('long_name', '')}"
+                )
             for name in ("time", "init_time", "lead_time", "level"):
                 if name in ds.coords:
                     v = ds[name].values

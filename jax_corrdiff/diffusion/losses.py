@@ -7,7 +7,7 @@ which Adam is invariant to up to its epsilon.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

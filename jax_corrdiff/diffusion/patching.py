@@ -18,7 +18,7 @@ patch-major and batch-major and gives patches the wrong embeddings when batch > 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,9 @@ def global_context(img_lr: jax.Array, height: int, width: int) -> jax.Array:
     return jax.image.resize(img_lr, (img_lr.shape[0], height, width, img_lr.shape[-1]), "bilinear")
 
 
-def random_origins(key: jax.Array, batch: int, num_patches: int, image: tuple[int, int],
-                   patch: tuple[int, int]) -> jax.Array:  # fmt: skip
+def random_origins(
+    key: jax.Array, batch: int, num_patches: int, image: tuple[int, int], patch: tuple[int, int]
+) -> jax.Array:
     """(batch * num_patches, 2) uniform top-left corners, patch fully inside the image."""
     (big_h, big_w), (h, w) = image, patch
     if h > big_h or w > big_w:
@@ -54,8 +55,9 @@ def crop_patches(images: jax.Array, origins: jax.Array, num_patches: int, patch:
     return jax.vmap(crop)(per_patch_image, origins)
 
 
-def patch_training_batch(key, target, regression_mean, img_lr, lead_time_label, *, num_patches: int,
-                         patch: tuple[int, int]) -> dict:  # fmt: skip
+def patch_training_batch(
+    key, target, regression_mean, img_lr, lead_time_label, *, num_patches: int, patch: tuple[int, int]
+) -> dict:
     """Cut P patches per image. The regression mean is computed once per image by the caller
     and cropped here, never recomputed per patch."""
     origins = random_origins(key, target.shape[0], num_patches, target.shape[1:3], patch)
@@ -140,9 +142,14 @@ def patch_conditioning(img_lr_patches: jax.Array, img_lr: jax.Array, repeats: in
     return jnp.concatenate([img_lr_patches, jnp.repeat(global_context(img_lr, h, w), repeats, axis=0)], axis=-1)
 
 
-def multidiffusion_denoiser(patch_denoise: PatchDenoiser, layout: TileLayout, img_lr: jax.Array,
-                            regression_mean: jax.Array | None = None, lead_time_label: jax.Array | None = None,
-                            tile_sharding=None):  # fmt: skip
+def multidiffusion_denoiser(
+    patch_denoise: PatchDenoiser,
+    layout: TileLayout,
+    img_lr: jax.Array,
+    regression_mean: jax.Array | None = None,
+    lead_time_label: jax.Array | None = None,
+    tile_sharding=None,
+):
     """A whole-image denoiser (x, sigma) -> x0_hat built from a tile denoiser.
 
     The tiles of the conditioning ([regression mean] | coarse input | global context) are

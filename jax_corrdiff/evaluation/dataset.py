@@ -118,11 +118,23 @@ class _ModelAccumulator:
         rmse = float(np.sqrt(mse))
         spread = None if self.members_count is None else float(np.sqrt(variance))
         ssr = None if spread is None else metrics.spread_skill_ratio(spread, rmse, self.members_count)
-        return {"mae": float(mae), "rmse": rmse, "crps": float(crps), "spread": spread,
-                "spread_skill_ratio": ssr, "p99_abs_error": float(p99)}  # fmt: skip
+        return {
+            "mae": float(mae),
+            "rmse": rmse,
+            "crps": float(crps),
+            "spread": spread,
+            "spread_skill_ratio": ssr,
+            "p99_abs_error": float(p99),
+        }
 
-    def add(self, n_points: int, forecast: xr.DataArray, truth: xr.DataArray, crps: float | None = None,
-            variance: float | None = None) -> None:  # fmt: skip
+    def add(
+        self,
+        n_points: int,
+        forecast: xr.DataArray,
+        truth: xr.DataArray,
+        crps: float | None = None,
+        variance: float | None = None,
+    ) -> None:
         """One time: ``forecast`` (the ensemble mean for an ensemble) against ``truth`` (NaN where
         masked); ``crps`` and ``variance`` (mean ensemble variance) of an ensemble."""
         mae, mse = metrics.mean_absolute_error(forecast, truth), metrics.mean_squared_error(forecast, truth)
@@ -178,8 +190,9 @@ def _as_float(da: xr.DataArray) -> xr.DataArray:
     return da.load().astype(np.float64)
 
 
-def score_field(members: xr.DataArray, truth: xr.DataArray, baselines: dict[str, xr.DataArray],
-                rng: np.random.Generator) -> dict:  # fmt: skip
+def score_field(
+    members: xr.DataArray, truth: xr.DataArray, baselines: dict[str, xr.DataArray], rng: np.random.Generator
+) -> dict:
     """Scores of one 2-D field over time: ``members`` (time, ensemble, y, x), ``truth`` and each
     baseline (time, y, x). Returns {"n_points", "models": {model: {"aggregate", "per_time"}},
     "rank_histogram", "spectra"} (models: corrdiff, then the baselines in the given order)."""
@@ -197,8 +210,12 @@ def score_field(members: xr.DataArray, truth: xr.DataArray, baselines: dict[str,
         obs_valid, n_points = obs.where(valid), int(valid.sum())
 
         accumulators[ENSEMBLE_MODEL].add(
-            n_points, ens.mean(metrics.MEMBER_DIM), obs_valid, crps=metrics.fair_crps(ens, obs_valid),
-            variance=metrics.mean_ensemble_variance(ens, obs_valid))  # fmt: skip
+            n_points,
+            ens.mean(metrics.MEMBER_DIM),
+            obs_valid,
+            crps=metrics.fair_crps(ens, obs_valid),
+            variance=metrics.mean_ensemble_variance(ens, obs_valid),
+        )
         for name, forecast in det.items():
             accumulators[name].add(n_points, forecast, obs_valid)
         rank_counts += metrics.rank_histogram(ens, obs_valid, rng)
@@ -232,13 +249,20 @@ def score_dataset(ds: xr.Dataset, variables=None, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     fields = {}
     for name in names:
-        baselines = {model: ds[f"{name}{suffix}"] for model, suffix in BASELINE_SUFFIXES.items()
-                     if f"{name}{suffix}" in ds.data_vars}  # fmt: skip
+        baselines = {
+            model: ds[f"{name}{suffix}"]
+            for model, suffix in BASELINE_SUFFIXES.items()
+            if f"{name}{suffix}" in ds.data_vars
+        }
         levels = levels_present(ds[name]) if LEVEL_DIM in ds[name].dims else [None]
         for level in levels:
             at_level = {} if level is None else {LEVEL_DIM: level}
-            scored = score_field(ds[name].sel(at_level), ds[f"{name}_truth"].sel(at_level),
-                                 {model: b.sel(at_level) for model, b in baselines.items()}, rng)  # fmt: skip
+            scored = score_field(
+                ds[name].sel(at_level),
+                ds[f"{name}_truth"].sel(at_level),
+                {model: b.sel(at_level) for model, b in baselines.items()},
+                rng,
+            )
             fields[field_key(name, level)] = {
                 "variable": name,
                 "level": level,

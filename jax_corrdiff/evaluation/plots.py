@@ -70,8 +70,14 @@ def plot_maps(ds: xr.Dataset, field: dict, time_index: int, path: str) -> None:
     for ax, (title, panel) in zip(axes, panels):
         mesh = ax.pcolormesh(x, y, panel.values, vmin=vmin, vmax=vmax, cmap="viridis", shading="auto")
         ax.set_title(title)
-    fig.colorbar(mesh, ax=list(axes[: len(panels)]), location="bottom", shrink=0.5, aspect=40,
-                 label=f"{name} {_units(field)}".rstrip())  # fmt: skip
+    fig.colorbar(
+        mesh,
+        ax=list(axes[: len(panels)]),
+        location="bottom",
+        shrink=0.5,
+        aspect=40,
+        label=f"{name} {_units(field)}".rstrip(),
+    )
     if spread is not None:
         ax = axes[len(panels)]
         std_mesh = ax.pcolormesh(x, y, spread.values, cmap="magma", shading="auto", vmin=0)

@@ -12,8 +12,14 @@ import xarray as xr
 from jax_corrdiff.evaluation import plots
 from jax_corrdiff.evaluation.dataset import SCORE_NAMES, TIME_DIM, EvaluationInputError, completed_times
 
-TABLE_COLUMNS = {"mae": "MAE", "rmse": "RMSE", "crps": "CRPS", "spread": "spread",
-                 "spread_skill_ratio": "SSR", "p99_abs_error": "p99 abs err"}  # fmt: skip
+TABLE_COLUMNS = {
+    "mae": "MAE",
+    "rmse": "RMSE",
+    "crps": "CRPS",
+    "spread": "spread",
+    "spread_skill_ratio": "SSR",
+    "p99_abs_error": "p99 abs err",
+}
 CSV_COLUMNS = ("variable", "level", "model", "units", *SCORE_NAMES, "n_points", "n_times")
 
 
@@ -22,10 +28,17 @@ def table_rows(scores: dict) -> list[dict]:
     rows = []
     for field in scores["fields"].values():
         for model, result in field["models"].items():
-            rows.append({
-                "variable": field["variable"], "level": field["level"], "model": model, "units": field["units"],
-                **result["aggregate"], "n_points": field["n_points"], "n_times": len(scores["times"]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "variable": field["variable"],
+                    "level": field["level"],
+                    "model": model,
+                    "units": field["units"],
+                    **result["aggregate"],
+                    "n_points": field["n_points"],
+                    "n_times": len(scores["times"]),
+                }
+            )
     return rows
 
 
@@ -69,8 +82,9 @@ def write_csv(scores: dict, path: str) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in table_rows(scores):
-            writer.writerow({k: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
-                             for k, v in row.items()})  # fmt: skip
+            writer.writerow(
+                {k: "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v for k, v in row.items()}
+            )
 
 
 def file_stem(key: str) -> str:

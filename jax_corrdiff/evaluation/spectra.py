@@ -52,8 +52,9 @@ def radial_power_spectrum(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     flat_power = power.reshape(-1, ny * nx)
     # One bincount over all fields: offset each field's bins by field_index * n_bins.
     offsets = (np.arange(flat_power.shape[0]) * n_bins)[:, None]
-    summed = np.bincount((bins[None, :] + offsets).ravel(), weights=flat_power.ravel(),
-                         minlength=flat_power.shape[0] * n_bins)  # fmt: skip
+    summed = np.bincount(
+        (bins[None, :] + offsets).ravel(), weights=flat_power.ravel(), minlength=flat_power.shape[0] * n_bins
+    )
     averaged = summed.reshape(flat_power.shape[0], n_bins) / mode_count
     return np.arange(n_bins), averaged.reshape(*fields.shape[:-2], n_bins), mode_count
 

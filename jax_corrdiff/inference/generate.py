@@ -25,8 +25,8 @@ from jax.experimental import multihost_utils
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.sources import FieldSpec, expand_paths, time_str
-from jax_corrdiff.diffusion.samplers import EDMSampler
 from jax_corrdiff.diffusion.patching import TileLayout
+from jax_corrdiff.diffusion.samplers import EDMSampler
 from jax_corrdiff.inference.sampling import corrdiff_ensemble, multidiffusion_denoisers, whole_image_denoisers
 from jax_corrdiff.inference.writer import EnsembleWriter
 from jax_corrdiff.models.factory import build_model
@@ -43,9 +43,17 @@ SAMPLER_PRESETS = {
 }
 
 
-def make_sampler(name: str, *, steps: int = 0, sigma_min: float = 0.0, sigma_max: float = 0.0,
-                 churn: float = 0.0, s_min: float = 0.0, s_max: float = float("inf"),
-                 s_noise: float = 1.0) -> EDMSampler:  # fmt: skip
+def make_sampler(
+    name: str,
+    *,
+    steps: int = 0,
+    sigma_min: float = 0.0,
+    sigma_max: float = 0.0,
+    churn: float = 0.0,
+    s_min: float = 0.0,
+    s_max: float = float("inf"),
+    s_noise: float = 1.0,
+) -> EDMSampler:
     """A preset by name, with any non-zero argument overriding it."""
     if name not in SAMPLER_PRESETS:
         raise ValueError(f"unknown sampler {name!r}; known: {sorted(SAMPLER_PRESETS)}")
@@ -85,9 +93,19 @@ class CorrDiffModel:
         if "normalization" not in diff_source or "data" not in diff_source:
             raise ValueError(f"{diff_dir} holds no normalization/data description (not exported by training)")
         lat, lon = load_grid(diff_dir)
-        return cls(build_model(reg_config), reg_vars, build_model(diff_config), diff_vars,
-                   Normalizer.from_dict(diff_source["normalization"]), diff_source["data"], lat, lon,
-                   bool(diff_source["hr_mean_conditioning"]), diff_source.get("patch", {}), workdir)  # fmt: skip
+        return cls(
+            build_model(reg_config),
+            reg_vars,
+            build_model(diff_config),
+            diff_vars,
+            Normalizer.from_dict(diff_source["normalization"]),
+            diff_source["data"],
+            lat,
+            lon,
+            bool(diff_source["hr_mean_conditioning"]),
+            diff_source.get("patch", {}),
+            workdir,
+        )
 
 
 def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
@@ -100,8 +118,11 @@ def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
         with xr.open_dataset(path, engine="zarr" if path.endswith(".zarr") else None) as ds:
             for name in names:
                 if name in ds and name not in attrs:
-                    attrs[name] = {k: str(ds[name].attrs[k]) for k in ("units", "long_name", "standard_name")
-                                   if k in ds[name].attrs}  # fmt: skip
+                    attrs[name] = {
+                        k: str(ds[name].attrs[k])
+                        for k in ("units", "long_name", "standard_name")
+                        if k in ds[name].attrs
+                    }
     return attrs
 
 
@@ -122,35 +143,57 @@ def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, me
         labels = labels if lead_time_aware else None
 
         def apply(x, cond, sigma, label, origin, margin):
-            return model.diffusion.apply(diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin,
-                                         grid_margin=margin)  # fmt: skip
+            return model.diffusion.apply(
+                diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin, grid_margin=margin
+            )
 
         patch = model.patch
         if patch and patch["height"]:
-            layout = TileLayout(tuple(img_lr.shape[1:3]), (patch["height"], patch["width"]), patch["overlap"],
-                                patch["boundary"])  # fmt: skip
+            layout = TileLayout(
+                tuple(img_lr.shape[1:3]), (patch["height"], patch["width"]), patch["overlap"], patch["boundary"]
+            )
             make_denoiser = multidiffusion_denoisers(apply, layout, hr_mean_conditioning=model.hr_mean_conditioning)
         else:
             make_denoiser = whole_image_denoisers(apply, hr_mean_conditioning=model.hr_mean_conditioning)
         return corrdiff_ensemble(
-            lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt), make_denoiser, sampler,
-            img_lr, keys, num_members=members, member_batch_size=member_batch_size, lead_time_label=labels,
-        )  # fmt: skip
+            lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt),
+            make_denoiser,
+            sampler,
+            img_lr,
+            keys,
+            num_members=members,
+            member_batch_size=member_batch_size,
+            lead_time_label=labels,
+        )
 
     repl, sharded = replicated(mesh), batch_sharded(mesh)
     return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
 
 
-def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler: EDMSampler, *, members: int,
-             seed: int, batch_size: int = 0, member_batch_size: int | None = None, num_devices: int = 0) -> str:  # fmt: skip
+def generate(
+    model: CorrDiffModel,
+    inputs: InferenceInputs,
+    output: str,
+    sampler: EDMSampler,
+    *,
+    members: int,
+    seed: int,
+    batch_size: int = 0,
+    member_batch_size: int | None = None,
+    num_devices: int = 0,
+) -> str:
     """Generate ``members`` samples for every time of ``inputs`` into ``output`` (skipping
     times an earlier run finished). ``batch_size`` times per call (0 = one per device)."""
     if tuple(inputs.input_channels) != tuple(model.normalizer.input_channels):
-        raise ValueError(f"{inputs.path}: input channels {inputs.input_channels} differ from the model's "
-                         f"{model.normalizer.input_channels}")  # fmt: skip
+        raise ValueError(
+            f"{inputs.path}: input channels {inputs.input_channels} differ from the model's "
+            f"{model.normalizer.input_channels}"
+        )
     if len(np.unique(inputs.times)) != len(inputs.times):
-        raise ValueError(f"{inputs.path}: several samples share a valid time (forecasts at several lead times); "
-                         "generate one lead time at a time (--lead_time)")  # fmt: skip
+        raise ValueError(
+            f"{inputs.path}: several samples share a valid time (forecasts at several lead times); "
+            "generate one lead time at a time (--lead_time)"
+        )
     mesh = make_mesh(num_devices)
     batch_size = batch_size or mesh.size
     if batch_size % mesh.size:
@@ -159,15 +202,26 @@ def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler
     writer = None
     if jax.process_index() == 0:
         writer = EnsembleWriter(
-            output, times=inputs.times, members=members, lat=model.lat, lon=model.lon,
-            target_channels=list(norm.target_channels), input_channels=list(norm.input_channels),
+            output,
+            times=inputs.times,
+            members=members,
+            lat=model.lat,
+            lon=model.lon,
+            target_channels=list(norm.target_channels),
+            input_channels=list(norm.input_channels),
             has_truth=inputs.has_truth,
-            variable_attrs=variable_attrs([inputs.path, *expand_paths(model.data_config["target_paths"], "target")],
-                                          list(norm.target_channels)),
+            variable_attrs=variable_attrs(
+                [inputs.path, *expand_paths(model.data_config["target_paths"], "target")], list(norm.target_channels)
+            ),
             init_times=inputs.init_times,
-            global_attrs={"title": "CorrDiff downscaling ensemble", "source": f"jax_corrdiff, model {model.workdir}",
-                          "input": inputs.path, "sampler": repr(sampler), "seed": seed},
-        )  # fmt: skip
+            global_attrs={
+                "title": "CorrDiff downscaling ensemble",
+                "source": f"jax_corrdiff, model {model.workdir}",
+                "input": inputs.path,
+                "sampler": repr(sampler),
+                "seed": seed,
+            },
+        )
         done = writer.completed
     else:
         done = np.zeros(len(inputs), bool)
@@ -177,19 +231,29 @@ def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler
     reg_vars = jax.device_put(model.regression_variables, replicated(mesh))
     diff_vars = jax.device_put(model.diffusion_variables, replicated(mesh))
     starts = [s for s in range(0, len(inputs), batch_size) if not done[s : s + batch_size].all()]
-    log.info("generate: %d times (%d already written), %d members, %d per batch on %d devices",
-             len(inputs), int(done.sum()), members, batch_size, mesh.size)  # fmt: skip
+    log.info(
+        "generate: %d times (%d already written), %d members, %d per batch on %d devices",
+        len(inputs),
+        int(done.sum()),
+        members,
+        batch_size,
+        mesh.size,
+    )
     t0 = time.time()
     for n, start in enumerate(starts):
         stop = min(start + batch_size, len(inputs))
         raw_inputs, truth = inputs.read(start, stop)
-        img_lr = np.concatenate([norm.normalize_inputs(raw_inputs),
-                                 np.broadcast_to(static, (*raw_inputs.shape[:3], static.shape[-1]))], axis=-1)  # fmt: skip
+        img_lr = np.concatenate(
+            [norm.normalize_inputs(raw_inputs), np.broadcast_to(static, (*raw_inputs.shape[:3], static.shape[-1]))],
+            axis=-1,
+        )
         times = inputs.times[start:stop]
         pad = batch_size - (stop - start)  # keep one compiled shape: repeat the last time
         img_lr = np.concatenate([img_lr, np.repeat(img_lr[-1:], pad, axis=0)]).astype(np.float32)
         keys = _time_keys(seed, np.concatenate([times, np.repeat(times[-1:], pad)]))
-        labels = np.zeros(stop - start, np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels[start:stop]
+        labels = (
+            np.zeros(stop - start, np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels[start:stop]
+        )
         labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
         mean, samples = fn(reg_vars, diff_vars, _global(img_lr, mesh), _global_keys(keys, mesh), _global(labels, mesh))
         mean = multihost_utils.process_allgather(mean, tiled=True)[: stop - start]
@@ -198,9 +262,15 @@ def generate(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler
             writer.write(start, norm.denormalize_target(samples), norm.denormalize_target(mean), raw_inputs, truth)
         elapsed = time.time() - t0
         eta = elapsed / (n + 1) * (len(starts) - n - 1)
-        log.info("generate: %s..%s done (%d/%d batches) | %.1f s/batch | ETA %s", time_str(times[0]),
-                 time_str(times[-1]), n + 1, len(starts), elapsed / (n + 1),
-                 time.strftime("%H:%M:%S", time.gmtime(eta)))  # fmt: skip
+        log.info(
+            "generate: %s..%s done (%d/%d batches) | %.1f s/batch | ETA %s",
+            time_str(times[0]),
+            time_str(times[-1]),
+            n + 1,
+            len(starts),
+            elapsed / (n + 1),
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
     return output
 
 
@@ -221,5 +291,3 @@ def _global_keys(keys: jax.Array, mesh) -> jax.Array:
     rows = _local_rows(len(data), mesh)
     local = jax.make_array_from_process_local_data(batch_sharded(mesh), np.asarray(data)[rows], data.shape)
     return jax.random.wrap_key_data(local)
-
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,9 @@ def whole_image_denoisers(apply: DiffusionApply, *, hr_mean_conditioning: bool) 
     return make
 
 
-def multidiffusion_denoisers(apply: DiffusionApply, layout: TileLayout, *, hr_mean_conditioning: bool,
-                             tile_sharding=None) -> DenoiserFactory:  # fmt: skip
+def multidiffusion_denoisers(
+    apply: DiffusionApply, layout: TileLayout, *, hr_mean_conditioning: bool, tile_sharding=None
+) -> DenoiserFactory:
     """D(x; sigma) averaged over overlapping tiles (patch-trained models)."""
 
     def patch_denoise(tiles, cond_tiles, sigma, origins, labels):
@@ -37,8 +38,9 @@ def multidiffusion_denoisers(apply: DiffusionApply, layout: TileLayout, *, hr_me
         return apply(tiles, cond_tiles, sigma, labels, origins, layout.boundary)
 
     def make(mean, img_lr, label):
-        return multidiffusion_denoiser(patch_denoise, layout, img_lr, mean if hr_mean_conditioning else None,
-                                       label, tile_sharding)  # fmt: skip
+        return multidiffusion_denoiser(
+            patch_denoise, layout, img_lr, mean if hr_mean_conditioning else None, label, tile_sharding
+        )
 
     return make
 

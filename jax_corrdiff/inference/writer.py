@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import netCDF4
 import numpy as np
@@ -54,14 +54,28 @@ def _hours(times: np.ndarray) -> np.ndarray:
 class EnsembleWriter:
     """Opens (or creates) ``path`` for ``times``; ``write(start, ...)`` fills rows start.."""
 
-    def __init__(self, path: str, *, times: np.ndarray, members: int, lat: np.ndarray, lon: np.ndarray,
-                 target_channels: Sequence[str], input_channels: Sequence[str], has_truth: bool,
-                 variable_attrs: dict[str, dict], global_attrs: dict, init_times: np.ndarray | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: str,
+        *,
+        times: np.ndarray,
+        members: int,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        target_channels: Sequence[str],
+        input_channels: Sequence[str],
+        has_truth: bool,
+        variable_attrs: dict[str, dict],
+        global_attrs: dict,
+        init_times: np.ndarray | None = None,
+    ):
         self.path = path
         self.fields, self.levels = group_channels(target_channels)
-        self.interpolated = {f.name: [list(input_channels).index(c) for c in self._names(f, target_channels)]
-                             for f in self.fields
-                             if all(c in input_channels for c in self._names(f, target_channels))}  # fmt: skip
+        self.interpolated = {
+            f.name: [list(input_channels).index(c) for c in self._names(f, target_channels)]
+            for f in self.fields
+            if all(c in input_channels for c in self._names(f, target_channels))
+        }
         self.has_truth = has_truth
         self.coordinates = "lat lon" if init_times is None else "lat lon forecast_reference_time"
         self.zarr = path.rstrip("/").endswith(".zarr")
@@ -84,8 +98,11 @@ class EnsembleWriter:
             yield f.name, ("time", "ensemble", *dims, "y", "x"), attrs
             yield f"{f.name}_regression", ("time", *dims, "y", "x"), {**attrs, "comment": "CorrDiff regression mean"}
             if f.name in self.interpolated:
-                yield f"{f.name}_interpolated", ("time", *dims, "y", "x"), {
-                    **attrs, "comment": "coarse input, bilinearly interpolated"}  # fmt: skip
+                yield (
+                    f"{f.name}_interpolated",
+                    ("time", *dims, "y", "x"),
+                    {**attrs, "comment": "coarse input, bilinearly interpolated"},
+                )
             if self.has_truth:
                 yield f"{f.name}_truth", ("time", *dims, "y", "x"), {**attrs, "comment": "truth"}
 
@@ -100,23 +117,37 @@ class EnsembleWriter:
             ("x", ("x",), np.arange(sizes["x"], dtype=np.int32), {"long_name": "grid column"}),
             ("lat", ("y", "x"), lat.astype(np.float32), {"units": "degrees_north", "standard_name": "latitude"}),
             ("lon", ("y", "x"), lon.astype(np.float32), {"units": "degrees_east", "standard_name": "longitude"}),
-            ("completed", ("time",), np.zeros(len(hours), np.int8),
-             {"long_name": "time step written", "flag_values": np.array([0, 1], np.int8),
-              "flag_meanings": "pending written"}),
-        ]  # fmt: skip
+            (
+                "completed",
+                ("time",),
+                np.zeros(len(hours), np.int8),
+                {
+                    "long_name": "time step written",
+                    "flag_values": np.array([0, 1], np.int8),
+                    "flag_meanings": "pending written",
+                },
+            ),
+        ]
         if self.levels:
             coords.append(("level", ("level",), np.asarray(self.levels, np.float64), {"long_name": "vertical level"}))
         if init_times is not None:  # forecast inputs: the initialization of each valid time
-            coords.append(("forecast_reference_time", ("time",), _hours(init_times),
-                           {"units": TIME_UNITS, "calendar": "standard", "standard_name": "forecast_reference_time"}))  # fmt: skip
+            coords.append(
+                (
+                    "forecast_reference_time",
+                    ("time",),
+                    _hours(init_times),
+                    {"units": TIME_UNITS, "calendar": "standard", "standard_name": "forecast_reference_time"},
+                )
+            )
         attrs = {"Conventions": "CF-1.8", **global_attrs}
         tmp = self.path + ".partial"
         if self.zarr:
             root = zarr.open_group(tmp, mode="w", zarr_format=2)
             root.attrs.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()})
             for name, dims, values, var_attrs in coords:
-                arr = root.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None,
-                                        fill_value=None)
+                arr = root.create_array(
+                    name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None, fill_value=None
+                )
                 arr[...] = values
                 arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
             for name, dims, var_attrs in self._variables(variable_attrs):
@@ -136,8 +167,9 @@ class EnsembleWriter:
                     var[...] = values
                 for name, dims, var_attrs in self._variables(variable_attrs):
                     chunks = tuple(1 if d in ("time", "ensemble", "level") else sizes[d] for d in dims)
-                    var = nc.createVariable(name, "f4", dims, zlib=True, complevel=1, chunksizes=chunks,
-                                            fill_value=np.float32(np.nan))  # fmt: skip
+                    var = nc.createVariable(
+                        name, "f4", dims, zlib=True, complevel=1, chunksizes=chunks, fill_value=np.float32(np.nan)
+                    )
                     var.setncatts(var_attrs)
         os.replace(tmp, self.path)
         self.completed = np.zeros(len(hours), bool)

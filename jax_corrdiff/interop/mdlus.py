@@ -73,9 +73,7 @@ def _open_members(path: str) -> Iterator[tuple[list[str], Callable[[str], bytes]
 def _member_prefix(names: list[str], path: str) -> str:
     """Return '' or '<folder>/', wherever model.pt sits."""
     candidates = sorted(
-        n[: -len(_MODEL)]
-        for n in names
-        if n == _MODEL or (n.endswith("/" + _MODEL) and n.count("/") == 1)
+        n[: -len(_MODEL)] for n in names if n == _MODEL or (n.endswith("/" + _MODEL) and n.count("/") == 1)
     )
     if not candidates:
         raise ValueError(f"{path}: missing member '{_MODEL}' (members: {sorted(names)})")
@@ -106,9 +104,7 @@ def _flat_state_dict(obj: Any, path: str) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
-            raise ValueError(
-                f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor"
-            )
+            raise ValueError(f"{path}: state dict entry {key!r} is a {type(value).__name__}, not a tensor")
         state[key] = value
     return state
 
@@ -129,16 +125,10 @@ def read_mdlus(path: str | os.PathLike[str]) -> MdlusArchive:
                 raise ValueError(f"{label}: missing member '{_ARGS}' (members: {sorted(names)})")
             model = read(prefix + _MODEL)
             args = _json_object(read(prefix + _ARGS), label, _ARGS)
-            metadata = (
-                _json_object(read(prefix + _METADATA), label, _METADATA)
-                if prefix + _METADATA in names
-                else {}
-            )
+            metadata = _json_object(read(prefix + _METADATA), label, _METADATA) if prefix + _METADATA in names else {}
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise ValueError(f"{label}: corrupt archive: {exc}") from exc
     member = io.BytesIO(model)
     member.name = f"{label}:{prefix}{_MODEL}"  # so loader errors name the member
     state = load_torch_checkpoint(member)
-    return MdlusArchive(
-        state_dict=_flat_state_dict(state, label), args=args, metadata=metadata, path=label
-    )
+    return MdlusArchive(state_dict=_flat_state_dict(state, label), args=args, metadata=metadata, path=label)

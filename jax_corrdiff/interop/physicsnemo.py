@@ -33,30 +33,72 @@ DIFFUSION_CLASSES = ("EDMPrecondSuperResolution", "EDMPrecondSR")
 # Constructor defaults of PhysicsNeMo 2.2.2's UNets. Wrappers record only the keyword
 # arguments they were given, so the inner class's defaults fill the rest.
 _SONGUNET_DEFAULTS = dict(
-    label_dim=0, augment_dim=0, model_channels=128, channel_mult=[1, 2, 2, 2], channel_mult_emb=4,
-    num_blocks=4, attn_resolutions=[16], dropout=0.10, label_dropout=0.0, embedding_type="positional",
-    channel_mult_noise=1, encoder_type="standard", decoder_type="standard", resample_filter=[1, 1],
-    checkpoint_level=0, additive_pos_embed=False, bottleneck_attention=True, use_apex_gn=False,
-    act="silu", profile_mode=False, amp_mode=False,
-)  # fmt: skip
+    label_dim=0,
+    augment_dim=0,
+    model_channels=128,
+    channel_mult=[1, 2, 2, 2],
+    channel_mult_emb=4,
+    num_blocks=4,
+    attn_resolutions=[16],
+    dropout=0.10,
+    label_dropout=0.0,
+    embedding_type="positional",
+    channel_mult_noise=1,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    checkpoint_level=0,
+    additive_pos_embed=False,
+    bottleneck_attention=True,
+    use_apex_gn=False,
+    act="silu",
+    profile_mode=False,
+    amp_mode=False,
+)
 _POSEMBD_DEFAULTS = dict(
-    _SONGUNET_DEFAULTS, channel_mult=[1, 2, 2, 2, 2], attn_resolutions=[28], dropout=0.13,
-    gridtype="sinusoidal", N_grid_channels=4, lead_time_mode=False, lead_time_channels=None,
-    lead_time_steps=9, prob_channels=[],
-)  # fmt: skip
-DEFAULTS = {"SongUNet": _SONGUNET_DEFAULTS, "SongUNetPosEmbd": _POSEMBD_DEFAULTS, "SongUNetPosLtEmbd": _POSEMBD_DEFAULTS}
+    _SONGUNET_DEFAULTS,
+    channel_mult=[1, 2, 2, 2, 2],
+    attn_resolutions=[28],
+    dropout=0.13,
+    gridtype="sinusoidal",
+    N_grid_channels=4,
+    lead_time_mode=False,
+    lead_time_channels=None,
+    lead_time_steps=9,
+    prob_channels=[],
+)
+DEFAULTS = {
+    "SongUNet": _SONGUNET_DEFAULTS,
+    "SongUNetPosEmbd": _POSEMBD_DEFAULTS,
+    "SongUNetPosLtEmbd": _POSEMBD_DEFAULTS,
+}
 
 # Options that must hold their default for the model to be representable here, and
 # options that only change speed or memory in PyTorch.
 _REQUIRED = dict(
-    label_dim=0, augment_dim=0, label_dropout=0.0, encoder_type="standard", decoder_type="standard",
-    resample_filter=[1, 1], additive_pos_embed=False, bottleneck_attention=True, act="silu",
-)  # fmt: skip
+    label_dim=0,
+    augment_dim=0,
+    label_dropout=0.0,
+    encoder_type="standard",
+    decoder_type="standard",
+    resample_filter=[1, 1],
+    additive_pos_embed=False,
+    bottleneck_attention=True,
+    act="silu",
+)
 _PERFORMANCE_ONLY = {"checkpoint_level", "use_apex_gn", "profile_mode", "amp_mode", "use_fp16", "lead_time_mode"}
 _WRAPPER_ARGS = {
-    "img_resolution", "img_channels", "img_in_channels", "img_out_channels", "model_type",
-    "sigma_data", "sigma_min", "sigma_max", "scale_cond_input", "use_fp16",
-}  # fmt: skip
+    "img_resolution",
+    "img_channels",
+    "img_in_channels",
+    "img_out_channels",
+    "model_type",
+    "sigma_data",
+    "sigma_min",
+    "sigma_max",
+    "scale_cond_input",
+    "use_fp16",
+}
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -75,10 +117,19 @@ def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
     gridtype, n_grid = args.pop("gridtype", None), args.pop("N_grid_channels", 0)
     lt_channels, lt_steps = args.pop("lead_time_channels", None), args.pop("lead_time_steps", 0)
     prob_channels = args.pop("prob_channels", [])
-    unet = {k: args.pop(k) for k in (
-        "model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks",
-        "attn_resolutions", "dropout", "embedding_type",
-    )}  # fmt: skip
+    unet = {
+        k: args.pop(k)
+        for k in (
+            "model_channels",
+            "channel_mult",
+            "channel_mult_emb",
+            "channel_mult_noise",
+            "num_blocks",
+            "attn_resolutions",
+            "dropout",
+            "embedding_type",
+        )
+    }
     for key in ("img_resolution", "in_channels", "out_channels"):
         args.pop(key, None)
     if args:
@@ -93,7 +144,9 @@ def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
         raise UnsupportedCheckpointError(f"{path}: gridtype {gridtype!r} is not supported (sinusoidal, learnable)")
     extra = n_grid
     if class_name == "SongUNetPosLtEmbd":
-        unet.update(lead_time_steps=int(lt_steps), lead_time_channels=int(lt_channels), prob_channels=list(prob_channels))
+        unet.update(
+            lead_time_steps=int(lt_steps), lead_time_channels=int(lt_channels), prob_channels=list(prob_channels)
+        )
         extra += int(lt_channels)
     unet["unbiased_groupnorm"] = True
     return unet, extra
@@ -104,20 +157,30 @@ def model_config_from_args(archive: MdlusArchive) -> dict:
     name, given = archive.args.get("__name__"), dict(archive.args.get("__args__", {}))
     if name in UNET_CLASSES:
         unet, extra = _unet_config(name, given, archive.path)
-        return dict(kind="unet", img_resolution=list(given["img_resolution"]), out_channels=given["out_channels"],
-                    cond_channels=given["in_channels"] - extra, unet=unet)  # fmt: skip
+        return dict(
+            kind="unet",
+            img_resolution=list(given["img_resolution"]),
+            out_channels=given["out_channels"],
+            cond_channels=given["in_channels"] - extra,
+            unet=unet,
+        )
     if name in REGRESSION_CLASSES + DIFFUSION_CLASSES:
         inner = given.get("model_type", "SongUNetPosEmbd")
         if inner not in UNET_CLASSES:
             raise UnsupportedCheckpointError(f"{archive.path}: model_type {inner!r} is not supported")
         unet, extra = _unet_config(inner, {k: v for k, v in given.items() if k not in _WRAPPER_ARGS}, archive.path)
-        config = dict(img_resolution=list(given["img_resolution"]), out_channels=given["img_out_channels"],
-                      cond_channels=given["img_in_channels"] - extra, unet=unet)  # fmt: skip
+        config = dict(
+            img_resolution=list(given["img_resolution"]),
+            out_channels=given["img_out_channels"],
+            cond_channels=given["img_in_channels"] - extra,
+            unet=unet,
+        )
         if name in REGRESSION_CLASSES:
             return dict(kind="regression", **config)
         legacy = bool(given.get("scale_cond_input", True)) if name == "EDMPrecondSR" else False
-        return dict(kind="diffusion", sigma_data=float(given.get("sigma_data", 0.5)),
-                    legacy_scale_conditioning=legacy, **config)  # fmt: skip
+        return dict(
+            kind="diffusion", sigma_data=float(given.get("sigma_data", 0.5)), legacy_scale_conditioning=legacy, **config
+        )
     raise UnsupportedCheckpointError(
         f"{archive.path}: class {name!r} is not supported; expected one of "
         f"{UNET_CLASSES + REGRESSION_CLASSES + DIFFUSION_CLASSES}"
@@ -207,8 +270,7 @@ def convert_state_dict(archive: MdlusArchive, config: dict) -> dict:
         converted[path] = _to_flax_layout(np.asarray(value, np.float32), path)
 
     expected = {
-        tuple(p.key for p in path): leaf.shape
-        for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
+        tuple(p.key for p in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
     }
     missing = sorted("/".join(p) for p in set(expected) - set(converted))
     unexpected = sorted("/".join(p) for p in set(converted) - set(expected))

@@ -123,9 +123,7 @@ def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _tensor_ref(
-    storage: Any, offset: Any, size: Any, stride: Any, metadata: Any = None
-) -> _TensorRef:
+def _tensor_ref(storage: Any, offset: Any, size: Any, stride: Any, metadata: Any = None) -> _TensorRef:
     if not isinstance(storage, _StorageRef):
         raise ValueError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
     if type(offset) is not int or offset < 0:
@@ -175,9 +173,7 @@ def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> _T
     return data
 
 
-def _rebuild_parameter_with_state(
-    data: Any, requires_grad: Any, backward_hooks: Any, state: Any
-) -> _TensorRef:
+def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any, state: Any) -> _TensorRef:
     # The state holds Python attributes set on the Parameter, which a plain
     # array cannot carry.
     return _rebuild_parameter(data, requires_grad, backward_hooks)
@@ -333,9 +329,7 @@ def _materialize(obj: Any, storage_data: Callable[[_StorageRef], np.ndarray], la
 
 def _storage_array(raw: bytes, ref: _StorageRef, big_endian: bool, what: str) -> np.ndarray:
     if len(raw) != ref.numel * ref.dtype.itemsize:
-        raise ValueError(
-            f"{what} holds {len(raw)} bytes, expected {ref.numel} x {ref.dtype.itemsize}"
-        )
+        raise ValueError(f"{what} holds {len(raw)} bytes, expected {ref.numel} x {ref.dtype.itemsize}")
     data = np.frombuffer(raw, dtype=np.uint8)
     if ref.dtype == np.bool_:
         # Bytes other than 0/1 would make NumPy bools that compare oddly.
@@ -355,9 +349,7 @@ def _load_zip(file: BinaryIO, label: str) -> Any:
     with archive:
         pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pickles) != 1:
-            raise ValueError(
-                f"{label}: expected one '<root>/data.pkl' record, found {pickles or 'none'}"
-            )
+            raise ValueError(f"{label}: expected one '<root>/data.pkl' record, found {pickles or 'none'}")
         root = pickles[0][: -len("data.pkl")]
 
         def record(name: str) -> bytes:
@@ -375,9 +367,7 @@ def _load_zip(file: BinaryIO, label: str) -> Any:
 
         def storage_data(ref: _StorageRef) -> np.ndarray:
             name = f"data/{ref.key}"
-            return _storage_array(
-                record(name), ref, byteorder == b"big", f"{label}: '{root}{name}'"
-            )
+            return _storage_array(record(name), ref, byteorder == b"big", f"{label}: '{root}{name}'")
 
         return _materialize(obj, storage_data, label)
 

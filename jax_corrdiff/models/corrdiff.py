@@ -8,7 +8,7 @@ grid and lead-time channels itself.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -96,6 +96,12 @@ class EDMPrecondSR(nn.Module):
             arg = c_in * jnp.concatenate([x, img_lr], axis=-1)
         else:
             arg = jnp.concatenate([c_in * x, img_lr], axis=-1)
-        f_x = self.unet(arg, c_noise, lead_time_label=lead_time_label, patch_origin=patch_origin,
-                        grid_margin=grid_margin, train=train)  # fmt: skip
+        f_x = self.unet(
+            arg,
+            c_noise,
+            lead_time_label=lead_time_label,
+            patch_origin=patch_origin,
+            grid_margin=grid_margin,
+            train=train,
+        )
         return c_skip * x + c_out * f_x

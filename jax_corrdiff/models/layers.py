@@ -157,9 +157,7 @@ class UNetBlock(nn.Module):
     def _self_attention(self, x: jax.Array) -> jax.Array:
         b, height, width, c = x.shape
         heads = self.num_heads
-        qkv = conv(3 * c, 1, init_scale=math.sqrt(0.2), dtype=self.dtype, name="qkv")(
-            self._norm("norm2")(x)
-        )
+        qkv = conv(3 * c, 1, init_scale=math.sqrt(0.2), dtype=self.dtype, name="qkv")(self._norm("norm2")(x))
         # The qkv channels are laid out (head, channel-in-head, {q,k,v}) as in the
         # reference, so imported 1x1 conv weights need no permutation.
         qkv = qkv.reshape(b, height * width, heads, c // heads, 3)

@@ -8,7 +8,7 @@ multiple of 2^(levels - 1) the encoder needs, and the output is cropped back.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -103,8 +103,10 @@ class SongUNet(nn.Module):
     def _extra_channels(self, batch, height, width, lead_time_label, patch_origin, margin) -> list[jax.Array]:
         """Position-grid and lead-time channels (B, H, W, .), appended after all conditioning."""
         full_h, full_w = self.img_resolution
-        if patch_origin is None and (height, width) != (full_h, full_w) and (
-            self.position_grid != "none" or self.lead_time_steps
+        if (
+            patch_origin is None
+            and (height, width) != (full_h, full_w)
+            and (self.position_grid != "none" or self.lead_time_steps)
         ):
             raise ValueError(
                 f"input grid {height}x{width} differs from img_resolution {tuple(self.img_resolution)} "
@@ -114,7 +116,9 @@ class SongUNet(nn.Module):
         if self.position_grid == "sinusoidal":
             extra.append(jnp.asarray(sinusoidal_position_grid(full_h, full_w, self.num_grid_channels))[None])
         elif self.position_grid == "learnable":
-            extra.append(self.param("pos_embd", nn.initializers.normal(1.0), (full_h, full_w, self.num_grid_channels))[None])
+            extra.append(
+                self.param("pos_embd", nn.initializers.normal(1.0), (full_h, full_w, self.num_grid_channels))[None]
+            )
         if self.lead_time_steps:
             if lead_time_label is None:
                 raise ValueError("this model is lead-time aware: pass lead_time_label")
@@ -126,8 +130,9 @@ class SongUNet(nn.Module):
             return [jnp.broadcast_to(e, (batch, *e.shape[1:])).astype(jnp.float32) for e in extra]
 
         def crop(field, origin):
-            return jax.lax.dynamic_slice(field, (origin[0] + margin, origin[1] + margin, 0),
-                                         (height, width, field.shape[-1]))  # fmt: skip
+            return jax.lax.dynamic_slice(
+                field, (origin[0] + margin, origin[1] + margin, 0), (height, width, field.shape[-1])
+            )
 
         origins = jnp.asarray(patch_origin, jnp.int32).reshape(batch, 2)
         cropped = []
@@ -200,9 +205,7 @@ class SongUNet(nn.Module):
             for i in range(self.num_blocks + 1):
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
                 attn = i == self.num_blocks and has_attention[level]
-                x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(
-                    x, emb, train=train
-                )
+                x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(x, emb, train=train)
 
         x = nn.silu(GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name="out_norm")(x))
         return conv(self.out_channels, 3, init_scale=1e-5, dtype=self.dtype, name="out_conv")(x)

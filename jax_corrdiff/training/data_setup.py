@@ -43,9 +43,13 @@ class TrainingData:
         multihost_utils.sync_global_devices("jax_corrdiff: prepared data")
         store, normalizer = ensure_prepared(config.data, cache)
         return cls(
-            store, normalizer, DownscalingSource(store, "train", normalizer), DownscalingSource(store, "valid", normalizer),
-            data_config=data_config_dict(config.data), worker_count=int(config.data.worker_count),
-        )  # fmt: skip
+            store,
+            normalizer,
+            DownscalingSource(store, "train", normalizer),
+            DownscalingSource(store, "valid", normalizer),
+            data_config=data_config_dict(config.data),
+            worker_count=int(config.data.worker_count),
+        )
 
     @property
     def grid_shape(self) -> tuple[int, int]:
@@ -79,9 +83,13 @@ class TrainingData:
 
     def train_iterator(self, batch_size: int, seed: int):
         return make_train_iterator(
-            self.train_source, batch_size=batch_size, seed=seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), worker_count=self.worker_count,
-        )  # fmt: skip
+            self.train_source,
+            batch_size=batch_size,
+            seed=seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            worker_count=self.worker_count,
+        )
 
     def next_train_batch(self, iterator, mesh) -> dict:
         return to_global(_step_batch(next(iterator)), mesh)
@@ -89,9 +97,11 @@ class TrainingData:
     def validation_loss(self, eval_step, params, constants, frozen, mesh, batch_size: int, max_batches: int) -> float:
         """Mean per-sample loss over the first ``max_batches`` validation batches."""
         iterator = make_eval_iterator(
-            self.valid_source, batch_size=batch_size, process_index=jax.process_index(),
+            self.valid_source,
+            batch_size=batch_size,
+            process_index=jax.process_index(),
             process_count=jax.process_count(),
-        )  # fmt: skip
+        )
         total, count = 0.0, 0.0
         for _, batch in zip(range(max_batches), iterator):
             loss_sum, n = eval_step(params, constants, to_global(_step_batch(batch), mesh), frozen)

@@ -49,8 +49,12 @@ def model_config_for_stage(config, stage: str, data: data_setup.TrainingData) ->
     hr_mean = len(data.target_channels) if model.hr_mean_conditioning else 0
     # Patches also see the whole coarse input resized to the patch (global context).
     context = len(data.condition_channels) if config.diffusion.patch.height else 0
-    return dict(kind="diffusion", cond_channels=hr_mean + len(data.condition_channels) + context,
-                sigma_data=model.sigma_data, **common)  # fmt: skip
+    return dict(
+        kind="diffusion",
+        cond_channels=hr_mean + len(data.condition_channels) + context,
+        sigma_data=model.sigma_data,
+        **common,
+    )
 
 
 class _Progress:
@@ -64,7 +68,7 @@ class _Progress:
         self.writer = self.history = None
         if jax.process_index() == 0:
             self.writer = SummaryWriter(os.path.join(directory, "tensorboard"))
-            self.history = open(os.path.join(directory, "metrics.jsonl"), "a")
+            self.history = open(os.path.join(directory, "metrics.jsonl"), "a")  # noqa: SIM115 (closed in close())
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -82,12 +86,19 @@ class _Progress:
         self.t_last, self.step_last = now, step
         log.info(
             "%s step %d/%d | %.1f samples/s | loss %.5f | grad norm %.3g | lr %.3g | ETA %s",
-            self.stage, step, self.total, rate, metrics["loss"], metrics["grad_norm"],
-            metrics["learning_rate"], time.strftime("%H:%M:%S", time.gmtime(eta)),
-        )  # fmt: skip
+            self.stage,
+            step,
+            self.total,
+            rate,
+            metrics["loss"],
+            metrics["grad_norm"],
+            metrics["learning_rate"],
+            time.strftime("%H:%M:%S", time.gmtime(eta)),
+        )
         if metrics["nonfinite_grads"]:
-            log.warning("%s step %d: %d non-finite gradient entries were zeroed", self.stage, step,
-                            metrics["nonfinite_grads"])  # fmt: skip
+            log.warning(
+                "%s step %d: %d non-finite gradient entries were zeroed", self.stage, step, metrics["nonfinite_grads"]
+            )
         self.scalars(step, {**metrics, "samples_per_second": rate})
 
     def close(self) -> None:
@@ -125,10 +136,14 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
     else:
         regression_model, frozen = _frozen_regression(config, workdir, mesh)
         loss_fn = diffusion_per_sample_loss(
-            model, regression_model, p_mean=config.diffusion.loss.p_mean, p_std=config.diffusion.loss.p_std,
-            sigma_data=config.diffusion.model.sigma_data, hr_mean_conditioning=config.diffusion.model.hr_mean_conditioning,
+            model,
+            regression_model,
+            p_mean=config.diffusion.loss.p_mean,
+            p_std=config.diffusion.loss.p_std,
+            sigma_data=config.diffusion.model.sigma_data,
+            hr_mean_conditioning=config.diffusion.model.hr_mean_conditioning,
             patch=config.diffusion.patch.to_dict(),
-        )  # fmt: skip
+        )
 
     train_iter = data.train_iterator(local_batch_size(global_batch, mesh), seed=config.seed)
     args, kwargs = example_inputs(model_config)
@@ -146,18 +161,33 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
     train_step = make_train_step(loss_fn, optimizer, training, global_batch, config.seed, mesh)
     eval_step = make_eval_step(loss_fn, config.seed, mesh)
     progress = _Progress(stage, directory, start, total_steps, global_batch)
-    log.info("%s: %d parameters, steps %d -> %d, global batch %d on %d devices", stage,
-                 sum(p.size for p in jax.tree_util.tree_leaves(state.params)), start, total_steps,
-                 global_batch, mesh.size)  # fmt: skip
+    log.info(
+        "%s: %d parameters, steps %d -> %d, global batch %d on %d devices",
+        stage,
+        sum(p.size for p in jax.tree_util.tree_leaves(state.params)),
+        start,
+        total_steps,
+        global_batch,
+        mesh.size,
+    )
+
     def validate(step: int) -> None:
         """Validation loss of the raw and EMA weights on fixed noise (comparable across steps)."""
         losses = {
-            name: data.validation_loss(eval_step, params, state.constants, frozen, mesh,
-                                       local_batch_size(global_batch, mesh), training.eval_batches)
+            name: data.validation_loss(
+                eval_step,
+                params,
+                state.constants,
+                frozen,
+                mesh,
+                local_batch_size(global_batch, mesh),
+                training.eval_batches,
+            )
             for name, params in (("valid_loss", state.params), ("valid_loss_ema", state.ema_params))
-        }  # fmt: skip
-        log.info("%s step %d | validation loss %.5f (EMA %.5f)", stage, step, losses["valid_loss"],
-                 losses["valid_loss_ema"])  # fmt: skip
+        }
+        log.info(
+            "%s step %d | validation loss %.5f (EMA %.5f)", stage, step, losses["valid_loss"], losses["valid_loss_ema"]
+        )
         progress.scalars(step, losses)
 
     if start == 0:
@@ -178,8 +208,10 @@ def train_stage(config, stage: str, workdir: str, data: data_setup.TrainingData)
     progress.close()
     extra = {}
     if stage == "diffusion":
-        extra = {"hr_mean_conditioning": bool(config.diffusion.model.hr_mean_conditioning),
-                 "patch": config.diffusion.patch.to_dict()}  # fmt: skip
+        extra = {
+            "hr_mean_conditioning": bool(config.diffusion.model.hr_mean_conditioning),
+            "patch": config.diffusion.patch.to_dict(),
+        }
     return _export(directory, model_config, state, data, stage, extra)
 
 
@@ -189,8 +221,15 @@ def _export(directory: str, model_config: dict, state: TrainState, data, stage: 
     if jax.process_index() == 0:
         shutil.rmtree(path, ignore_errors=True)
     variables = {"params": state.ema_params, **state.constants}
-    source = {"format": "jax_corrdiff", "stage": stage, "step": int(state.step), "data": data.data_config,
-              "normalization": data.normalization, "channels": data.channel_metadata(), **extra}  # fmt: skip
+    source = {
+        "format": "jax_corrdiff",
+        "stage": stage,
+        "step": int(state.step),
+        "data": data.data_config,
+        "normalization": data.normalization,
+        "channels": data.channel_metadata(),
+        **extra,
+    }
     save_model(path, model_config, jax.device_get(variables), source, grid=data.grid)
     return path
 
@@ -201,5 +240,3 @@ def train_and_evaluate(config, workdir: str) -> dict[str, str]:
     data = data_setup.TrainingData.open(config, workdir)
     stages = ("regression", "diffusion") if config.stage == "all" else (config.stage,)
     return {stage: train_stage(config, stage, workdir, data) for stage in stages}
-
-

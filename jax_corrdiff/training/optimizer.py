@@ -31,8 +31,9 @@ def learning_rate(config: Any, global_batch: int) -> optax.Schedule:
 def zero_nonfinite() -> optax.GradientTransformation:
     """Replace NaN/inf gradient entries by 0 before the update (as the reference does), so
     one bad batch cannot poison Adam's moments."""
-    return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map(
-        lambda g: jnp.where(jnp.isfinite(g), g, 0.0), updates))  # fmt: skip
+    return optax.stateless(
+        lambda updates, params=None: jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), updates)
+    )
 
 
 def make_optimizer(config: Any, global_batch: int) -> optax.GradientTransformation:

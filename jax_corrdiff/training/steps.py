@@ -8,7 +8,8 @@ while training diffusion). Steps are built around it; they never sync with the h
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -62,8 +63,9 @@ def regression_per_sample_loss(model) -> PerSampleLoss:
     return loss
 
 
-def diffusion_per_sample_loss(model, regression_model, *, p_mean, p_std, sigma_data, hr_mean_conditioning,
-                              patch: dict | None = None) -> PerSampleLoss:  # fmt: skip
+def diffusion_per_sample_loss(
+    model, regression_model, *, p_mean, p_std, sigma_data, hr_mean_conditioning, patch: dict | None = None
+) -> PerSampleLoss:
     """Residual EDM loss; ``frozen`` = the regression variables (an argument, not a
     compile-time constant, so 80 M weights are not baked into the program).
 
@@ -78,21 +80,41 @@ def diffusion_per_sample_loss(model, regression_model, *, p_mean, p_std, sigma_d
         patch_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
         target, img_lr, origin = batch["target"], batch["img_lr"], None
         if patched:
-            cut = patch_training_batch(patch_rng, target, mean, img_lr, lead_time, num_patches=patch["num_patches"],
-                                       patch=(patch["height"], patch["width"]))  # fmt: skip
+            cut = patch_training_batch(
+                patch_rng,
+                target,
+                mean,
+                img_lr,
+                lead_time,
+                num_patches=patch["num_patches"],
+                patch=(patch["height"], patch["width"]),
+            )
             target, mean, img_lr, origin = cut["target"], cut["regression_mean"], cut["img_lr"], cut["patch_origin"]
             lead_time = cut.get("lead_time_label")
 
         def denoise(x, cond, sigma):
             return model.apply(
-                {"params": params, **constants}, x, cond, sigma, lead_time_label=lead_time, patch_origin=origin,
-                train=train, rngs={"dropout": dropout_rng},
-            )  # fmt: skip
+                {"params": params, **constants},
+                x,
+                cond,
+                sigma,
+                lead_time_label=lead_time,
+                patch_origin=origin,
+                train=train,
+                rngs={"dropout": dropout_rng},
+            )
 
         per_pixel = residual_loss(
-            denoise, noise_rng, target, mean, img_lr,
-            p_mean=p_mean, p_std=p_std, sigma_data=sigma_data, hr_mean_conditioning=hr_mean_conditioning,
-        )  # fmt: skip
+            denoise,
+            noise_rng,
+            target,
+            mean,
+            img_lr,
+            p_mean=p_mean,
+            p_std=p_std,
+            sigma_data=sigma_data,
+            hr_mean_conditioning=hr_mean_conditioning,
+        )
         per_sample = _pixel_mean(per_pixel)
         return per_sample.reshape(batch["target"].shape[0], -1).mean(axis=1)
 
@@ -126,6 +148,7 @@ def make_train_step(loss_fn: PerSampleLoss, optimizer, training_config, global_b
         if accumulation == 1:
             loss, grads = grad_fn(state.params, state.constants, batch, rng, frozen)
         else:
+
             def accumulate(carry, inputs):
                 i, micro = inputs
                 loss, grads = grad_fn(state.params, state.constants, micro, jax.random.fold_in(rng, i), frozen)
