@@ -9,8 +9,8 @@ anything but tensor data (a checkpoint from the internet cannot run code).
 from absl import app, flags, logging
 
 from jax_corrdiff.interop.physicsnemo import convert
+from jax_corrdiff.model_dir import save_model
 from jax_corrdiff.models.factory import count_params
-from jax_corrdiff.training.checkpointing import save_model
 
 _PHYSICSNEMO = flags.DEFINE_string("physicsnemo", None, "PhysicsNeMo .mdlus checkpoint to convert.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Model directory to write.", required=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from jax_corrdiff.data import write_cwb_zarr
-from jax_corrdiff.training.checkpointing import load_model
+from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.training.loop import train_and_evaluate
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))

@@ -243,7 +243,7 @@ def test_make_synthetic_command(tmp_path):
 def test_china3km_smoke_regression_trains(tmp_path, monkeypatch):
     import china3km
 
-    from jax_corrdiff.training.checkpointing import load_model
+    from jax_corrdiff.model_dir import load_model
     from jax_corrdiff.training.loop import train_and_evaluate
 
     monkeypatch.setenv(china3km.SMOKE_DIR_ENV, str(tmp_path / "data"))

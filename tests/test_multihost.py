@@ -19,7 +19,7 @@ import pytest
 import xarray as xr
 
 from jax_corrdiff.data import demo_data_path
-from jax_corrdiff.training.checkpointing import load_model
+from jax_corrdiff.model_dir import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOCAL_SH = os.path.join(ROOT, "launch", "local.sh")

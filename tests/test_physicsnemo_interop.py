@@ -17,8 +17,8 @@ import pytest
 from jax_corrdiff.interop import parity, physicsnemo
 from jax_corrdiff.interop.mdlus import read_mdlus
 from jax_corrdiff.interop.torch_pickle import UnsafePickleError
+from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models import build_model
-from jax_corrdiff.training.checkpointing import load_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "physicsnemo")
 CASES = parity.read_manifest(FIXTURES)["cases"]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_corrdiff.training.checkpointing import load_model
+from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.training.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

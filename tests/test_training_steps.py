@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jax_corrdiff.config import base_config
+from jax_corrdiff.mesh import make_mesh, to_global
 from jax_corrdiff.models import build_model, example_inputs
-from jax_corrdiff.training.mesh import make_mesh, to_global
 from jax_corrdiff.training.optimizer import ema_decay, learning_rate, make_optimizer
 from jax_corrdiff.training.steps import init_train_state, make_train_step, regression_per_sample_loss
 

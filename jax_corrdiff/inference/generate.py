@@ -29,9 +29,9 @@ from jax_corrdiff.diffusion.patching import TileLayout
 from jax_corrdiff.diffusion.samplers import EDMSampler
 from jax_corrdiff.inference.sampling import corrdiff_ensemble, multidiffusion_denoisers, whole_image_denoisers
 from jax_corrdiff.inference.writer import EnsembleWriter
+from jax_corrdiff.mesh import batch_sharded, make_mesh, replicated, shard_batch, shard_keys
+from jax_corrdiff.model_dir import load_grid, load_model
 from jax_corrdiff.models.factory import build_model
-from jax_corrdiff.training.checkpointing import load_grid, load_model
-from jax_corrdiff.training.mesh import batch_sharded, make_mesh, replicated
 
 log = logging.getLogger("jax_corrdiff")
 
@@ -255,7 +255,9 @@ def generate(
             np.zeros(stop - start, np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels[start:stop]
         )
         labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
-        mean, samples = fn(reg_vars, diff_vars, _global(img_lr, mesh), _global_keys(keys, mesh), _global(labels, mesh))
+        mean, samples = fn(
+            reg_vars, diff_vars, shard_batch(img_lr, mesh), shard_keys(keys, mesh), shard_batch(labels, mesh)
+        )
         mean = multihost_utils.process_allgather(mean, tiled=True)[: stop - start]
         samples = multihost_utils.process_allgather(samples, tiled=True)[: stop - start]
         if writer is not None:
@@ -272,22 +274,3 @@ def generate(
             time.strftime("%H:%M:%S", time.gmtime(eta)),
         )
     return output
-
-
-def _local_rows(n: int, mesh) -> slice:
-    """This process's contiguous rows of a batch sharded over the data axis."""
-    per_device = n // mesh.size
-    local = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
-    return slice(local[0] * per_device, (local[-1] + 1) * per_device)
-
-
-def _global(array: np.ndarray, mesh) -> jax.Array:
-    rows = _local_rows(len(array), mesh)
-    return jax.make_array_from_process_local_data(batch_sharded(mesh), array[rows], array.shape)
-
-
-def _global_keys(keys: jax.Array, mesh) -> jax.Array:
-    data = jax.random.key_data(keys)
-    rows = _local_rows(len(data), mesh)
-    local = jax.make_array_from_process_local_data(batch_sharded(mesh), np.asarray(data)[rows], data.shape)
-    return jax.random.wrap_key_data(local)

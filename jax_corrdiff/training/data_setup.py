@@ -12,7 +12,7 @@ from jax.experimental import multihost_utils
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
 from jax_corrdiff.data.prepare import PREPARED_DIR, data_config_dict, ensure_prepared
-from jax_corrdiff.training.mesh import to_global
+from jax_corrdiff.mesh import to_global
 
 # Batch entries the steps consume (time_index stays on the host).
 STEP_KEYS = ("target", "img_lr", "lead_time_label", "mask")

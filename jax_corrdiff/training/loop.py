@@ -12,10 +12,11 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from jax_corrdiff.mesh import local_batch_size, make_mesh, replicated
+from jax_corrdiff.model_dir import load_model, save_model
 from jax_corrdiff.models.factory import build_model, example_inputs
 from jax_corrdiff.training import data_setup
-from jax_corrdiff.training.checkpointing import TrainingCheckpoints, load_model, save_model
-from jax_corrdiff.training.mesh import local_batch_size, make_mesh, replicated
+from jax_corrdiff.training.checkpointing import TrainingCheckpoints
 from jax_corrdiff.training.optimizer import make_optimizer
 from jax_corrdiff.training.steps import (
     TrainState,

@@ -18,7 +18,7 @@ import optax
 
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import patch_training_batch
-from jax_corrdiff.training.mesh import batch_sharded, replicated
+from jax_corrdiff.mesh import batch_sharded, replicated
 from jax_corrdiff.training.optimizer import ema_decay, learning_rate
 
 PerSampleLoss = Callable[..., jax.Array]

@@ -46,3 +46,21 @@ def to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Process-local numpy batch -> global arrays sharded along the batch dimension."""
     sharding = batch_sharded(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def _local_rows(n: int, mesh: Mesh) -> slice:
+    """This process's contiguous rows of an n-row batch sharded over the data axis."""
+    per_device = n // mesh.size
+    local = [i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()]
+    return slice(local[0] * per_device, (local[-1] + 1) * per_device)
+
+
+def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The same whole batch on every process -> a global array; each process contributes its rows."""
+    rows = _local_rows(len(array), mesh)
+    return jax.make_array_from_process_local_data(batch_sharded(mesh), array[rows], array.shape)
+
+
+def shard_keys(keys: jax.Array, mesh: Mesh) -> jax.Array:
+    """``shard_batch`` for an array of PRNG keys."""
+    return jax.random.wrap_key_data(shard_batch(np.asarray(jax.random.key_data(keys)), mesh))
