@@ -107,9 +107,7 @@ def get_config(variant: str = ""):
 
     config.regression.model.global_residual = True
     for stage in (config.regression, config.diffusion):
-        unet = stage.model.unet
-        unet.lead_time_steps = len(data.lead_times)
-        unet.lead_time_channels = 4
+        stage.model.unet.lead_time_channels = 4  # one embedding per lead time of data.lead_times
     # Widths are the reference's (SongUNet 128 x [1,2,2,2,2], 4 blocks, attention at 28 =
     # 448 >> 4, dropout 0.13; base_config). Patched diffusion as in PhysicsNeMo: a learnable
     # position grid of 100 channels over the whole grid, cropped per patch (at 1670 x 2500
@@ -138,7 +136,6 @@ def get_config(variant: str = ""):
             unet.num_blocks = 1
             unet.attn_resolutions = []
             unet.dropout = 0.0
-            unet.lead_time_steps = len(data.lead_times)
             training = stage.training
             training.batch_size = 4
             training.lr = 1e-3

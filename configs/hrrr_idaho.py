@@ -8,7 +8,7 @@ u10/v10 are grid-relative, as HRRR stores them.
     python -m jax_corrdiff.train --config=configs/hrrr_idaho.py --workdir=/tmp/hrrr
 """
 
-from jax_corrdiff.config import base_config
+from jax_corrdiff.config import base_config, set_stages, shrink_to_smoke
 from jax_corrdiff.data import demo_data_path
 
 
@@ -25,31 +25,24 @@ def get_config(variant: str = ""):
     data.valid_period = ["2018-07-23T01", "2018-07-23T07"]
 
     # 78 x 41 grid: three levels (padded to 80 x 44), attention at the coarsest (78 >> 2 = 19).
-    for stage in (config.regression, config.diffusion):
-        unet = stage.model.unet
-        unet.model_channels = 32
-        unet.channel_mult = [1, 2, 2]
-        unet.num_blocks = 2
-        unet.attn_resolutions = [19]
-        unet.dropout = 0.0
-        training = stage.training
-        training.batch_size = 4
-        training.lr = 5e-4
-        training.lr_rampup_samples = 400
-        training.ema_halflife_samples = 200
-        training.log_every_steps = 25
-        training.eval_every_steps = 100
-        training.checkpoint_every_steps = 100
-        training.eval_batches = 2
-        training.total_samples = 4 * 400
+    set_stages(
+        config,
+        unet=dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[19], dropout=0.0),
+        training=dict(
+            batch_size=4,
+            lr=5e-4,
+            lr_rampup_samples=400,
+            ema_halflife_samples=200,
+            log_every_steps=25,
+            eval_every_steps=100,
+            checkpoint_every_steps=100,
+            eval_batches=2,
+            total_samples=4 * 400,
+        ),
+    )
 
     if variant == "smoke":
-        for stage in (config.regression, config.diffusion):
-            stage.model.unet.model_channels = 8
-            stage.model.unet.num_blocks = 1
-            stage.model.unet.attn_resolutions = []
-            stage.training.total_samples = 4 * 10
-            stage.training.log_every_steps = 5
+        shrink_to_smoke(config, 10, log_every_steps=5)
     elif variant:
         raise ValueError(f"unknown hrrr_idaho variant {variant!r} (known: smoke)")
     return config

@@ -1,8 +1,11 @@
 """The run configuration: one ConfigDict with every field, defaults from the CorrDiff paper.
 
-Files in ``configs/`` start from ``base_config()`` and override; ``--config.a.b=v`` on the
-command line overrides further, and a key that does not exist is an error. Fields that
-default to "unset" use ``placeholder`` so they can still be set from the command line.
+Files in ``configs/`` start from ``base_config()`` and override (``set_stages`` gives both
+stages the same widths and schedule; ``shrink_to_smoke`` makes a minutes-long variant);
+``--config.a.b=v`` on the command line overrides further, and a key that does not exist is an
+error. Fields that default to "unset" use ``placeholder`` so they can still be set from the
+command line. Config files are loaded by path and cannot import each other: shared helpers
+live here.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ def _unet(**overrides) -> ml_collections.ConfigDict:
         dropout=0.13,
         position_grid="sinusoidal",
         num_grid_channels=4,
+        # Channels of the learned per-lead-time embedding (0 = none). With forecast inputs
+        # (data.lead_times) the number of lead times it embeds comes from the data.
+        lead_time_channels=0,
     )
     unet.update(overrides)
     return ml_collections.ConfigDict(unet)
@@ -112,3 +118,27 @@ def base_config() -> ml_collections.ConfigDict:
     # workdir's regression stage.
     config.diffusion.regression_model = config_dict.placeholder(str)
     return config
+
+
+# SongUNet widths of every smoke variant: a few thousand parameters per stage, no attention.
+SMOKE_UNET = dict(model_channels=8, num_blocks=1, attn_resolutions=[])
+
+
+def set_stages(config: ml_collections.ConfigDict, *, unet: dict | None = None, training: dict | None = None):
+    """Give both stages (regression and diffusion) the same ``unet`` and ``training`` overrides."""
+    for stage in (config.regression, config.diffusion):
+        stage.model.unet.update(unet or {})
+        stage.training.update(training or {})
+    return config
+
+
+def shrink_to_smoke(
+    config: ml_collections.ConfigDict, steps: int, *, batch_size: int = 4, unet: dict | None = None, **training
+):
+    """Both stages at ``SMOKE_UNET`` widths (updated by ``unet``), ``steps`` steps of
+    ``batch_size``, and the ``training`` overrides: a run of minutes on a CPU."""
+    return set_stages(
+        config,
+        unet={**SMOKE_UNET, **(unet or {})},
+        training={"batch_size": batch_size, "total_samples": batch_size * steps, **training},
+    )

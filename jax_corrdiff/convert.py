@@ -8,8 +8,8 @@ anything but tensor data (a checkpoint from the internet cannot run code).
 
 from absl import app, flags, logging
 
-from jax_corrdiff.interop.physicsnemo import convert
-from jax_corrdiff.model_dir import save_model
+from jax_corrdiff.interop.physicsnemo import MATMUL_PRECISION, convert
+from jax_corrdiff.model_dir import SavedModel, save_model
 from jax_corrdiff.models.factory import count_params
 
 _PHYSICSNEMO = flags.DEFINE_string("physicsnemo", None, "PhysicsNeMo .mdlus checkpoint to convert.", required=True)
@@ -26,7 +26,7 @@ def main(argv):
         "args": archive.args.get("__args__", {}),
         "metadata": archive.metadata,
     }
-    save_model(_OUTPUT.value, config, variables, source)
+    save_model(_OUTPUT.value, SavedModel(config, variables, MATMUL_PRECISION, source=source))
     logging.info(
         "%s (%s, %d parameters) -> %s", archive.path, archive.args["__name__"], count_params(config), _OUTPUT.value
     )

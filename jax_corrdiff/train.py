@@ -14,7 +14,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jax_corrdiff import distributed
-from jax_corrdiff.config import STAGES
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.training.loop import train_and_evaluate
 
@@ -29,8 +28,6 @@ def main(argv):
     log = log_progress_to_stdout()
     distributed.initialize()
     config = _CONFIG.value
-    if config.stage not in STAGES:
-        raise app.UsageError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
     log.info(
         "JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
     )

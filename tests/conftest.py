@@ -1,9 +1,12 @@
-"""Test-wide JAX setup: four virtual CPU devices so sharding code runs without a GPU."""
+"""Test-wide JAX setup: four virtual CPU devices so sharding code runs without a GPU.
+
+Matmul precision is not set here: training and generation scope it themselves (the run
+config's, saved with the model), as do imported PhysicsNeMo models.
+"""
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
-jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import os  # noqa: E402
@@ -19,12 +22,10 @@ def smoke_workdir(tmp_path_factory):
     """Both stages of the demo's smoke config, trained briefly once per test session."""
     import demo
 
+    from jax_corrdiff.config import set_stages
     from jax_corrdiff.training.loop import train_and_evaluate
 
-    config = demo.get_config("smoke")
-    for stage in (config.regression, config.diffusion):
-        stage.training.total_samples = stage.training.batch_size * 12
-        stage.training.eval_batches = 1
+    config = set_stages(demo.get_config("smoke"), training=dict(total_samples=4 * 12, eval_batches=1))
     workdir = str(tmp_path_factory.mktemp("smoke"))
     train_and_evaluate(config, workdir)
     return workdir

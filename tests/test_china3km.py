@@ -5,20 +5,18 @@ import china3km
 import numpy as np
 import xarray as xr
 
+from jax_corrdiff.config import set_stages
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.inference.generate import CorrDiffModel, generate, make_sampler
 from jax_corrdiff.training.loop import train_and_evaluate
 
 
 def test_china3km_smoke_trains_and_generates(tmp_path):
-    config = china3km.get_config("smoke")
-    for stage in (config.regression, config.diffusion):
-        stage.training.total_samples = stage.training.batch_size * 3
-        stage.training.eval_batches = 1
+    config = set_stages(china3km.get_config("smoke"), training=dict(total_samples=4 * 3, eval_batches=1))
     workdir = str(tmp_path / "run")
     train_and_evaluate(config, workdir)
     model = CorrDiffModel.load(workdir)
-    assert model.patch["height"] == config.diffusion.patch.height > 0
+    assert model.conditioning.patch.height == config.diffusion.patch.height > 0
     forecast = config.data.input_paths[0]
     lead = float(config.data.lead_times[1])
 

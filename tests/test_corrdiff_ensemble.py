@@ -8,7 +8,8 @@ import numpy as np
 from utils import redraw_params
 
 from jax_corrdiff.diffusion import EDMSampler
-from jax_corrdiff.inference.sampling import corrdiff_ensemble, whole_image_denoisers
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
 from jax_corrdiff.models import build_model, init_variables
 
 UNET = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[], dropout=0.0)
@@ -27,6 +28,9 @@ DIFF = dict(
     unet=dict(UNET, position_grid="sinusoidal"),
 )
 
+# Diffusion conditioning: regression mean (2) + img_lr (3) = DIFF's cond_channels.
+LAYOUT = ConditioningLayout(("a", "b"), ("c", "d", "e"), regression_mean=True)
+
 
 def _generate(img_lr, keys, members, member_batch_size=None):
     reg, diff = build_model(REG), build_model(DIFF)
@@ -37,9 +41,7 @@ def _generate(img_lr, keys, members, member_batch_size=None):
     def run(img_lr, keys, members, member_batch_size):
         return corrdiff_ensemble(
             lambda x, lt: reg.apply(reg_vars, x),
-            whole_image_denoisers(
-                lambda x, cond, sigma, *_: diff.apply(diff_vars, x, cond, sigma), hr_mean_conditioning=True
-            ),
+            conditioned_denoisers(lambda x, cond, sigma, *_: diff.apply(diff_vars, x, cond, sigma), LAYOUT),
             EDMSampler(num_steps=4, sigma_max=80.0, s_churn=2.0),
             img_lr,
             keys,

@@ -255,12 +255,13 @@ def test_china3km_smoke_regression_trains(tmp_path, monkeypatch):
     config.diffusion.patch.height = config.diffusion.patch.width = 0
     config.regression.training.total_samples = 4 * 2
     model_dir = train_and_evaluate(config, str(tmp_path / "run"))["regression"]
-    model, variables, source = load_model(model_dir)
+    saved = load_model(model_dir)
+    model, variables = saved.config, saved.variables
     n = len(CHINA3KM_VARIABLES)
     assert model["global_residual"] == [[i, i] for i in range(n)]
     assert model["unet"]["lead_time_steps"] == 3 and model["unet"]["lead_time_channels"] == 4
     assert model["cond_channels"] == n + 2 and model["img_resolution"] == [64, 96]
-    assert source["channels"]["target"] == list(CHINA3KM_VARIABLES)
+    assert saved.conditioning.target_channels == CHINA3KM_VARIABLES
     assert np.all(np.isfinite(variables["params"]["unet"]["out_conv"]["kernel"]))
 
 

@@ -22,38 +22,31 @@ def test_edm_weight_makes_the_trivial_denoiser_loss_unit():
 
 
 def _setup(batch=512):
-    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    k1, k2 = jax.random.split(jax.random.key(0))
     target = jax.random.normal(k1, (batch, 4, 4, 2))
     mean = 0.3 * jax.random.normal(k2, (batch, 4, 4, 2))
-    img_lr = jax.random.normal(k3, (batch, 4, 4, 3))
-    return target, mean, img_lr
+    return target, mean
 
 
-def test_residual_loss_targets_the_residual_and_conditions_on_the_mean():
-    target, mean, img_lr = _setup(8)
-    seen = {}
+def test_residual_loss_targets_the_residual():
+    target, mean = _setup(8)
 
-    def oracle(x, cond, sigma):
-        seen["cond"], seen["sigma"] = cond, sigma
+    def oracle(x, sigma):
         return target - mean  # a denoiser that knows the residual exactly
 
-    loss = residual_loss(oracle, jax.random.key(1), target, mean, img_lr)
+    loss = residual_loss(oracle, jax.random.key(1), target, mean)
     np.testing.assert_allclose(loss, 0.0, atol=1e-10)
-    np.testing.assert_array_equal(seen["cond"][..., :2], mean)
-    np.testing.assert_array_equal(seen["cond"][..., 2:], img_lr)
-    residual_loss(oracle, jax.random.key(1), target, mean, img_lr, hr_mean_conditioning=False)
-    np.testing.assert_array_equal(seen["cond"], img_lr)
 
 
 def test_noise_levels_are_log_normal_with_p_mean_p_std():
-    target, mean, img_lr = _setup(4096)
+    target, mean = _setup(4096)
     seen = {}
 
-    def identity(x, cond, sigma):
+    def identity(x, sigma):
         seen["sigma"] = sigma
         return x
 
-    loss = residual_loss(identity, jax.random.key(2), target, mean, img_lr, p_mean=-0.4, p_std=0.9)
+    loss = residual_loss(identity, jax.random.key(2), target, mean, p_mean=-0.4, p_std=0.9)
     log_sigma = np.log(np.asarray(seen["sigma"]))
     assert log_sigma.mean() == pytest.approx(-0.4, abs=0.05)
     assert log_sigma.std() == pytest.approx(0.9, rel=0.05)
@@ -63,10 +56,10 @@ def test_noise_levels_are_log_normal_with_p_mean_p_std():
 
 
 def test_no_gradient_flows_into_the_regression_mean():
-    target, mean, img_lr = _setup(4)
+    target, mean = _setup(4)
 
-    def denoiser(x, cond, sigma):
-        return 0.5 * x + 0.1 * cond[..., :2]
+    def denoiser(x, sigma):
+        return 0.5 * x
 
-    grad = jax.grad(lambda m: residual_loss(denoiser, jax.random.key(3), target, m, img_lr).mean())(mean)
+    grad = jax.grad(lambda m: residual_loss(denoiser, jax.random.key(3), target, m).mean())(mean)
     np.testing.assert_array_equal(grad, 0.0)

@@ -116,7 +116,7 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache
             "process_1-of-2.json",
         ]
     first = load_model(str(two / "regression" / "model"))
-    assert first[2]["step"] == 4
+    assert first.source["step"] == 4
 
     (output,) = _wait(_start(2, 2, _train_args(two, 32), tmp_path / "two_b.log", cache))
     assert output.count("resumed from step 4") == 2  # both processes
@@ -128,14 +128,13 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache
     assert [m["step"] for m in lines if "loss" in m] == [4, 8]
     assert [m["step"] for m in lines if "valid_loss" in m] == [0, 4, 8]  # step 0: the untrained baseline
 
-    config_a, variables_a, source_a = load_model(str(two / "regression" / "model"))
-    config_b, variables_b, source_b = load_model(str(one / "regression" / "model"))
-    assert config_a == config_b and source_a["step"] == source_b["step"] == 8
-    _assert_trees_close(variables_a, variables_b, atol=1e-5)
+    a, b = load_model(str(two / "regression" / "model")), load_model(str(one / "regression" / "model"))
+    assert a.config == b.config and a.source["step"] == b.source["step"] == 8
+    _assert_trees_close(a.variables, b.variables, atol=1e-5)
     # ...and training really moved the weights (the comparison is not vacuous).
     moved = max(
         float(np.abs(x - y).max())
-        for x, y in zip(jax.tree_util.tree_leaves(first[1]), jax.tree_util.tree_leaves(variables_a))
+        for x, y in zip(jax.tree_util.tree_leaves(first.variables), jax.tree_util.tree_leaves(a.variables))
     )
     assert moved > 1e-4
 

@@ -7,7 +7,8 @@ import pytest
 from utils import redraw_params
 
 from jax_corrdiff.diffusion import EDMSampler
-from jax_corrdiff.diffusion.patching import TileLayout, crop_patches, multidiffusion_denoiser, patch_training_batch
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout, PatchSettings
+from jax_corrdiff.diffusion.patching import TileLayout, crop_patches, multidiffusion_denoiser, training_batch
 from jax_corrdiff.models import build_model, init_variables
 
 H, W = 24, 40
@@ -30,6 +31,11 @@ PATCH_MODEL = dict(
 )
 
 
+def conditioning(patch: PatchSettings) -> ConditioningLayout:
+    """PATCH_MODEL's conditioning: regression mean (2) | img_lr (3) | global context (3)."""
+    return ConditioningLayout(("y0", "y1"), ("x0", "x1", "x2"), regression_mean=True, lead_time_steps=3, patch=patch)
+
+
 @pytest.fixture(scope="module")
 def patch_model():
     variables = redraw_params(init_variables(PATCH_MODEL, jax.random.key(0)), jax.random.key(1))
@@ -49,7 +55,8 @@ def test_patches_are_laid_out_batch_major_with_their_own_location_and_label(patc
     model, variables = patch_model
     target, mean, img_lr = _fields()
     labels = jnp.array([0, 2])
-    cut = patch_training_batch(jax.random.key(5), target, mean, img_lr, labels, num_patches=3, patch=(8, 16))
+    layout = conditioning(PatchSettings(8, 16, num_patches=3, overlap=0, boundary=0))
+    cut = training_batch(jax.random.key(5), layout, target, mean, img_lr, labels)
     origins = np.asarray(cut["patch_origin"])
     assert len(set(map(tuple, origins))) > 1
     for row, (y, x) in enumerate(origins):
@@ -58,7 +65,8 @@ def test_patches_are_laid_out_batch_major_with_their_own_location_and_label(patc
         assert int(cut["lead_time_label"][row]) == int(labels[b])
     # The network, fed all six patches at once, treats each as if it were alone.
     x = jax.random.normal(jax.random.key(6), cut["target"].shape)
-    cond = jnp.concatenate([cut["regression_mean"], cut["img_lr"]], axis=-1)
+    cond = cut["cond"]
+    np.testing.assert_array_equal(cond[..., :2], cut["regression_mean"])
     sigma = jnp.full((6,), 1.5)
     together = model.apply(
         variables, x, cond, sigma, lead_time_label=cut["lead_time_label"], patch_origin=cut["patch_origin"]
@@ -109,8 +117,8 @@ def test_one_tile_covering_the_image_equals_whole_image_sampling(patch_model):
     model, variables = patch_model
     _, mean, img_lr = _fields(batch=1)
     label = jnp.array([1])
-    layout = TileLayout((H, W), (H, W), 0, 0)
-    tiled = multidiffusion_denoiser(_patch_denoise(model, variables, 0), layout, img_lr, mean, label)
+    one_tile = conditioning(PatchSettings(H, W, num_patches=1, overlap=0, boundary=0))
+    tiled = multidiffusion_denoiser(_patch_denoise(model, variables, 0), one_tile, img_lr, mean, label)
     # Whole image: the global context of a full-size "patch" is the input itself.
     cond = jnp.concatenate([mean, img_lr, img_lr], axis=-1)
     whole = lambda x, sigma: model.apply(variables, x, cond, sigma[None], lead_time_label=label)  # noqa: E731
@@ -125,7 +133,8 @@ def test_one_tile_covering_the_image_equals_whole_image_sampling(patch_model):
 def test_multidiffusion_sampling_is_finite_and_uses_every_tile(patch_model, overlap, boundary):
     model, variables = patch_model
     _, mean, img_lr = _fields(batch=1)
-    layout = TileLayout((H, W), (16, 16), overlap, boundary)
+    layout = conditioning(PatchSettings(16, 16, num_patches=1, overlap=overlap, boundary=boundary))
+    tiles = TileLayout((H, W), (16, 16), overlap, boundary)
     calls = []
     inner = _patch_denoise(model, variables, boundary)
 
@@ -138,7 +147,7 @@ def test_multidiffusion_sampling_is_finite_and_uses_every_tile(patch_model, over
         jax.random.normal(jax.random.key(1), (1, H, W, 2))
     )
     assert np.isfinite(np.asarray(out)).all()
-    assert calls and all(n == len(layout.origins) > 1 for n in calls)
+    assert calls and all(n == len(tiles.origins) > 1 for n in calls)
 
 
 def test_crop_patches_matches_slicing():
@@ -169,7 +178,7 @@ def test_patch_trained_demo_generates_by_multidiffusion(smoke_workdir, tmp_path)
     config.diffusion.training.eval_batches = 1
     train_and_evaluate(config, str(workdir))
     model = CorrDiffModel.load(str(workdir))
-    assert model.patch["height"] == 16
+    assert model.conditioning.patch.height == 16
     inputs = InferenceInputs.open(
         model.data_config,
         demo_data_path("era5_t2m_uk_0p25deg.nc"),

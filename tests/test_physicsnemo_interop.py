@@ -94,8 +94,10 @@ def test_convert_command_writes_a_reloadable_model_dir(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    config, variables, source = load_model(str(out_dir))
-    assert config["kind"] == "diffusion" and source["class"] == "EDMPrecondSuperResolution"
+    saved = load_model(str(out_dir))
+    config, variables = saved.config, saved.variables
+    assert config["kind"] == "diffusion" and saved.source["class"] == "EDMPrecondSuperResolution"
+    assert saved.matmul_precision == physicsnemo.MATMUL_PRECISION and saved.conditioning is None
     case, data = _reference_output("edm_posembd_sin4_hrmean")
     nhwc = lambda a: a.transpose(0, 2, 3, 1)  # noqa: E731
     out = build_model(config).apply(variables, nhwc(data["x"]), nhwc(data["img_lr"]), data["sigma"])

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from jax_corrdiff.config import set_stages
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.training.loop import train_and_evaluate
 
@@ -20,12 +21,8 @@ import demo  # noqa: E402
 def smoke(steps, stage="regression", **overrides):
     config = demo.get_config("smoke")
     config.stage = stage
-    for name in ("regression", "diffusion"):
-        training = config[name].training
-        training.total_samples = training.batch_size * steps
-        training.checkpoint_every_steps = steps
-        training.eval_every_steps = steps
-        training.log_every_steps = 5
+    every = dict(checkpoint_every_steps=steps, eval_every_steps=steps, log_every_steps=5)
+    set_stages(config, training=dict(total_samples=config.regression.training.batch_size * steps, **every))
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -44,9 +41,9 @@ def test_smoke_demo_trains_both_stages_and_the_loss_falls(tmp_path):
     workdir = str(tmp_path)
     exported = train_and_evaluate(smoke(40, stage="all"), workdir)
     for stage in ("regression", "diffusion"):
-        config, variables, source = load_model(exported[stage])
-        assert config["kind"] == stage and source["stage"] == stage
-        assert source["normalization"]["target"]["channels"] == ["t2m"]
+        saved = load_model(exported[stage])
+        assert saved.config["kind"] == stage and saved.source["stage"] == stage
+        assert saved.source["normalization"]["target"]["channels"] == ["t2m"]
         assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
         # Validation losses use fixed noise, so they are comparable: step 0 is the untrained model.
         valid = {h["step"]: h["valid_loss_ema"] for h in history(workdir, stage) if "valid_loss_ema" in h}
@@ -55,8 +52,8 @@ def test_smoke_demo_trains_both_stages_and_the_loss_falls(tmp_path):
 
 
 def _final(workdir):
-    _, variables, source = load_model(os.path.join(workdir, "regression", "model"))
-    return variables, source["step"]
+    saved = load_model(os.path.join(workdir, "regression", "model"))
+    return saved.variables, saved.source["step"]
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):

@@ -94,6 +94,13 @@ class Normalizer:
     def normalize_static(self, x):
         return (x - self.static_mean) / self.static_std
 
+    def img_lr(self, inputs: np.ndarray, normalized_static: np.ndarray) -> np.ndarray:
+        """The conditioning image the data layer delivers: [normalized coarse inputs | static
+        fields], float32 with ``inputs``' leading shape. ``normalized_static`` (H, W, C_static)
+        is normalized once by the caller (``normalize_static``) and broadcast here."""
+        static = np.broadcast_to(normalized_static, (*inputs.shape[:-1], normalized_static.shape[-1]))
+        return np.concatenate([self.normalize_inputs(inputs), static], axis=-1).astype(np.float32)
+
     def to_dict(self) -> dict:
         """Plain JSON-able dict (lists of floats), e.g. to store inside a checkpoint."""
         return {

@@ -62,6 +62,7 @@ class DownscalingSource:
         self.indices = store.split_indices(split)
         self.times = store.times[self.indices]
         self.lat, self.lon = store.lat, store.lon
+        self.data_config = store.config
         self.target_channels = store.target_channels
         self.img_lr_channels = store.input_channels + store.static_channels
         self._normalizer = normalizer
@@ -80,10 +81,9 @@ class DownscalingSource:
     def __getitem__(self, i: int) -> dict:
         t = int(self.indices[i])
         target, inputs = self._store.read([t])
-        img_lr = np.concatenate([self._normalizer.normalize_inputs(inputs[0]), self._static], axis=-1)
         sample = {
             "target": self._normalizer.normalize_target(target[0]).astype(np.float32),
-            "img_lr": img_lr.astype(np.float32),
+            "img_lr": self._normalizer.img_lr(inputs[0], self._static),
             "time_index": np.int64(t),
         }
         if self.lead_time_labels is not None:

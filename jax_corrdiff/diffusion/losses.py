@@ -12,8 +12,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-# denoise(x_noisy, img_lr, sigma) -> x0_hat, the EDM-preconditioned network D.
-Denoiser = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# denoise(x_noisy, sigma) -> x0_hat: the EDM-preconditioned network D with its conditioning
+# (assembled as the stage's ConditioningLayout says) closed over, as the samplers take it.
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def regression_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
@@ -31,29 +32,24 @@ def residual_loss(
     key: jax.Array,
     target: jax.Array,
     regression_mean: jax.Array,
-    img_lr: jax.Array,
     *,
     p_mean: float = 0.0,
     p_std: float = 1.2,
     sigma_data: float = 0.5,
-    hr_mean_conditioning: bool = True,
 ) -> jax.Array:
     """Stage 2: EDM denoising loss on the residual r = y - mu(img_lr) (CorrDiff eq. 5).
 
     ln sigma ~ N(p_mean, p_std^2) per sample (CorrDiff uses p_mean = 0, not EDM's -1.2, as
     residuals are small); x_noisy = r + sigma eps; loss = lambda(sigma) (D(x_noisy) - r)^2.
-    The regression mean is frozen: no gradient flows into stage 1. With
-    ``hr_mean_conditioning`` the mean is also a conditioning channel, placed before the
-    coarse input.
+    The regression mean is frozen: no gradient flows into stage 1 through the residual (a
+    ``denoise`` conditioned on the mean is given a stopped-gradient copy by its caller).
     """
     regression_mean = jax.lax.stop_gradient(regression_mean.astype(jnp.float32))
     residual = target.astype(jnp.float32) - regression_mean
-    if hr_mean_conditioning:
-        img_lr = jnp.concatenate([regression_mean, img_lr], axis=-1)
     sigma_key, noise_key = jax.random.split(key)
     batch = residual.shape[0]
     sigma = jnp.exp(p_mean + p_std * jax.random.normal(sigma_key, (batch,)))
     noise = jax.random.normal(noise_key, residual.shape) * sigma[:, None, None, None]
-    denoised = denoise(residual + noise, img_lr, sigma)
+    denoised = denoise(residual + noise, sigma)
     weight = edm_loss_weight(sigma, sigma_data)[:, None, None, None]
     return weight * jnp.square(denoised - residual)

@@ -1,9 +1,9 @@
 """Patch-based diffusion for domains too large for one device (China 3 km CorrDiff, reference.md section 5).
 
-Training: each image contributes P random patches of (h, w); a patch is conditioned on its
-crop of the inputs (and of the regression mean), on the WHOLE coarse input resized to
-(h, w) as global context, and on the position grid / lead-time embedding cropped at its
-origin (the network crops those itself from ``patch_origin``).
+Training: each image contributes P random patches of (h, w); a patch is conditioned (in the
+order of its ``ConditioningLayout``) on its crop of the inputs (and of the regression mean), on
+the WHOLE coarse input resized to (h, w) as global context, and on the position grid /
+lead-time embedding cropped at its origin (the network crops those itself from ``patch_origin``).
 
 Sampling (multi-diffusion, Bar-Tal et al. 2023): the image is reflect-padded by
 ``boundary`` pixels and covered by tiles of (h, w) whose starts are ``stride = size -
@@ -23,6 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 
 # patch_denoise(x (N, h, w, C), cond (N, h, w, Cc), sigma, origins (N, 2), labels (N,) | None) -> (N, h, w, C)
 PatchDenoiser = Callable[..., jax.Array]
@@ -55,21 +57,41 @@ def crop_patches(images: jax.Array, origins: jax.Array, num_patches: int, patch:
     return jax.vmap(crop)(per_patch_image, origins)
 
 
-def patch_training_batch(
-    key, target, regression_mean, img_lr, lead_time_label, *, num_patches: int, patch: tuple[int, int]
+def training_batch(
+    key: jax.Array,
+    layout: ConditioningLayout,
+    target: jax.Array,
+    regression_mean: jax.Array,
+    img_lr: jax.Array,
+    lead_time_label: jax.Array | None,
 ) -> dict:
-    """Cut P patches per image. The regression mean is computed once per image by the caller
-    and cropped here, never recomputed per patch."""
-    origins = random_origins(key, target.shape[0], num_patches, target.shape[1:3], patch)
-    batch = {
-        "target": crop_patches(target, origins, num_patches, patch),
-        "regression_mean": crop_patches(regression_mean, origins, num_patches, patch),
-        "img_lr": patch_conditioning(crop_patches(img_lr, origins, num_patches, patch), img_lr, num_patches),
-        "patch_origin": origins,
-    }
-    if lead_time_label is not None:
-        batch["lead_time_label"] = jnp.repeat(lead_time_label, num_patches, axis=0)
-    return batch
+    """What the residual loss trains on: target, regression mean, conditioning ``cond`` and the
+    ``patch_origin`` / ``lead_time_label`` the network takes.
+
+    Whole images when ``layout.patch`` is None. Otherwise P random patches per image (rows
+    b * P + p): the regression mean is computed once per image by the caller and cropped here,
+    never recomputed per patch.
+    """
+    if layout.patch is None:
+        cond = layout.assemble(img_lr, regression_mean)
+        return dict(
+            target=target,
+            regression_mean=regression_mean,
+            cond=cond,
+            patch_origin=None,
+            lead_time_label=lead_time_label,
+        )
+    count, size = layout.patch.num_patches, layout.patch.size
+    origins = random_origins(key, target.shape[0], count, target.shape[1:3], size)
+    mean = crop_patches(regression_mean, origins, count, size)
+    context = jnp.repeat(global_context(img_lr, *size), count, axis=0)
+    return dict(
+        target=crop_patches(target, origins, count, size),
+        regression_mean=mean,
+        cond=layout.assemble(crop_patches(img_lr, origins, count, size), mean, context),
+        patch_origin=origins,
+        lead_time_label=None if lead_time_label is None else jnp.repeat(lead_time_label, count, axis=0),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,41 +157,29 @@ class TileLayout:
         return total[:, b : b + self.image[0], b : b + self.image[1]]
 
 
-def patch_conditioning(img_lr_patches: jax.Array, img_lr: jax.Array, repeats: int) -> jax.Array:
-    """[coarse-input crop | whole coarse input resized to the patch]: the conditioning of a
-    patch (the regression-mean crop, if used, goes in front of it)."""
-    h, w = img_lr_patches.shape[1:3]
-    return jnp.concatenate([img_lr_patches, jnp.repeat(global_context(img_lr, h, w), repeats, axis=0)], axis=-1)
-
-
 def multidiffusion_denoiser(
     patch_denoise: PatchDenoiser,
-    layout: TileLayout,
+    layout: ConditioningLayout,
     img_lr: jax.Array,
-    regression_mean: jax.Array | None = None,
+    regression_mean: jax.Array,
     lead_time_label: jax.Array | None = None,
-    tile_sharding=None,
 ):
-    """A whole-image denoiser (x, sigma) -> x0_hat built from a tile denoiser.
+    """A whole-image denoiser (x, sigma) -> x0_hat built from a tile denoiser, over tiles of
+    ``layout.patch``.
 
-    The tiles of the conditioning ([regression mean] | coarse input | global context) are
-    cut once here, outside the sampling loop. Tile origins are passed in image coordinates
-    (negative inside the reflect-padded border), so the network crops its position grid at
-    the right place. ``tile_sharding`` (e.g. a NamedSharding over the data axis) spreads the
-    tiles of one image across devices.
+    The conditioning tiles are cut once here, outside the sampling loop. Tile origins are
+    passed in image coordinates (negative inside the reflect-padded border), so the network
+    crops its position grid at the right place.
     """
-    n_tiles = len(layout.origins)
-    cond_tiles = patch_conditioning(layout.split(img_lr), img_lr, n_tiles)
-    if regression_mean is not None:
-        cond_tiles = jnp.concatenate([layout.split(regression_mean), cond_tiles], axis=-1)
-    origins = jnp.tile(jnp.asarray(layout.origins - layout.boundary), (img_lr.shape[0], 1))
+    patch = layout.patch
+    tiles = TileLayout(tuple(img_lr.shape[1:3]), patch.size, patch.overlap, patch.boundary)
+    n_tiles = len(tiles.origins)
+    context = jnp.repeat(global_context(img_lr, *patch.size), n_tiles, axis=0)
+    cond_tiles = layout.assemble(tiles.split(img_lr), tiles.split(regression_mean), context)
+    origins = jnp.tile(jnp.asarray(tiles.origins - tiles.boundary), (img_lr.shape[0], 1))
     labels = None if lead_time_label is None else jnp.repeat(lead_time_label, n_tiles, axis=0)
 
-    def constrain(x):
-        return x if tile_sharding is None else jax.lax.with_sharding_constraint(x, tile_sharding)
-
     def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:
-        tiles = constrain(layout.split(x))
-        return layout.merge(constrain(patch_denoise(tiles, cond_tiles, sigma, origins, labels)))
+        return tiles.merge(patch_denoise(tiles.split(x), cond_tiles, sigma, origins, labels))
 
     return denoise

@@ -25,12 +25,12 @@ from jax.experimental import multihost_utils
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.sources import FieldSpec, expand_paths, time_str
-from jax_corrdiff.diffusion.patching import TileLayout
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.samplers import EDMSampler
-from jax_corrdiff.inference.sampling import corrdiff_ensemble, multidiffusion_denoisers, whole_image_denoisers
+from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
 from jax_corrdiff.inference.writer import EnsembleWriter
 from jax_corrdiff.mesh import batch_sharded, make_mesh, replicated, shard_batch, shard_keys
-from jax_corrdiff.model_dir import load_grid, load_model
+from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
 
 log = logging.getLogger("jax_corrdiff")
@@ -72,38 +72,41 @@ class CorrDiffModel:
     regression_variables: Any
     diffusion: Any
     diffusion_variables: Any
+    conditioning: ConditioningLayout  # the diffusion network's
+    matmul_precision: str
     normalizer: Normalizer
     data_config: dict
     lat: np.ndarray
     lon: np.ndarray
-    hr_mean_conditioning: bool
-    patch: dict
     workdir: str
 
     @classmethod
     def load(cls, workdir: str) -> CorrDiffModel:
+        """The models WORKDIR/regression/model and WORKDIR/diffusion/model of one training run."""
         reg_dir, diff_dir = (os.path.join(workdir, stage, "model") for stage in ("regression", "diffusion"))
         for path in (reg_dir, diff_dir):
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"{workdir} has no {os.path.relpath(path, workdir)}: train both stages first")
-        reg_config, reg_vars, reg_source = load_model(reg_dir)
-        diff_config, diff_vars, diff_source = load_model(diff_dir)
-        if reg_source.get("normalization") != diff_source.get("normalization"):
+        reg, diff = load_model(reg_dir), load_model(diff_dir)
+        if diff.conditioning is None or diff.grid is None:
+            raise ValueError(f"{diff_dir} has no conditioning layout or grid (not exported by training)")
+        if reg.source.get("normalization") != diff.source["normalization"]:
             raise ValueError(f"{workdir}: the regression and diffusion models were trained on different data")
-        if "normalization" not in diff_source or "data" not in diff_source:
-            raise ValueError(f"{diff_dir} holds no normalization/data description (not exported by training)")
-        lat, lon = load_grid(diff_dir)
+        if reg.matmul_precision != diff.matmul_precision:
+            raise ValueError(
+                f"{workdir}: the regression ({reg.matmul_precision}) and diffusion ({diff.matmul_precision}) "
+                "models were trained at different matmul precisions"
+            )
         return cls(
-            build_model(reg_config),
-            reg_vars,
-            build_model(diff_config),
-            diff_vars,
-            Normalizer.from_dict(diff_source["normalization"]),
-            diff_source["data"],
-            lat,
-            lon,
-            bool(diff_source["hr_mean_conditioning"]),
-            diff_source.get("patch", {}),
+            build_model(reg.config),
+            reg.variables,
+            build_model(diff.config),
+            diff.variables,
+            diff.conditioning,
+            diff.matmul_precision,
+            Normalizer.from_dict(diff.source["normalization"]),
+            diff.source["data"],
+            *diff.grid,
             workdir,
         )
 
@@ -133,31 +136,20 @@ def _time_keys(seed: int, times: np.ndarray) -> jax.Array:
 
 
 def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, member_batch_size: int | None, mesh):
-    """jit(reg_vars, diff_vars, img_lr (B, H, W, C), keys (B,)) -> (mean, samples), normalized units.
-
-    Patch-trained diffusion models sample by multi-diffusion over tiles of their patch size."""
-
-    lead_time_aware = bool(model.diffusion.unet.lead_time_steps)
+    """jit(reg_vars, diff_vars, img_lr (B, H, W, C), keys (B,), lead-time labels (B,)) -> (mean, samples),
+    normalized units. Patch-trained diffusion models sample by multi-diffusion over tiles of
+    their patch size (see ``conditioned_denoisers``); networks without a lead-time embedding
+    ignore the labels."""
 
     def generate(reg_vars, diff_vars, img_lr, keys, labels):
-        labels = labels if lead_time_aware else None
-
         def apply(x, cond, sigma, label, origin, margin):
             return model.diffusion.apply(
                 diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin, grid_margin=margin
             )
 
-        patch = model.patch
-        if patch and patch["height"]:
-            layout = TileLayout(
-                tuple(img_lr.shape[1:3]), (patch["height"], patch["width"]), patch["overlap"], patch["boundary"]
-            )
-            make_denoiser = multidiffusion_denoisers(apply, layout, hr_mean_conditioning=model.hr_mean_conditioning)
-        else:
-            make_denoiser = whole_image_denoisers(apply, hr_mean_conditioning=model.hr_mean_conditioning)
         return corrdiff_ensemble(
             lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt),
-            make_denoiser,
+            conditioned_denoisers(apply, model.conditioning),
             sampler,
             img_lr,
             keys,
@@ -168,6 +160,66 @@ def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, me
 
     repl, sharded = replicated(mesh), batch_sharded(mesh)
     return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
+
+
+def _open_writer(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler: EDMSampler, members, seed):
+    """The output file, laid out for every time of ``inputs`` (opened as it is when it exists)."""
+    norm = model.normalizer
+    attr_paths = [inputs.path, *expand_paths(model.data_config["target_paths"], "target")]
+    return EnsembleWriter(
+        output,
+        times=inputs.times,
+        members=members,
+        lat=model.lat,
+        lon=model.lon,
+        target_channels=list(norm.target_channels),
+        input_channels=list(norm.input_channels),
+        has_truth=inputs.has_truth,
+        variable_attrs=variable_attrs(attr_paths, list(norm.target_channels)),
+        init_times=inputs.init_times,
+        global_attrs={
+            "title": "CorrDiff downscaling ensemble",
+            "source": f"jax_corrdiff, model {model.workdir}",
+            "input": inputs.path,
+            "sampler": repr(sampler),
+            "seed": seed,
+        },
+    )
+
+
+def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
+    if tuple(inputs.input_channels) != tuple(model.normalizer.input_channels):
+        raise ValueError(
+            f"{inputs.path}: input channels {inputs.input_channels} differ from the model's "
+            f"{model.normalizer.input_channels}"
+        )
+    if len(np.unique(inputs.times)) != len(inputs.times):
+        raise ValueError(
+            f"{inputs.path}: several samples share a valid time (forecasts at several lead times); "
+            "generate one lead time at a time (--lead_time)"
+        )
+
+
+def _unfinished_batches(writer: EnsembleWriter | None, n_times: int, batch_size: int) -> list[int]:
+    """Start rows of the batches not completely written yet, from process 0's writer."""
+    done = multihost_utils.broadcast_one_to_all(writer.completed if writer else np.zeros(n_times, bool))
+    log.info("generate: %d of %d times already written", int(done.sum()), n_times)
+    return [s for s in range(0, n_times, batch_size) if not done[s : s + batch_size].all()]
+
+
+def _padded(values: np.ndarray, size: int) -> np.ndarray:
+    """Repeat the last row up to ``size`` rows, so every batch has one compiled shape."""
+    return np.concatenate([values, np.repeat(values[-1:], size - len(values), axis=0)])
+
+
+def _read_batch(inputs: InferenceInputs, norm: Normalizer, static, labels, start: int, batch_size: int, seed, mesh):
+    """Times start.. of ``inputs`` as the compiled function's sharded (img_lr, keys, labels),
+    padded to ``batch_size``; with the raw inputs and the truth that the writer keeps."""
+    stop = min(start + batch_size, len(inputs))
+    raw_inputs, truth = inputs.read(start, stop)
+    img_lr = shard_batch(_padded(norm.img_lr(raw_inputs, static), batch_size), mesh)
+    keys = shard_keys(_time_keys(seed, _padded(inputs.times[start:stop], batch_size)), mesh)
+    return (img_lr, keys, shard_batch(_padded(labels[start:stop], batch_size), mesh)), raw_inputs, truth
 
 
 def generate(
@@ -182,95 +234,48 @@ def generate(
     member_batch_size: int | None = None,
     num_devices: int = 0,
 ) -> str:
-    """Generate ``members`` samples for every time of ``inputs`` into ``output`` (skipping
-    times an earlier run finished). ``batch_size`` times per call (0 = one per device)."""
-    if tuple(inputs.input_channels) != tuple(model.normalizer.input_channels):
-        raise ValueError(
-            f"{inputs.path}: input channels {inputs.input_channels} differ from the model's "
-            f"{model.normalizer.input_channels}"
-        )
-    if len(np.unique(inputs.times)) != len(inputs.times):
-        raise ValueError(
-            f"{inputs.path}: several samples share a valid time (forecasts at several lead times); "
-            "generate one lead time at a time (--lead_time)"
-        )
+    """Sample ``members`` members for every time of ``inputs`` into ``output`` at the model's
+    matmul precision (skipping times an earlier run finished); returns ``output``.
+
+    Args:
+        model: the trained pair of stages.
+        inputs: the coarse inputs (and truth, if any) on the model's grid.
+        output: the file to write (CF NetCDF, or Zarr for ``*.zarr``).
+        sampler: the EDM sampler of the residual.
+        members: ensemble members per time.
+        seed: member m of time t depends only on (seed, t, m).
+        batch_size: times per compiled call, sharded over every device (0 = one per device).
+        member_batch_size: members vectorised at once (None = all).
+        num_devices: devices of the mesh (0 = all).
+    """
+    _check_inputs(model, inputs)
     mesh = make_mesh(num_devices)
     batch_size = batch_size or mesh.size
     if batch_size % mesh.size:
         raise ValueError(f"batch_size {batch_size} must be a multiple of the {mesh.size} devices")
-    norm = model.normalizer
-    writer = None
-    if jax.process_index() == 0:
-        writer = EnsembleWriter(
-            output,
-            times=inputs.times,
-            members=members,
-            lat=model.lat,
-            lon=model.lon,
-            target_channels=list(norm.target_channels),
-            input_channels=list(norm.input_channels),
-            has_truth=inputs.has_truth,
-            variable_attrs=variable_attrs(
-                [inputs.path, *expand_paths(model.data_config["target_paths"], "target")], list(norm.target_channels)
-            ),
-            init_times=inputs.init_times,
-            global_attrs={
-                "title": "CorrDiff downscaling ensemble",
-                "source": f"jax_corrdiff, model {model.workdir}",
-                "input": inputs.path,
-                "sampler": repr(sampler),
-                "seed": seed,
-            },
-        )
-        done = writer.completed
-    else:
-        done = np.zeros(len(inputs), bool)
-    done = multihost_utils.broadcast_one_to_all(done)
-    static = norm.normalize_static(inputs.static).astype(np.float32)
-    fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
-    reg_vars = jax.device_put(model.regression_variables, replicated(mesh))
-    diff_vars = jax.device_put(model.diffusion_variables, replicated(mesh))
-    starts = [s for s in range(0, len(inputs), batch_size) if not done[s : s + batch_size].all()]
-    log.info(
-        "generate: %d times (%d already written), %d members, %d per batch on %d devices",
-        len(inputs),
-        int(done.sum()),
-        members,
-        batch_size,
-        mesh.size,
-    )
-    t0 = time.time()
-    for n, start in enumerate(starts):
-        stop = min(start + batch_size, len(inputs))
-        raw_inputs, truth = inputs.read(start, stop)
-        img_lr = np.concatenate(
-            [norm.normalize_inputs(raw_inputs), np.broadcast_to(static, (*raw_inputs.shape[:3], static.shape[-1]))],
-            axis=-1,
-        )
-        times = inputs.times[start:stop]
-        pad = batch_size - (stop - start)  # keep one compiled shape: repeat the last time
-        img_lr = np.concatenate([img_lr, np.repeat(img_lr[-1:], pad, axis=0)]).astype(np.float32)
-        keys = _time_keys(seed, np.concatenate([times, np.repeat(times[-1:], pad)]))
-        labels = (
-            np.zeros(stop - start, np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels[start:stop]
-        )
-        labels = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
-        mean, samples = fn(
-            reg_vars, diff_vars, shard_batch(img_lr, mesh), shard_keys(keys, mesh), shard_batch(labels, mesh)
-        )
-        mean = multihost_utils.process_allgather(mean, tiled=True)[: stop - start]
-        samples = multihost_utils.process_allgather(samples, tiled=True)[: stop - start]
-        if writer is not None:
-            writer.write(start, norm.denormalize_target(samples), norm.denormalize_target(mean), raw_inputs, truth)
-        elapsed = time.time() - t0
-        eta = elapsed / (n + 1) * (len(starts) - n - 1)
-        log.info(
-            "generate: %s..%s done (%d/%d batches) | %.1f s/batch | ETA %s",
-            time_str(times[0]),
-            time_str(times[-1]),
-            n + 1,
-            len(starts),
-            elapsed / (n + 1),
-            time.strftime("%H:%M:%S", time.gmtime(eta)),
-        )
+    writer = _open_writer(model, inputs, output, sampler, members, seed) if jax.process_index() == 0 else None
+    starts = _unfinished_batches(writer, len(inputs), batch_size)
+    log.info("generate: %d times, %d members, %d per batch on %d devices", len(inputs), members, batch_size, mesh.size)
+    norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
+    labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
+    with jax.default_matmul_precision(model.matmul_precision):
+        fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
+        variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
+        t0 = time.time()
+        for n, start in enumerate(starts):
+            args, raw_inputs, truth = _read_batch(inputs, norm, static, labels, start, batch_size, seed, mesh)
+            rows = len(raw_inputs)
+            mean, samples = (multihost_utils.process_allgather(a, tiled=True)[:rows] for a in fn(*variables, *args))
+            if writer is not None:
+                writer.write(start, norm.denormalize_target(samples), norm.denormalize_target(mean), raw_inputs, truth)
+            _log_batch(inputs.times[start : start + rows], n, len(starts), t0)
     return output
+
+
+def _log_batch(times: np.ndarray, n: int, batches: int, t0: float) -> None:
+    per_batch = (time.time() - t0) / (n + 1)
+    eta = time.strftime("%H:%M:%S", time.gmtime(per_batch * (batches - n - 1)))
+    first, last = time_str(times[0]), time_str(times[-1])
+    log.info(
+        "generate: %s..%s done (%d/%d batches) | %.1f s/batch | ETA %s", first, last, n + 1, batches, per_batch, eta
+    )

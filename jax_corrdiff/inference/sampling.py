@@ -7,7 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jax_corrdiff.diffusion.patching import TileLayout, multidiffusion_denoiser
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+from jax_corrdiff.diffusion.patching import multidiffusion_denoiser
 from jax_corrdiff.diffusion.samplers import DenoiseFn, EDMSampler, sample_ensemble
 
 # mean_fn(img_lr, lead_time_label) -> (B, H, W, C_out)
@@ -18,31 +19,22 @@ DenoiserFactory = Callable[[jax.Array, jax.Array, jax.Array | None], DenoiseFn]
 DiffusionApply = Callable[..., jax.Array]
 
 
-def whole_image_denoisers(apply: DiffusionApply, *, hr_mean_conditioning: bool) -> DenoiserFactory:
-    """D(x; sigma) on the whole image, conditioned on [mean |] img_lr."""
+def conditioned_denoisers(apply: DiffusionApply, layout: ConditioningLayout) -> DenoiserFactory:
+    """D(x; sigma) for one input, conditioned as ``layout`` says: on the whole image, or, for
+    patch-trained models (``layout.patch``), averaged over overlapping tiles (multi-diffusion)."""
+    if layout.patch is None:
 
-    def make(mean, img_lr, label):
-        cond = jnp.concatenate([mean, img_lr], axis=-1) if hr_mean_conditioning else img_lr
-        return lambda x, sigma: apply(x, cond, sigma[None], label, None, 0)
+        def whole_image(mean, img_lr, label):
+            cond = layout.assemble(img_lr, mean)
+            return lambda x, sigma: apply(x, cond, sigma[None], label, None, 0)
 
-    return make
-
-
-def multidiffusion_denoisers(
-    apply: DiffusionApply, layout: TileLayout, *, hr_mean_conditioning: bool, tile_sharding=None
-) -> DenoiserFactory:
-    """D(x; sigma) averaged over overlapping tiles (patch-trained models)."""
+        return whole_image
 
     def patch_denoise(tiles, cond_tiles, sigma, origins, labels):
         sigma = jnp.broadcast_to(sigma, (tiles.shape[0],))
-        return apply(tiles, cond_tiles, sigma, labels, origins, layout.boundary)
+        return apply(tiles, cond_tiles, sigma, labels, origins, layout.patch.boundary)
 
-    def make(mean, img_lr, label):
-        return multidiffusion_denoiser(
-            patch_denoise, layout, img_lr, mean if hr_mean_conditioning else None, label, tile_sharding
-        )
-
-    return make
+    return lambda mean, img_lr, label: multidiffusion_denoiser(patch_denoise, layout, img_lr, mean, label)
 
 
 def corrdiff_ensemble(

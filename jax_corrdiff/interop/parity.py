@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_corrdiff.diffusion.samplers import EDMSampler
-from jax_corrdiff.interop.physicsnemo import PhysicsNemoModel, load
+from jax_corrdiff.interop.physicsnemo import MATMUL_PRECISION, PhysicsNemoModel, load
 
 SAMPLER_CALLS = ("stochastic_sampler", "deterministic_sampler")
 
@@ -53,7 +53,8 @@ def _run_sampler(model: PhysicsNemoModel, case: dict, data) -> np.ndarray:
         denoise = lambda x, sigma: model.module.apply(variables, x, cond, sigma)  # noqa: E731
         return sampler(denoise, latents, jax.random.key(0))
 
-    return np.asarray(run(model.variables, latents, cond)).transpose(0, 3, 1, 2)
+    with jax.default_matmul_precision(MATMUL_PRECISION):
+        return np.asarray(run(model.variables, latents, cond)).transpose(0, 3, 1, 2)
 
 
 def run_case(fixture_dir: str, case: dict, model: PhysicsNemoModel | None = None) -> tuple[np.ndarray, np.ndarray]:

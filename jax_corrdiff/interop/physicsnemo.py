@@ -5,7 +5,9 @@ Supported classes: SongUNet, SongUNetPosEmbd, SongUNetPosLtEmbd, CorrDiffRegress
 (whose ``scale_cond_input`` maps to our ``legacy_scale_conditioning``).
 
 Imported models set ``unbiased_groupnorm``: PhysicsNeMo normalises with the unbiased
-variance in evaluation mode, and matching its inference outputs needs the same.
+variance in evaluation mode, and matching its inference outputs needs the same. They run at
+``MATMUL_PRECISION``: full float32, as PhysicsNeMo's CorrDiff (TF32 off), which is what the
+parity figures are measured at.
 
     model = load("corrdiff_diffusion.mdlus")
     out = model(x, img_lr, sigma)      # NCHW float32 NumPy in and out, as torch's forward
@@ -26,6 +28,7 @@ from jax_corrdiff.interop.mdlus import MdlusArchive, read_mdlus
 from jax_corrdiff.models.embeddings import sinusoidal_position_grid
 from jax_corrdiff.models.factory import build_model, init_variables
 
+MATMUL_PRECISION = "highest"
 UNET_CLASSES = ("SongUNet", "SongUNetPosEmbd", "SongUNetPosLtEmbd")
 REGRESSION_CLASSES = ("CorrDiffRegressionUNet", "UNet")
 DIFFUSION_CLASSES = ("EDMPrecondSuperResolution", "EDMPrecondSR")
@@ -322,7 +325,8 @@ class PhysicsNemoModel:
             call_args = (_nhwc(x), jnp.asarray(noise_labels, jnp.float32).reshape(-1))
         if "lead_time_label" in kwargs:
             kwargs["lead_time_label"] = jnp.asarray(np.asarray(kwargs["lead_time_label"]).astype(np.int32)).reshape(-1)
-        out = self._apply(self.variables, call_args, kwargs)
+        with jax.default_matmul_precision(MATMUL_PRECISION):
+            out = self._apply(self.variables, call_args, kwargs)
         return np.asarray(out).transpose(0, 3, 1, 2)
 
 
@@ -343,4 +347,11 @@ def load(path: str) -> PhysicsNemoModel:
     return PhysicsNemoModel(build_model(config), variables, config, archive.args["__name__"])
 
 
-__all__ = ["PhysicsNemoModel", "UnsupportedCheckpointError", "convert", "load", "model_config_from_args"]
+__all__ = [
+    "MATMUL_PRECISION",
+    "PhysicsNemoModel",
+    "UnsupportedCheckpointError",
+    "convert",
+    "load",
+    "model_config_from_args",
+]

@@ -1,4 +1,4 @@
-"""The training view of a dataset: prepared store, normalization, Grain iterators, channels."""
+"""The training view of a dataset: prepared store, normalization, Grain iterators per split."""
 
 from __future__ import annotations
 
@@ -11,29 +11,32 @@ from jax.experimental import multihost_utils
 
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
-from jax_corrdiff.data.prepare import PREPARED_DIR, data_config_dict, ensure_prepared
-from jax_corrdiff.mesh import to_global
+from jax_corrdiff.data.prepare import PREPARED_DIR, ensure_prepared
 
 # Batch entries the steps consume (time_index stays on the host).
 STEP_KEYS = ("target", "img_lr", "lead_time_label", "mask")
 
 
-def _step_batch(batch: dict) -> dict:
+def step_batch(batch: dict) -> dict:
+    """The entries of a pipeline batch that the jitted steps take."""
     return {k: v for k, v in batch.items() if k in STEP_KEYS}
 
 
 @dataclasses.dataclass
 class TrainingData:
-    store_path: str
     normalizer: Normalizer
     train_source: DownscalingSource
     valid_source: DownscalingSource
-    data_config: dict
+    data_config: dict  # the prepared store's data config (paths resolved)
     worker_count: int = 0
 
     @classmethod
     def open(cls, config, workdir: str) -> TrainingData:
-        """Prepare (once, offline: regrid + statistics) into WORKDIR/prepared, then open.
+        """Prepare ``config.data`` (once, offline: regrid + statistics) into WORKDIR/prepared, then open it.
+
+        Args:
+            config: the run config (its ``data`` section is used).
+            workdir: the run's work directory.
 
         Process 0 prepares; the others wait for it, then open the same store.
         """
@@ -42,46 +45,26 @@ class TrainingData:
             ensure_prepared(config.data, cache)
         multihost_utils.sync_global_devices("jax_corrdiff: prepared data")
         store, normalizer = ensure_prepared(config.data, cache)
+        train = DownscalingSource(store, "train", normalizer)
         return cls(
-            store,
             normalizer,
-            DownscalingSource(store, "train", normalizer),
+            train,
             DownscalingSource(store, "valid", normalizer),
-            data_config=data_config_dict(config.data),
+            data_config=train.data_config,
             worker_count=int(config.data.worker_count),
         )
-
-    @property
-    def grid_shape(self) -> tuple[int, int]:
-        return tuple(self.train_source.shape)
 
     @property
     def grid(self) -> tuple[np.ndarray, np.ndarray]:
         return self.train_source.lat, self.train_source.lon
 
     @property
-    def target_channels(self) -> tuple[str, ...]:
-        return tuple(self.train_source.target_channels)
-
-    @property
-    def condition_channels(self) -> tuple[str, ...]:
-        """Channels of img_lr: the coarse inputs, then the static fields."""
-        return tuple(self.train_source.img_lr_channels)
-
-    @property
-    def normalization(self) -> dict:
-        return self.normalizer.to_dict()
-
-    def residual_pairs(self) -> list[list[int]]:
-        """(target channel, img_lr channel) for targets that are also coarse inputs (same name):
-        the global residual connection of China 3 km CorrDiff."""
-        inputs = list(self.normalizer.input_channels)
-        return [[i, inputs.index(name)] for i, name in enumerate(self.target_channels) if name in inputs]
-
-    def channel_metadata(self) -> dict:
-        return {"target": list(self.target_channels), "img_lr": list(self.condition_channels)}
+    def lead_time_steps(self) -> int:
+        """How many lead-time labels the samples carry (0 for analysis inputs)."""
+        return len(self.train_source.lead_times)
 
     def train_iterator(self, batch_size: int, seed: int):
+        """Endless shuffled batches of ``batch_size`` (this process's share of the global batch)."""
         return make_train_iterator(
             self.train_source,
             batch_size=batch_size,
@@ -91,19 +74,11 @@ class TrainingData:
             worker_count=self.worker_count,
         )
 
-    def next_train_batch(self, iterator, mesh) -> dict:
-        return to_global(_step_batch(next(iterator)), mesh)
-
-    def validation_loss(self, eval_step, params, constants, frozen, mesh, batch_size: int, max_batches: int) -> float:
-        """Mean per-sample loss over the first ``max_batches`` validation batches."""
-        iterator = make_eval_iterator(
+    def valid_iterator(self, batch_size: int):
+        """One pass over this process's validation samples, masked to a fixed batch shape."""
+        return make_eval_iterator(
             self.valid_source,
             batch_size=batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        total, count = 0.0, 0.0
-        for _, batch in zip(range(max_batches), iterator):
-            loss_sum, n = eval_step(params, constants, to_global(_step_batch(batch), mesh), frozen)
-            total, count = total + loss_sum, count + n
-        return float(np.asarray(total) / max(float(np.asarray(count)), 1.0))

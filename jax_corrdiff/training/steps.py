@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
-from jax_corrdiff.diffusion.patching import patch_training_batch
+from jax_corrdiff.diffusion.patching import training_batch
 from jax_corrdiff.mesh import batch_sharded, replicated
 from jax_corrdiff.training.optimizer import ema_decay, learning_rate
 
@@ -64,59 +65,37 @@ def regression_per_sample_loss(model) -> PerSampleLoss:
 
 
 def diffusion_per_sample_loss(
-    model, regression_model, *, p_mean, p_std, sigma_data, hr_mean_conditioning, patch: dict | None = None
+    model, regression_model, layout: ConditioningLayout, *, p_mean: float, p_std: float, sigma_data: float
 ) -> PerSampleLoss:
     """Residual EDM loss; ``frozen`` = the regression variables (an argument, not a
     compile-time constant, so 80 M weights are not baked into the program).
 
-    With ``patch`` (height, width > 0) each image contributes ``num_patches`` random patches
-    (diffusion.patching); the regression mean is still computed once on the whole image and
-    an image's loss is the mean over its patches."""
-    patched = bool(patch and patch["height"])
+    The network is conditioned as ``layout`` says. With patch settings each image contributes
+    ``num_patches`` random patches (``diffusion.patching``); the regression mean is still
+    computed once on the whole image and an image's loss is the mean over its patches."""
 
     def loss(params, constants, batch, rng, frozen, train):
         lead_time = batch.get("lead_time_label")
-        mean = regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time)
+        mean = jax.lax.stop_gradient(regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time))
         patch_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
-        target, img_lr, origin = batch["target"], batch["img_lr"], None
-        if patched:
-            cut = patch_training_batch(
-                patch_rng,
-                target,
-                mean,
-                img_lr,
-                lead_time,
-                num_patches=patch["num_patches"],
-                patch=(patch["height"], patch["width"]),
-            )
-            target, mean, img_lr, origin = cut["target"], cut["regression_mean"], cut["img_lr"], cut["patch_origin"]
-            lead_time = cut.get("lead_time_label")
+        cut = training_batch(patch_rng, layout, batch["target"], mean, batch["img_lr"], lead_time)
 
-        def denoise(x, cond, sigma):
+        def denoise(x, sigma):
             return model.apply(
                 {"params": params, **constants},
                 x,
-                cond,
+                cut["cond"],
                 sigma,
-                lead_time_label=lead_time,
-                patch_origin=origin,
+                lead_time_label=cut["lead_time_label"],
+                patch_origin=cut["patch_origin"],
                 train=train,
                 rngs={"dropout": dropout_rng},
             )
 
         per_pixel = residual_loss(
-            denoise,
-            noise_rng,
-            target,
-            mean,
-            img_lr,
-            p_mean=p_mean,
-            p_std=p_std,
-            sigma_data=sigma_data,
-            hr_mean_conditioning=hr_mean_conditioning,
+            denoise, noise_rng, cut["target"], cut["regression_mean"], p_mean=p_mean, p_std=p_std, sigma_data=sigma_data
         )
-        per_sample = _pixel_mean(per_pixel)
-        return per_sample.reshape(batch["target"].shape[0], -1).mean(axis=1)
+        return _pixel_mean(per_pixel).reshape(batch["target"].shape[0], -1).mean(axis=1)
 
     return loss
 

@@ -1,0 +1,147 @@
+"""A training stage built from the run config and the data: its conditioning, network and loss.
+
+``build_stage`` makes everything a stage trains with and trains nothing; ``training.loop``
+initialises or restores the state, runs the steps and exports the model directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh
+
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout, PatchSettings
+from jax_corrdiff.mesh import make_mesh, replicated
+from jax_corrdiff.model_dir import load_model
+from jax_corrdiff.models.factory import build_model
+from jax_corrdiff.training.data_setup import TrainingData
+from jax_corrdiff.training.optimizer import make_optimizer
+from jax_corrdiff.training.steps import PerSampleLoss, diffusion_per_sample_loss, regression_per_sample_loss
+
+MODEL_DIR = "model"  # WORKDIR/<stage>/model: the exported model directory
+
+
+def conditioning_layout(config, stage: str, data: TrainingData) -> ConditioningLayout:
+    """What the ``stage`` network is conditioned on: the data's channels and lead times, and for
+    the diffusion stage the regression mean and patch settings of ``config.diffusion``."""
+    norm, unet = data.normalizer, config[stage].model.unet
+    if unet.lead_time_channels and not data.lead_time_steps:
+        raise ValueError(f"{stage}.model.unet.lead_time_channels > 0 needs forecast inputs (data.lead_times)")
+    common = dict(
+        target_channels=norm.target_channels,
+        input_channels=norm.input_channels,
+        static_channels=norm.static_channels,
+        lead_time_steps=data.lead_time_steps if unet.lead_time_channels else 0,
+    )
+    if stage == "regression":
+        return ConditioningLayout(**common)
+    patch = config.diffusion.patch
+    return ConditioningLayout(
+        **common,
+        regression_mean=bool(config.diffusion.model.hr_mean_conditioning),
+        patch=PatchSettings(**patch.to_dict()) if patch.height else None,
+    )
+
+
+def model_config(config, stage: str, layout: ConditioningLayout, grid_shape: tuple[int, int]) -> dict:
+    """The network config of ``stage`` (``models.build_model``): widths from the run config;
+    shape, channels and lead-time steps from the data through ``layout``."""
+    model = config[stage].model
+    common = dict(
+        kind=stage,
+        img_resolution=list(grid_shape),
+        out_channels=len(layout.target_channels),
+        cond_channels=layout.cond_channels,
+        compute_dtype=model.compute_dtype,
+        unet=dict(model.unet.to_dict(), lead_time_steps=layout.lead_time_steps),
+    )
+    if stage == "regression":
+        return dict(common, global_residual=layout.residual_pairs() if model.global_residual else [])
+    return dict(common, sigma_data=model.sigma_data)
+
+
+@dataclasses.dataclass
+class Stage:
+    """Everything one stage trains with (nothing trained yet)."""
+
+    name: str
+    directory: str  # WORKDIR/<name>: checkpoints/, model/, tensorboard/, metrics.jsonl
+    training: Any  # config[name].training
+    seed: int
+    matmul_precision: str
+    mesh: Mesh
+    layout: ConditioningLayout
+    model_config: dict
+    model: Any
+    loss_fn: PerSampleLoss
+    frozen: Any  # variables that are inputs but not trained: the diffusion stage's regression network
+    optimizer: optax.GradientTransformation
+
+    @property
+    def global_batch(self) -> int:
+        return int(self.training.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.training.total_samples) // self.global_batch
+
+
+def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh) -> tuple[Any, Any]:
+    """The trained regression network the diffusion stage conditions on (variables replicated)."""
+    path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
+    saved = load_model(path)
+    if saved.conditioning is not None and saved.conditioning.img_lr_channels != layout.img_lr_channels:
+        raise ValueError(
+            f"{path} takes img_lr channels {list(saved.conditioning.img_lr_channels)}, "
+            f"the data gives {list(layout.img_lr_channels)}"
+        )
+    return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh))
+
+
+def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
+    """Build the ``stage`` ("regression" or "diffusion") of ``config`` on ``data``.
+
+    Args:
+        config: the run config.
+        stage: which stage.
+        workdir: the run's work directory; the stage writes to WORKDIR/<stage>, and the diffusion
+            stage reads the regression model of ``config.diffusion.regression_model`` (default
+            WORKDIR/regression/model).
+        data: the opened training data.
+    """
+    mesh = make_mesh(config.num_devices)
+    training = config[stage].training
+    layout = conditioning_layout(config, stage, data)
+    net_config = model_config(config, stage, layout, data.grid[0].shape)
+    model = build_model(net_config)
+    if stage == "regression":
+        loss_fn, frozen = regression_per_sample_loss(model), {}
+    else:
+        regression, frozen = _frozen_regression(config, workdir, layout, mesh)
+        loss = config.diffusion.loss
+        loss_fn = diffusion_per_sample_loss(
+            model,
+            regression,
+            layout,
+            p_mean=loss.p_mean,
+            p_std=loss.p_std,
+            sigma_data=config.diffusion.model.sigma_data,
+        )
+    return Stage(
+        name=stage,
+        directory=os.path.join(workdir, stage),
+        training=training,
+        seed=int(config.seed),
+        matmul_precision=config.matmul_precision,
+        mesh=mesh,
+        layout=layout,
+        model_config=net_config,
+        model=model,
+        loss_fn=loss_fn,
+        frozen=frozen,
+        optimizer=make_optimizer(training, int(training.batch_size)),
+    )
