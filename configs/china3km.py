@@ -32,64 +32,27 @@ input (global residual), and the diffusion model trains on random 448 x 448 patc
 learnable 100-channel position grid (PhysicsNeMo's patched diffusion: ``gridtype=learnable``,
 ``N_grid_channels=100``), sampling by overlapping tiles (4 px overlap, 2 px border).
 
-Variant ``smoke``: a synthetic 64 x 96 dataset written (once) under
-``$JAX_CORRDIFF_CHINA3KM_SMOKE_DIR`` (default /tmp/jax_corrdiff_china3km_smoke), tiny widths,
-32 x 32 patches, a few steps:
+Variant ``smoke``: the synthetic 64 x 96 dataset ``china3km_smoke``
+(``jax_corrdiff.data.synthetic.SYNTHETIC_DATASETS``), written by preparation under
+WORKDIR/prepared/synthetic (loading the config writes nothing), tiny widths, 32 x 32 patches,
+a few steps:
 
     python -m jax_corrdiff.train --config=configs/china3km.py:smoke --workdir=/tmp/c3k_smoke
 """
 
-import os
-import shutil
-import tempfile
-
-from jax_corrdiff.config import base_config
+from jax_corrdiff.config import base_config, shrink_to_smoke
 from jax_corrdiff.data.synthetic import (
     CHINA3KM_LEVELS,
     CHINA3KM_STATIC,
     CHINA3KM_SURFACE,
     CHINA3KM_UPPER,
-    write_china3km_dataset,
+    SYNTHETIC_DATASETS,
 )
 
 SURFACE = list(CHINA3KM_SURFACE)  # t2m, u10, v10, tp   (+ radar composite reflectivity when available)
 UPPER = [f"{v}@{level}" for v in CHINA3KM_UPPER for level in CHINA3KM_LEVELS]
 LEAD_TIMES = [0, 6, 12, 18, 24, 30, 36, 42, 48]  # hours
-SMOKE_DIR_ENV, SMOKE_DIR_DEFAULT = "JAX_CORRDIFF_CHINA3KM_SMOKE_DIR", "/tmp/jax_corrdiff_china3km_smoke"
-SMOKE_SHAPE = (64, 96)
-SMOKE_LEAD_TIMES = [0, 6, 12]
-SMOKE_INITS = "2024-07-01T00", 8, "6h"  # start, count, step: valid times 2024-07-01T00 .. 07-03T06
-
-
-def smoke_dataset(directory: str | None = None) -> dict:
-    """The smoke variant's synthetic files (in ``directory``, default $JAX_CORRDIFF_CHINA3KM_SMOKE_DIR
-    or /tmp/jax_corrdiff_china3km_smoke), written on first use (atomically: a temporary
-    directory renamed into place, so concurrent callers never see half a dataset)."""
-    directory = directory or os.environ.get(SMOKE_DIR_ENV, SMOKE_DIR_DEFAULT)
-    paths = {k: os.path.join(directory, f"{k}.nc") for k in ("target", "forecast", "static")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    import pandas as pd
-
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".china3km_smoke_", dir=parent)
-    start, count, step = SMOKE_INITS
-    write_china3km_dataset(
-        tmp,
-        height=SMOKE_SHAPE[0],
-        width=SMOKE_SHAPE[1],
-        init_times=pd.date_range(start, periods=count, freq=step),
-        lead_times=SMOKE_LEAD_TIMES,
-        seed=0,
-    )
-    try:
-        os.rename(tmp, directory)
-    except OSError:  # another process got there first (or a stale partial directory)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not all(os.path.exists(p) for p in paths.values()):
-            raise
-    return paths
+SMOKE_DATASET = "china3km_smoke"
 
 
 def get_config(variant: str = ""):
@@ -122,30 +85,22 @@ def get_config(variant: str = ""):
     diffusion.patch.boundary = 2
 
     if variant == "smoke":
-        paths = smoke_dataset()
-        data.target_paths = [paths["target"]]
-        data.input_paths = [paths["forecast"]]
-        data.static_path = paths["static"]
-        data.lead_times = list(SMOKE_LEAD_TIMES)
+        data.synthetic_dataset = SMOKE_DATASET  # its files replace the placeholder paths
+        data.lead_times = list(SYNTHETIC_DATASETS[SMOKE_DATASET]["lead_times"])
         data.train_period = ["2024-07-01T00", "2024-07-02T11"]  # 15 samples (valid time)
         data.valid_period = ["2024-07-02T12", "2024-07-03T23"]  # 9 samples
-        for stage in (config.regression, config.diffusion):
-            unet = stage.model.unet
-            unet.model_channels = 8
-            unet.channel_mult = [1, 2]
-            unet.num_blocks = 1
-            unet.attn_resolutions = []
-            unet.dropout = 0.0
-            training = stage.training
-            training.batch_size = 4
-            training.lr = 1e-3
-            training.lr_rampup_samples = 16
-            training.ema_halflife_samples = 16
-            training.log_every_steps = 2
-            training.eval_every_steps = 4
-            training.checkpoint_every_steps = 4
-            training.eval_batches = 1
-            training.total_samples = 4 * 8
+        shrink_to_smoke(
+            config,
+            8,
+            unet=dict(channel_mult=[1, 2], dropout=0.0),
+            lr=1e-3,
+            lr_rampup_samples=16,
+            ema_halflife_samples=16,
+            log_every_steps=2,
+            eval_every_steps=4,
+            checkpoint_every_steps=4,
+            eval_batches=1,
+        )
         diffusion.model.unet.num_grid_channels = 4
         diffusion.patch.height = diffusion.patch.width = 32
         diffusion.patch.num_patches = 2

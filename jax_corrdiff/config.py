@@ -61,15 +61,8 @@ def _training(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(training)
 
 
-def base_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.stage = "all"
-    config.seed = 0
-    config.num_devices = 0  # 0 = every device of every process
-    # "highest" keeps float32 matmuls/convs exact on GPUs (XLA defaults to TF32 there).
-    config.matmul_precision = "highest"
-
-    config.data = ml_collections.ConfigDict(
+def _data() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
         dict(
             format="variables",
             target_paths=[],
@@ -86,10 +79,47 @@ def base_config() -> ml_collections.ConfigDict:
             # Forecast inputs: lead times (hours) of input files laid out (init_time, lead_time, ...);
             # empty = analysis inputs with a plain time axis.
             lead_times=[],
+            # A name of data.synthetic.SYNTHETIC_DATASETS: preparation writes it under
+            # WORKDIR/prepared and takes the paths from it (smoke runs, tests); "" = real files.
+            synthetic_dataset="",
             worker_count=0,
         )
     )
 
+
+def _diffusion() -> ml_collections.ConfigDict:
+    diffusion = ml_collections.ConfigDict()
+    diffusion.model = ml_collections.ConfigDict(
+        dict(
+            unet=_unet(embedding_type="positional"),
+            compute_dtype="float32",
+            sigma_data=0.5,
+            hr_mean_conditioning=True,  # condition on the regression mean (before the coarse input)
+        )
+    )
+    diffusion.loss = ml_collections.ConfigDict(dict(p_mean=0.0, p_std=1.2))
+    # Patch-based diffusion for domains too large for one device (China 3 km CorrDiff):
+    # training on num_patches random height x width crops per image, sampling by
+    # multi-diffusion over tiles of that size overlapping by `overlap` pixels, with a
+    # reflect-padded border of `boundary` pixels. height = width = 0: whole images.
+    diffusion.patch = ml_collections.ConfigDict(dict(height=0, width=0, num_patches=1, overlap=4, boundary=2))
+    diffusion.training = _training(total_samples=100_000_000)
+    # Regression model directory the diffusion stage conditions on; unset = this
+    # workdir's regression stage.
+    diffusion.regression_model = config_dict.placeholder(str)
+    return diffusion
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run, at the Taiwan CorrDiff defaults; the data section is left empty."""
+    config = ml_collections.ConfigDict()
+    config.stage = "all"
+    config.seed = 0
+    config.num_devices = 0  # 0 = every device of every process
+    # jax.default_matmul_precision of training, saved with the models and used by generation:
+    # "highest" keeps float32 matmuls/convs exact on GPUs (XLA defaults to TF32 there).
+    config.matmul_precision = "highest"
+    config.data = _data()
     config.regression = ml_collections.ConfigDict()
     config.regression.model = ml_collections.ConfigDict(
         # global_residual: outputs that are also inputs (same name) are predicted as a
@@ -97,26 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(unet=_unet(embedding_type="zero"), compute_dtype="float32", global_residual=False)
     )
     config.regression.training = _training()
-
-    config.diffusion = ml_collections.ConfigDict()
-    config.diffusion.model = ml_collections.ConfigDict(
-        dict(
-            unet=_unet(embedding_type="positional"),
-            compute_dtype="float32",
-            sigma_data=0.5,
-            hr_mean_conditioning=True,
-        )
-    )
-    config.diffusion.loss = ml_collections.ConfigDict(dict(p_mean=0.0, p_std=1.2))
-    # Patch-based diffusion for domains too large for one device (China 3 km CorrDiff):
-    # training on num_patches random height x width crops per image, sampling by
-    # multi-diffusion over tiles of that size overlapping by `overlap` pixels, with a
-    # reflect-padded border of `boundary` pixels. height = width = 0: whole images.
-    config.diffusion.patch = ml_collections.ConfigDict(dict(height=0, width=0, num_patches=1, overlap=4, boundary=2))
-    config.diffusion.training = _training(total_samples=100_000_000)
-    # Regression model directory the diffusion stage conditions on; unset = this
-    # workdir's regression stage.
-    config.diffusion.regression_model = config_dict.placeholder(str)
+    config.diffusion = _diffusion()
     return config
 
 

@@ -14,6 +14,7 @@ import os
 import pandas as pd
 from absl import app, flags
 
+from jax_corrdiff.data.sources import open_dataset
 from jax_corrdiff.data.synthetic import describe_files, write_china3km_dataset, write_cwb_zarr
 
 _SCHEMA = flags.DEFINE_enum("schema", None, ["china3km", "cwb"], "Which layout to write.")
@@ -57,9 +58,7 @@ def main(argv):
             times=pd.date_range("2020-01-01T00", periods=_TIMES.value, freq="h"),
             seed=_SEED.value,
         )
-        import xarray as xr
-
-        with xr.open_zarr(path) as ds:
+        with open_dataset(path) as ds:
             print(f"cwb: {path}\n{ds}")
         print(f"use with configs/taiwan.py: --config.data.target_paths=\"['{path}']\"")
 

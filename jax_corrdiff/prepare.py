@@ -10,7 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jax_corrdiff.data import compute_stats, describe_prepared, prepare_dataset
-from jax_corrdiff.data.prepare import PREPARED_DIR
+from jax_corrdiff.data.store import PREPARED_DIR
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose get_config() has a `data` field.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory; prepared data goes to WORKDIR/prepared.")

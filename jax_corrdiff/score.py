@@ -11,6 +11,7 @@ import sys
 import xarray as xr
 from absl import app, flags
 
+from jax_corrdiff.data.sources import open_dataset
 from jax_corrdiff.evaluation import EvaluationInputError, format_table, score_dataset, write_report
 from jax_corrdiff.evaluation.report import check_time_index
 
@@ -24,7 +25,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tie breaking in the 
 def open_prediction(path: str) -> xr.Dataset:
     if not os.path.exists(path):
         raise EvaluationInputError(f"prediction file {path!r} does not exist")
-    return xr.open_zarr(path) if os.path.isdir(path) else xr.open_dataset(path)
+    return open_dataset(path)
 
 
 def main(argv):

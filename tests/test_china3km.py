@@ -17,7 +17,8 @@ def test_china3km_smoke_trains_and_generates(tmp_path):
     train_and_evaluate(config, workdir)
     model = CorrDiffModel.load(workdir)
     assert model.conditioning.patch.height == config.diffusion.patch.height > 0
-    forecast = config.data.input_paths[0]
+    forecast = model.data_config["input_paths"][0]  # the synthetic dataset, written under the workdir
+    assert forecast.startswith(workdir)
     lead = float(config.data.lead_times[1])
 
     def open_(**kw):

@@ -11,13 +11,14 @@ import pytest
 import xarray as xr
 
 from jax_corrdiff.data import DownscalingSource, ensure_prepared, make_eval_iterator, prepare_dataset
+from jax_corrdiff.data.data_config import config_hash, data_config_dict
 from jax_corrdiff.data.errors import (
     EmptyTimeRangeError,
     ForecastLayoutError,
     MissingLeadTimeError,
     NoForecastSamplesError,
 )
-from jax_corrdiff.data.prepare import PreparedStore, config_hash, data_config_dict
+from jax_corrdiff.data.store import PreparedStore
 from jax_corrdiff.data.synthetic import CHINA3KM_LEVELS, CHINA3KM_VARIABLES, write_china3km_dataset
 
 FINE_LAT = 30.0 + 0.03 * np.arange(12)
@@ -240,15 +241,16 @@ def test_make_synthetic_command(tmp_path):
     assert "cwb.zarr" in run.stdout and os.path.isdir(tmp_path / "w" / "cwb.zarr")
 
 
-def test_china3km_smoke_regression_trains(tmp_path, monkeypatch):
+def test_china3km_smoke_regression_trains(tmp_path):
     import china3km
 
     from jax_corrdiff.model_dir import load_model
     from jax_corrdiff.training.loop import train_and_evaluate
 
-    monkeypatch.setenv(china3km.SMOKE_DIR_ENV, str(tmp_path / "data"))
     config = china3km.get_config("smoke")
     full = china3km.get_config()
+    # Loading the config writes no data: the synthetic dataset is only named, its paths come at preparation.
+    assert config.data.synthetic_dataset == "china3km_smoke" and config.data.target_paths == full.data.target_paths
     assert full.data.lead_times == china3km.LEAD_TIMES and full.diffusion.patch.height == 448
     assert full.diffusion.model.unet.num_grid_channels == 100 and full.regression.model.global_residual
     config.stage = "regression"
@@ -262,6 +264,7 @@ def test_china3km_smoke_regression_trains(tmp_path, monkeypatch):
     assert model["unet"]["lead_time_steps"] == 3 and model["unet"]["lead_time_channels"] == 4
     assert model["cond_channels"] == n + 2 and model["img_resolution"] == [64, 96]
     assert saved.conditioning.target_channels == CHINA3KM_VARIABLES
+    assert saved.source["data"]["input_paths"][0].startswith(str(tmp_path / "run" / "prepared"))
     assert np.all(np.isfinite(variables["params"]["unet"]["out_conv"]["kernel"]))
 
 

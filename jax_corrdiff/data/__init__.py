@@ -2,7 +2,7 @@
 
 Never imports ``models/``, ``diffusion/`` or ``training/``. Typical use:
 
-    store, normalizer = ensure_prepared(config.data, os.path.join(workdir, "prepared"))
+    store, normalizer = ensure_prepared(config.data, os.path.join(workdir, PREPARED_DIR))
     train_iter = make_train_iterator(DownscalingSource(store, "train", normalizer),
                                      batch_size=8, seed=0, process_index=jax.process_index(),
                                      process_count=jax.process_count())
@@ -25,17 +25,10 @@ from jax_corrdiff.data.errors import (
 )
 from jax_corrdiff.data.normalization import Normalizer, load_stats, save_stats
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
-from jax_corrdiff.data.prepare import (
-    STATS_NAME,
-    STORE_NAME,
-    PreparedStore,
-    compute_stats,
-    describe_prepared,
-    ensure_prepared,
-    prepare_dataset,
-)
+from jax_corrdiff.data.prepare import ensure_prepared, prepare_dataset
 from jax_corrdiff.data.regrid import LatLonBilinear, block_average, degrade
 from jax_corrdiff.data.sources import ForecastSource
+from jax_corrdiff.data.store import STATS_NAME, STORE_NAME, PreparedStore, compute_stats, describe_prepared
 from jax_corrdiff.data.synthetic import (
     CHINA3KM_LEVELS,
     CHINA3KM_VARIABLES,

@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jax_corrdiff.data.data_config import data_config_dict
 from jax_corrdiff.data.errors import MissingTimesError
-from jax_corrdiff.data.prepare import data_config_dict, input_regridder, read_static, require_on_grid
+from jax_corrdiff.data.grids import input_regridder, read_static, require_on_grid
 from jax_corrdiff.data.regrid import degrade
 from jax_corrdiff.data.sources import (
     FieldSource,
@@ -55,25 +56,50 @@ def _select_times(
     return np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
 
 
+def _analysis_records(cfg: dict, path: str, lat, lon, coarsen: bool):
+    """(inputs, truth or None, regrid, record index, record times) of a file with a time axis."""
+    inputs = FieldSource([path], cfg["input_variables"], "inputs")
+    if not coarsen:
+        return inputs, None, input_regridder(inputs, lat, lon), (np.arange(len(inputs.times)),), inputs.times
+    truth = FieldSource([path], cfg["target_variables"], "truth")
+    require_on_grid(truth, lat, lon, "truth fields", "the model's grid")
+    require_on_grid(inputs, lat, lon, "fields to coarsen", "the model's grid")
+    factor = int(cfg["coarsen_factor"])
+    return inputs, truth, lambda x: degrade(x, factor), (np.arange(len(inputs.times)),), inputs.times
+
+
+def _forecast_records(cfg: dict, path: str, lat, lon, lead_time: float | None):
+    """(inputs, None, regrid, (init index, lead index), valid times) of every (init, lead) of a
+    forecast file (of lead ``lead_time`` only, if given), sorted by valid time, then lead."""
+    inputs = ForecastSource([path], cfg["input_variables"], cfg["lead_times"], "forecast inputs")
+    n_init, n_lead = len(inputs.init_times), len(inputs.lead_times)
+    init_i, lead_i = (a.ravel() for a in np.meshgrid(np.arange(n_init), np.arange(n_lead), indexing="ij"))
+    if lead_time is not None:
+        leads = [float(h) for h in cfg["lead_times"]]
+        if float(lead_time) not in leads:
+            raise ValueError(f"lead time {lead_time} h is not one of the model's lead times {leads}")
+        one = lead_i == leads.index(float(lead_time))
+        init_i, lead_i = init_i[one], lead_i[one]
+    valid = inputs.valid_times(init_i, lead_i)
+    order = np.lexsort((lead_i, valid))
+    return inputs, None, input_regridder(inputs, lat, lon), (init_i[order], lead_i[order]), valid[order]
+
+
 @dataclasses.dataclass
 class InferenceInputs:
-    """``read(k)`` -> (inputs (B, H, W, C_in), truth (B, H, W, C_out) or None), physical units,
-    for the k-th..k+B-th selected times; ``times`` are the selected times."""
+    """``read(start, stop)`` -> (inputs (B, H, W, C_in), truth (B, H, W, C_out) or None), physical
+    units, for the selected samples start..stop; ``times`` are their (valid) times."""
 
     path: str
     times: np.ndarray
     static: np.ndarray
     input_channels: tuple[str, ...]
     target_channels: tuple[str, ...]
-    has_truth: bool
-    _inputs: FieldSource
+    _inputs: FieldSource | ForecastSource
     _truth: FieldSource | None
-    _rows: np.ndarray
+    _index: tuple[np.ndarray, ...]  # each selected sample's record: (time index,) or (init, lead) index
     _regrid: Callable[[np.ndarray], np.ndarray] | None
     _nan_policy: tuple[str, float]
-    init_times: np.ndarray | None = None
-    lead_time_labels: np.ndarray | None = None
-    _leads: np.ndarray | None = None  # forecast: lead index of each selected sample (_rows = init index)
 
     @classmethod
     def open(
@@ -88,96 +114,63 @@ class InferenceInputs:
         times: Sequence[str] | None = None,
         lead_time: float | None = None,
     ) -> InferenceInputs:
-        """``lead_time`` (hours) picks one lead of a forecast file, so each valid time is one sample."""
+        """The samples of ``path`` in ``period`` or at ``times`` (default: all), for a model trained
+        with ``data_config`` on the (lat, lon) grid. ``lead_time`` (hours) picks one lead of a
+        forecast file, so each valid time is one sample."""
         cfg = data_config_dict(data_config)
         if cfg["format"] != "variables":
             raise ValueError(f"generation reads NetCDF/Zarr variables; data.format {cfg['format']!r} is not supported")
-        if cfg.get("lead_times"):
-            if coarsen:
-                raise ValueError(
-                    "a forecast-input model (data.lead_times) generates from forecast files, not coarsened truth"
-                )
-            return cls._open_forecast(cfg, path, lat=lat, lon=lon, period=period, times=times, lead_time=lead_time)
-        if lead_time is not None:
+        if cfg.get("lead_times") and coarsen:
+            raise ValueError(
+                "a forecast-input model (data.lead_times) generates from forecast files, not coarsened truth"
+            )
+        if not cfg.get("lead_times") and lead_time is not None:
             raise ValueError("lead_time applies to forecast-input models (data.lead_times) only")
-        inputs = FieldSource([path], cfg["input_variables"], "inputs")
-        truth, regrid = None, None
-        if coarsen:
-            truth = FieldSource([path], cfg["target_variables"], "truth")
-            require_on_grid(truth, lat, lon, "truth fields", "the model's grid")
-            require_on_grid(inputs, lat, lon, "fields to coarsen", "the model's grid")
-            factor = int(cfg["coarsen_factor"])
-            regrid = lambda x: degrade(x, factor)  # noqa: E731
+        if cfg.get("lead_times"):
+            inputs, truth, regrid, index, record_times = _forecast_records(cfg, path, lat, lon, lead_time)
         else:
-            regrid = input_regridder(inputs, lat, lon)
-        rows = _select_times(inputs.times, inputs.paths[0], period, times)
-        static, _ = read_static(cfg, lat, lon, "the model's grid")
+            inputs, truth, regrid, index, record_times = _analysis_records(cfg, path, lat, lon, coarsen)
+        keep = _select_times(record_times, path, period, times)
         return cls(
             path=path,
-            times=inputs.times[rows],
-            static=static,
+            times=record_times[keep],
+            static=read_static(cfg, lat, lon, "the model's grid")[0],
             input_channels=tuple(str(f) for f in inputs.fields),
             target_channels=tuple(str(FieldSpec.parse(v)) for v in cfg["target_variables"]),
-            has_truth=coarsen,
             _inputs=inputs,
             _truth=truth,
-            _rows=rows,
+            _index=tuple(i[keep] for i in index),
             _regrid=regrid,
             _nan_policy=(cfg["nan_policy"], float(cfg["nan_fill_value"])),
         )
 
-    @classmethod
-    def _open_forecast(cls, cfg: dict, path: str, *, lat, lon, period, times, lead_time) -> InferenceInputs:
-        inputs = ForecastSource([path], cfg["input_variables"], cfg["lead_times"], "forecast inputs")
-        n_init, n_lead = len(inputs.init_times), len(inputs.lead_times)
-        init_i, lead_i = (a.ravel() for a in np.meshgrid(np.arange(n_init), np.arange(n_lead), indexing="ij"))
-        if lead_time is not None:
-            leads = [float(h) for h in cfg["lead_times"]]
-            if float(lead_time) not in leads:
-                raise ValueError(f"lead time {lead_time} h is not one of the model's lead times {leads}")
-            one = lead_i == leads.index(float(lead_time))
-            init_i, lead_i = init_i[one], lead_i[one]
-        valid = inputs.valid_times(init_i, lead_i)
-        order = np.lexsort((lead_i, valid))
-        init_i, lead_i, valid = init_i[order], lead_i[order], valid[order]
-        keep = _select_times(valid, path, period, times)
-        static, _ = read_static(cfg, lat, lon, "the model's grid")
-        return cls(
-            path=path,
-            times=valid[keep],
-            static=static,
-            input_channels=tuple(str(f) for f in inputs.fields),
-            target_channels=tuple(str(FieldSpec.parse(v)) for v in cfg["target_variables"]),
-            has_truth=False,
-            _inputs=inputs,
-            _truth=None,
-            _rows=init_i[keep],
-            _regrid=input_regridder(inputs, lat, lon),
-            _nan_policy=(cfg["nan_policy"], float(cfg["nan_fill_value"])),
-            init_times=inputs.init_times[init_i[keep]],
-            lead_time_labels=lead_i[keep].astype(np.int32),
-            _leads=lead_i[keep],
-        )
+    @property
+    def has_truth(self) -> bool:
+        return self._truth is not None
+
+    @property
+    def init_times(self) -> np.ndarray | None:
+        """Forecast inputs: each sample's init time (None for analysis inputs)."""
+        return self._inputs.init_times[self._index[0]] if isinstance(self._inputs, ForecastSource) else None
+
+    @property
+    def lead_time_labels(self) -> np.ndarray | None:
+        """Forecast inputs: each sample's lead-time label, int32 index into ``lead_times`` (else None)."""
+        return self._index[1].astype(np.int32) if isinstance(self._inputs, ForecastSource) else None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self.times)
 
-    def _read(self, source, rows: np.ndarray, leads: np.ndarray | None = None) -> np.ndarray:
-        if leads is None:
-            values, when = source.read(rows), source.times[rows]
-        else:
-            values, when = source.read(rows, leads), source.valid_times(rows, leads)
+    def _read(self, source, index: tuple[np.ndarray, ...]) -> np.ndarray:
+        values = source.read(*index)
         policy, fill = self._nan_policy
-        apply_nan_policy(
-            values, [str(f) for f in source.fields], policy, fill, paths=[self.path] * len(rows), times=when
-        )
+        names = [str(f) for f in source.fields]
+        apply_nan_policy(values, names, policy, fill, paths=[self.path] * len(values), times=source.times_of(*index))
         return values
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
-        rows = self._rows[start:stop]
-        leads = None if self._leads is None else self._leads[start:stop]
-        inputs = self._read(self._inputs, rows, leads)
+        index = tuple(i[start:stop] for i in self._index)
+        inputs = self._read(self._inputs, index)
         if self._regrid is not None:
             inputs = self._regrid(inputs)
-        truth = self._read(self._truth, rows) if self._truth is not None else None
-        return inputs, truth
+        return inputs, (self._read(self._truth, index) if self._truth is not None else None)

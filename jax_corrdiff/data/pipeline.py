@@ -33,7 +33,7 @@ import numpy as np
 
 from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.data.normalization import Normalizer
-from jax_corrdiff.data.prepare import PreparedStore
+from jax_corrdiff.data.store import PreparedStore
 
 
 class DownscalingSource:
@@ -94,9 +94,9 @@ class DownscalingSource:
         return f"DownscalingSource({self._store.path!r}, {len(self)} samples)"
 
 
-def _read_options(read_threads: int) -> grain.ReadOptions:
-    # Grain's default buffer (500 elements) is sized for small records; ours are whole batches.
-    return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, 2 * read_threads))
+READ_THREADS = 4  # threads reading samples in each process (or worker)
+# Grain's default buffer (500 elements) is sized for small records; ours are whole batches.
+_READ_OPTIONS = grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * READ_THREADS)
 
 
 class _GlobalOrderRows:
@@ -121,7 +121,6 @@ def make_train_iterator(
     process_index: int = 0,
     process_count: int = 1,
     worker_count: int = 0,
-    read_threads: int = 4,
 ) -> grain.DatasetIterator:
     """Endless shuffled batches of this process's rows of each global batch (``batch_size`` is
     per process; the global batch is ``batch_size * process_count``).
@@ -141,7 +140,7 @@ def make_train_iterator(
     local_length = len(order) // (batch_size * process_count) * batch_size
     rows = _GlobalOrderRows(source, order, batch_size, process_index, process_count)
     ds = grain.MapDataset.range(local_length).map(rows).batch(batch_size, drop_remainder=True)
-    it_ds = ds.to_iter_dataset(_read_options(read_threads))
+    it_ds = ds.to_iter_dataset(_READ_OPTIONS)
     if worker_count > 0:
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(it_ds)
@@ -165,7 +164,6 @@ def make_eval_iterator(
     batch_size: int,
     process_index: int = 0,
     process_count: int = 1,
-    read_threads: int = 4,
 ) -> grain.DatasetIterator:
     """One deterministic pass over this process's shard, in order, in fixed-shape batches.
 
@@ -183,7 +181,7 @@ def make_eval_iterator(
         "time_index": np.int64(-1),
         "mask": np.bool_(False),
     }
-    if getattr(source, "lead_time_labels", None) is not None:
+    if source.lead_time_labels is not None:
         blank["lead_time_label"] = np.int32(0)  # a valid label; the slot is masked out
     ds = grain.MapDataset.range(n_batches * batch_size).map(_PadToLength(shard, blank)).batch(batch_size)
-    return iter(ds.to_iter_dataset(_read_options(read_threads)))
+    return iter(ds.to_iter_dataset(_READ_OPTIONS))

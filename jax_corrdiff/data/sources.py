@@ -85,11 +85,15 @@ def expand_paths(patterns: Sequence[str], what: str) -> list[str]:
     return paths
 
 
+def is_zarr(path: str) -> bool:
+    """The one rule for "is this Zarr?": a ``*.zarr`` path, or any directory (anything else is a file
+    for netCDF4/h5netcdf). Holds for outputs not written yet too."""
+    return path.rstrip("/").endswith(".zarr") or os.path.isdir(path)
+
+
 def open_dataset(path: str) -> xr.Dataset:
-    """Zarr (a ``*.zarr`` path or any directory) with open_zarr, anything else with open_dataset."""
-    if path.rstrip("/").endswith(".zarr") or os.path.isdir(path):
-        return xr.open_zarr(path)
-    return xr.open_dataset(path)
+    """An xarray dataset from a Zarr store (``is_zarr``) or a NetCDF-like file, opened lazily."""
+    return xr.open_zarr(path) if is_zarr(path) else xr.open_dataset(path)
 
 
 def _select_level(da: xr.DataArray, path: str, spec: FieldSpec) -> xr.DataArray:
@@ -152,61 +156,87 @@ def _merge_times(
 
 
 class _GriddedFiles:
-    """The grid shared by every field of a source: taken from the first, checked on the rest."""
+    """Named fields of one or more files on one grid, read by one loop for every kind of source:
+    each file is opened, each field found (and its level picked); the subclass names the field's
+    leading (record) dimensions, and the two dimensions left are its grid, taken from the first
+    field and checked on the rest. The subclass then indexes the files' records (``_add_file``,
+    ``_index_files``).
 
-    shape: tuple[int, int] | None = None
-
-    def _adopt_grid(self, ds: xr.Dataset, da: xr.DataArray, spatial: tuple[str, str], path: str, what: str) -> None:
-        shape = tuple(da.sizes[d] for d in spatial)
-        if self.shape is None:
-            self.shape = shape
-            self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
-        elif shape != self.shape:
-            raise GridMismatchError(path, what, f"grid {shape} differs from {self.shape}")
-
-
-class FieldSource(_GriddedFiles):
-    """Named fields from one or more files, concatenated along time and read as (T, H, W, C).
-
-    ``times`` is sorted (datetime64[ns]) or None for static files; ``lat``/``lon`` are 2-D (or
-    None when the file has no lat/lon); ``regular`` holds the 1-D lat/lon of a regular grid.
+    ``lat``/``lon`` are 2-D (or None when the file has no lat/lon); ``regular`` holds the 1-D
+    lat/lon of a regular grid (else None); ``shape`` is the grid's (y, x).
     """
 
-    def __init__(self, patterns: Sequence[str], fields: Sequence[str], what: str, *, static: bool = False):
+    def __init__(self, patterns: Sequence[str], fields: Sequence[str], what: str):
         self.what = what
         self.paths = expand_paths(patterns, what)
         self.fields = [FieldSpec.parse(f) for f in fields]
         if not self.fields:
             raise ValueError(f"{what}: no variables named")
-        self._arrays, self.shape, file_times = [], None, []
+        self.shape = self.lat = self.lon = self.regular = None
+        self._arrays = []  # per file, per field: the DataArray, dims (*leading, y, x)
         for path in self.paths:
             ds = open_dataset(path)
-            arrays = []
-            for spec in self.fields:
-                if spec.name not in ds.data_vars:
-                    raise MissingVariableError(path, spec.name, list(ds.data_vars))
-                da = _select_level(ds[spec.name], path, spec)
-                has_time = "time" in da.dims
-                if has_time == static:
-                    raise DataError(f"{path}: {spec} {'has' if has_time else 'has no'} 'time' dimension ({what})")
-                spatial = tuple(d for d in da.dims if d != "time")
-                if len(spatial) != 2:
-                    raise DataError(f"{path}: {spec} has dimensions {da.dims}; expected (time,) y, x")
-                self._adopt_grid(ds, da, spatial, path, f"{what} field {spec}")
-                arrays.append(da.transpose(*(("time",) if has_time else ()), *spatial))
+            arrays = [self._read_field(ds, spec, path) for spec in self.fields]
             self._arrays.append(arrays)
-            if not static:
-                if not np.issubdtype(ds["time"].dtype, np.datetime64):
-                    raise DataError(f"{path}: 'time' does not decode to datetime64 (dtype {ds['time'].dtype})")
-                file_times.append(ds["time"].values.astype("datetime64[ns]"))
-        self.times = None
-        if not static:
-            self.times, self._file, self._local = _merge_times(file_times, self.paths, what, "time")
+            self._add_file(ds, arrays, path)
+        self._index_files()
+
+    def _read_field(self, ds: xr.Dataset, spec: FieldSpec, path: str) -> xr.DataArray:
+        if spec.name not in ds.data_vars:
+            raise MissingVariableError(path, spec.name, list(ds.data_vars))
+        da = _select_level(ds[spec.name], path, spec)
+        leading = self._leading_dims(da, spec, path)
+        spatial = tuple(d for d in da.dims if d not in leading)
+        if len(spatial) != 2:
+            raise self._layout_error(path, spec, da.dims, leading)
+        shape = tuple(da.sizes[d] for d in spatial)
+        if self.shape is None:
+            self.shape = shape
+            self.lat, self.lon, self.regular = _lat_lon(ds, spatial)
+        elif shape != self.shape:
+            raise GridMismatchError(path, f"{self.what} field {spec}", f"grid {shape} differs from {self.shape}")
+        return da.transpose(*leading, *spatial)
 
     def file_of(self, index: int) -> str:
+        """The file holding record ``index``."""
         return self.paths[self._file[index]]
 
-    def read(self, indices: np.ndarray) -> np.ndarray:
+
+class FieldSource(_GriddedFiles):
+    """Named fields of files with a ``time`` axis (or ``static`` fields, without one), concatenated
+    along time and read as (T, H, W, C). ``times`` is sorted (datetime64[ns]); None for static files.
+    """
+
+    def __init__(self, patterns: Sequence[str], fields: Sequence[str], what: str, *, static: bool = False):
+        self.static = static
+        self._file_times = []
+        super().__init__(patterns, fields, what)
+
+    def _leading_dims(self, da: xr.DataArray, spec: FieldSpec, path: str) -> tuple[str, ...]:
+        has_time = "time" in da.dims
+        if has_time == self.static:
+            raise DataError(f"{path}: {spec} {'has' if has_time else 'has no'} 'time' dimension ({self.what})")
+        return ("time",) if has_time else ()
+
+    def _layout_error(self, path: str, spec: FieldSpec, dims, leading) -> DataError:
+        return DataError(f"{path}: {spec} has dimensions {dims}; expected (time,) y, x")
+
+    def _add_file(self, ds: xr.Dataset, arrays: list, path: str) -> None:
+        if self.static:
+            return
+        if not np.issubdtype(ds["time"].dtype, np.datetime64):
+            raise DataError(f"{path}: 'time' does not decode to datetime64 (dtype {ds['time'].dtype})")
+        self._file_times.append(ds["time"].values.astype("datetime64[ns]"))
+
+    def _index_files(self) -> None:
+        self.times = None
+        if not self.static:
+            self.times, self._file, self._local = _merge_times(self._file_times, self.paths, self.what, "time")
+
+    def times_of(self, indices) -> np.ndarray:
+        return self.times[np.asarray(indices)]
+
+    def read(self, indices) -> np.ndarray:
         """The fields at positions ``indices`` of ``times``: float32 (T, H, W, C)."""
         indices = np.asarray(indices)
         out = np.empty((len(indices), *self.shape, len(self.fields)), np.float32)
@@ -334,62 +364,57 @@ class ForecastSource(_GriddedFiles):
     """
 
     def __init__(self, patterns: Sequence[str], fields: Sequence[str], lead_times: Sequence[float], what: str):
-        self.what = what
-        self.paths = expand_paths(patterns, what)
-        self.fields = [FieldSpec.parse(f) for f in fields]
         self.lead_times = np.asarray([float(h) for h in lead_times], np.float64)
-        if not self.fields:
-            raise ValueError(f"{what}: no variables named")
-        self._arrays, self.shape, file_inits = [], None, []
-        for path in self.paths:
-            ds = open_dataset(path)
-            arrays, inits = [], None
-            for spec in self.fields:
-                if spec.name not in ds.data_vars:
-                    raise MissingVariableError(path, spec.name, list(ds.data_vars))
-                da = _select_level(ds[spec.name], path, spec)
-                init_dim = next((d for d in INIT_DIMS if d in da.dims), None)
-                lead_dim = next((d for d in LEAD_DIMS if d in da.dims), None)
-                if init_dim is None or lead_dim is None:
-                    missing = (
-                        "an init-time dimension (" + ", ".join(INIT_DIMS) + ")"
-                        if init_dim is None
-                        else "a lead-time dimension (" + ", ".join(LEAD_DIMS) + ")"
-                    )
-                    raise ForecastLayoutError(path, str(spec), f"dimensions {da.dims} lack {missing}")
-                if not np.issubdtype(da[init_dim].dtype, np.datetime64):
-                    raise ForecastLayoutError(
-                        path, str(spec), f"{init_dim!r} does not decode to datetime64 (dtype {da[init_dim].dtype})"
-                    )
-                hours = lead_hours(da[lead_dim])
-                pos = [np.nonzero(np.isclose(hours, h))[0] for h in self.lead_times]
-                missing = [h for h, p in zip(self.lead_times, pos) if not len(p)]
-                if missing:
-                    raise MissingLeadTimeError(path, missing, hours)
-                spatial = tuple(d for d in da.dims if d not in (init_dim, lead_dim))
-                if len(spatial) != 2:
-                    raise ForecastLayoutError(
-                        path, str(spec), f"dimensions {da.dims}; expected ({init_dim}, {lead_dim}, [level,] y, x)"
-                    )
-                self._adopt_grid(ds, da, spatial, path, f"{what} field {spec}")
-                these = da[init_dim].values.astype("datetime64[ns]")
-                if inits is None:
-                    inits = these
-                elif not np.array_equal(inits, these):
-                    raise ForecastLayoutError(path, str(spec), "its init times differ from the file's other variables'")
-                da = da.transpose(init_dim, lead_dim, *spatial)
-                arrays.append((da, np.array([int(p[0]) for p in pos])))
-            self._arrays.append(arrays)
-            file_inits.append(inits)
-        self.init_times, self._file, self._local = _merge_times(file_inits, self.paths, what, "init time")
+        self._file_inits, self._lead_positions = [], []
+        super().__init__(patterns, fields, what)
 
-    def file_of(self, init_index: int) -> str:
-        return self.paths[self._file[init_index]]
+    def _leading_dims(self, da: xr.DataArray, spec: FieldSpec, path: str) -> tuple[str, str]:
+        init_dim = next((d for d in INIT_DIMS if d in da.dims), None)
+        lead_dim = next((d for d in LEAD_DIMS if d in da.dims), None)
+        if init_dim is None:
+            raise ForecastLayoutError(
+                path, str(spec), f"dimensions {da.dims} lack an init-time dimension ({', '.join(INIT_DIMS)})"
+            )
+        if lead_dim is None:
+            raise ForecastLayoutError(
+                path, str(spec), f"dimensions {da.dims} lack a lead-time dimension ({', '.join(LEAD_DIMS)})"
+            )
+        if not np.issubdtype(da[init_dim].dtype, np.datetime64):
+            raise ForecastLayoutError(
+                path, str(spec), f"{init_dim!r} does not decode to datetime64 (dtype {da[init_dim].dtype})"
+            )
+        hours = lead_hours(da[lead_dim])
+        missing = [h for h in self.lead_times if not np.isclose(hours, h).any()]
+        if missing:
+            raise MissingLeadTimeError(path, missing, hours)
+        return init_dim, lead_dim
+
+    def _layout_error(self, path: str, spec: FieldSpec, dims, leading) -> ForecastLayoutError:
+        return ForecastLayoutError(
+            path, str(spec), f"dimensions {dims}; expected ({leading[0]}, {leading[1]}, [level,] y, x)"
+        )
+
+    def _add_file(self, ds: xr.Dataset, arrays: list, path: str) -> None:
+        """The file's init times (the same for every field) and each field's position of every lead time."""
+        inits = arrays[0][arrays[0].dims[0]].values.astype("datetime64[ns]")
+        for spec, da in zip(self.fields, arrays):
+            if not np.array_equal(inits, da[da.dims[0]].values.astype("datetime64[ns]")):
+                raise ForecastLayoutError(path, str(spec), "its init times differ from the file's other variables'")
+        hours = [lead_hours(da[da.dims[1]]) for da in arrays]
+        self._lead_positions.append(
+            [np.array([np.nonzero(np.isclose(h, t))[0][0] for t in self.lead_times]) for h in hours]
+        )
+        self._file_inits.append(inits)
+
+    def _index_files(self) -> None:
+        self.init_times, self._file, self._local = _merge_times(self._file_inits, self.paths, self.what, "init time")
 
     def valid_times(self, init_index, lead_index) -> np.ndarray:
         """init + lead (datetime64[ns]) of the given samples."""
         lead_ns = np.round(self.lead_times[np.asarray(lead_index)] * 3600e9).astype("timedelta64[ns]")
         return self.init_times[np.asarray(init_index)] + lead_ns
+
+    times_of = valid_times
 
     def read(self, init_index, lead_index) -> np.ndarray:
         """Fields of the samples (init_times[init_index], lead_times[lead_index]): float32 (N, H, W, C)."""
@@ -399,7 +424,7 @@ class ForecastSource(_GriddedFiles):
         for f in np.unique(files):
             rows = np.nonzero(files == f)[0]
             inits = xr.DataArray(self._local[init_index[rows]], dims="sample")
-            for c, (da, lead_pos) in enumerate(self._arrays[f]):
+            for c, (da, lead_pos) in enumerate(zip(self._arrays[f], self._lead_positions[f])):
                 leads = xr.DataArray(lead_pos[lead_index[rows]], dims="sample")
                 out[rows, ..., c] = da.isel({da.dims[0]: inits, da.dims[1]: leads}).transpose("sample", ...).values
         return out

@@ -13,17 +13,22 @@ The fields are random but smooth (a few long Fourier modes) with plausible magni
 
 ``write_china3km_dataset`` writes the China 3 km CorrDiff layout (fine targets, a 0.25 deg
 forecast file with init/lead time axes, static fields): see its docstring.
+
+A data config may name one of ``SYNTHETIC_DATASETS`` (``data.synthetic_dataset``): preparation
+then writes it under the work directory (``write_synthetic_dataset``) and reads its files.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from jax_corrdiff.data.sources import FieldSpec
+from jax_corrdiff.data.sources import FieldSpec, open_dataset
 
 TAIWAN_CWB_VARIABLES = ("maximum_radar_reflectivity", "temperature_2m", "eastward_wind_10m", "northward_wind_10m")
 TAIWAN_ERA5_VARIABLES = (
@@ -84,48 +89,35 @@ def _scaled(rng, specs, n_times, h, w, max_wavenumber):
     return values
 
 
-def write_cwb_zarr(
-    path: str,
-    *,
-    times,
-    height: int,
-    width: int,
-    cwb_variables=TAIWAN_CWB_VARIABLES,
-    era5_variables=TAIWAN_ERA5_VARIABLES,
-    seed: int = 0,
-) -> str:
-    """Write a CWB-layout Zarr (v2, consolidated) to ``path``; ``times`` is a sequence of
-    datetime-likes; variables are "name" or "name@level". Returns ``path``."""
+def _names_levels(specs, prefix: str) -> dict:
+    """``<prefix>_variable`` and ``<prefix>_pressure`` (NaN for surface fields) of the CWB layout."""
+    levels = np.array([np.nan if s.level is None else s.level for s in specs])
+    return {
+        f"{prefix}_variable": ((f"{prefix}_channel",), np.array([s.name for s in specs])),
+        f"{prefix}_pressure": ((f"{prefix}_channel",), levels),
+    }
+
+
+def write_cwb_zarr(path: str, *, times, height: int, width: int, seed: int = 0) -> str:
+    """Write a CWB-layout Zarr (v2, consolidated) of the Taiwan channels to ``path``; ``times``
+    is a sequence of datetime-likes. Returns ``path``."""
     rng = np.random.default_rng(seed)
     times = np.asarray(times, dtype="datetime64[ns]")
-    cwb_specs = [FieldSpec.parse(v) for v in cwb_variables]
-    era5_specs = [FieldSpec.parse(v) for v in era5_variables]
+    cwb_specs = [FieldSpec.parse(v) for v in TAIWAN_CWB_VARIABLES]
+    era5_specs = [FieldSpec.parse(v) for v in TAIWAN_ERA5_VARIABLES]
     cwb = _scaled(rng, cwb_specs, len(times), height, width, max_wavenumber=4)
     era5 = _scaled(rng, era5_specs, len(times), height, width, max_wavenumber=1)  # ERA5: larger scales
     # A Taiwan-sized box, slightly curvilinear like a Lambert grid: ~2 km steps.
     jj, ii = np.meshgrid(np.arange(width), np.arange(height))
     lat = 21.9 + 0.018 * ii + 0.0005 * (jj - width / 2) / max(width, 1)
     lon = 120.0 + 0.0195 * jj + 0.002 * (ii - height / 2) / max(height, 1)
-
-    def names_levels(specs, prefix):
-        return {
-            f"{prefix}_variable": ((f"{prefix}_channel",), np.array([s.name for s in specs])),
-            f"{prefix}_pressure": (
-                (f"{prefix}_channel",),
-                np.array([np.nan if s.level is None else s.level for s in specs]),
-            ),
-        }
-
-    dims = {
-        "cwb": ("time", "cwb_channel", "south_north", "west_east"),
-        "era5": ("time", "era5_channel", "south_north", "west_east"),
-    }
+    grid = ("south_north", "west_east")
     ds = xr.Dataset(
         {
-            "cwb": (dims["cwb"], cwb),
-            "era5": (dims["era5"], era5),
-            **names_levels(cwb_specs, "cwb"),
-            **names_levels(era5_specs, "era5"),
+            "cwb": (("time", "cwb_channel", *grid), cwb),
+            "era5": (("time", "era5_channel", *grid), era5),
+            **_names_levels(cwb_specs, "cwb"),
+            **_names_levels(era5_specs, "era5"),
             "cwb_center": (("cwb_channel",), cwb.mean(axis=(0, 2, 3))),
             "cwb_scale": (("cwb_channel",), cwb.std(axis=(0, 2, 3))),
             "era5_center": (("era5_channel",), era5.mean(axis=(0, 2, 3))),
@@ -133,11 +125,7 @@ def write_cwb_zarr(
             "cwb_valid": (("time",), np.ones(len(times), np.int8)),
             "era5_valid": (("time", "era5_channel"), np.ones((len(times), len(era5_specs)), bool)),
         },
-        coords={
-            "time": times,
-            "XLAT": (("south_north", "west_east"), lat),
-            "XLONG": (("south_north", "west_east"), lon),
-        },
+        coords={"time": times, "XLAT": (grid, lat), "XLONG": (grid, lon)},
     )
     encoding = {
         "time": {"units": "hours since 1990-01-01 00:00:00", "dtype": "int64"},
@@ -162,6 +150,11 @@ CHINA3KM_RESOLUTION_DEG = 0.03
 CHINA3KM_FULL_SHAPE = (1670, 2500)  # (lat, lon) points: 10-60N, 70-145E at 0.03 deg
 CHINA3KM_ORIGIN = (10.0, 70.0)  # (lat, lon) of the full domain's south-west point
 FORECAST_RESOLUTION_DEG = 0.25
+FORECAST_MARGIN_DEG = 1.0  # the synthetic forecast grid reaches this far beyond the fine box
+_TITLES = {
+    "target": "synthetic China 3 km CorrDiff targets (0.03 deg, regular lat/lon)",
+    "forecast": "synthetic 0.25 deg global forecast (CMA-GFS / AI-model-like inputs)",
+}
 
 _ATTRS = {
     "t2m": ("K", "2 metre temperature"),
@@ -191,7 +184,10 @@ class _Waves:
     """A smooth random field of (lat, lon, hours): a sum of moving plane waves, unit-ish std.
     ``k`` is in cycles per ``extent`` degrees."""
 
-    def __init__(self, rng, extent: tuple[float, float], k_range: tuple[float, float], n: int = 6):
+    waves = 6
+
+    def __init__(self, rng, extent: tuple[float, float], k_range: tuple[float, float]):
+        n = self.waves
         self.ky = rng.uniform(*k_range, n) * rng.choice([-1, 1], n) / extent[0]
         self.kx = rng.uniform(*k_range, n) * rng.choice([-1, 1], n) / extent[1]
         self.omega = rng.uniform(0.02, 0.08, n)  # radians per hour
@@ -232,25 +228,80 @@ def china3km_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.round(lat, 6), np.round(lon, 6)
 
 
+def _forecast_axis(fine: np.ndarray) -> np.ndarray:
+    """0.25 deg points covering the fine axis with a FORECAST_MARGIN_DEG margin."""
+    res = FORECAST_RESOLUTION_DEG
+    lo, hi = np.floor((fine[0] - FORECAST_MARGIN_DEG) / res), np.ceil((fine[-1] + FORECAST_MARGIN_DEG) / res)
+    return np.arange(lo, hi + 1) * res
+
+
+def _china_fields(rng, lat, lon, valid_h, c_lat, c_lon, init_h, leads) -> tuple[dict, dict]:
+    """{(name, level index): values} on the fine grid at the valid hours, and on the forecast grid
+    (init, lead, lat, lon): a field's large-scale part plus an error growing with lead time."""
+    extent = (max(lat[-1] - lat[0], 1.0), max(lon[-1] - lon[0], 1.0))
+    channels = [(n, None) for n in CHINA3KM_SURFACE] + [
+        (n, k) for n in CHINA3KM_UPPER for k in range(len(CHINA3KM_LEVELS))
+    ]
+    growth = 0.05 + 0.3 * (leads / max(leads.max(), 24.0))
+    fine, coarse = {}, {}
+    for name, k in channels:
+        large, small, error = (_Waves(rng, extent, band) for band in ((0.3, 1.2), (3.0, 8.0), (0.3, 1.2)))
+        fine[name, k] = _physical(name, k, large(lat, lon, valid_h) + 0.4 * small(lat, lon, valid_h))
+        coarse[name, k] = np.stack(
+            [
+                _physical(
+                    name,
+                    k,
+                    large(c_lat, c_lon, ih + leads) + growth[:, None, None] * error(c_lat, c_lon, ih + 0.5 * leads),
+                )
+                for ih in init_h
+            ]
+        )
+    return fine, coarse
+
+
+def _china_dataset(values: dict, dims: tuple[str, ...], coords: dict, title: str) -> xr.Dataset:
+    """Surface fields on ``dims``; upper-air ones with a ``level`` axis before the last two."""
+    data = {}
+    for name in (*CHINA3KM_SURFACE, *CHINA3KM_UPPER):
+        units, long_name = _ATTRS[name]
+        if name in CHINA3KM_SURFACE:
+            arr, d = values[name, None], dims
+        else:
+            arr = np.stack([values[name, k] for k in range(len(CHINA3KM_LEVELS))], axis=len(dims) - 2)
+            d = (*dims[:-2], "level", *dims[-2:])
+        data[name] = xr.Variable(d, arr, {"units": units, "long_name": long_name})
+    ds = xr.Dataset(data, coords={**coords, "level": np.asarray(CHINA3KM_LEVELS, np.float64)}, attrs={"title": title})
+    ds["level"].attrs.update(units="hPa", long_name="pressure level")
+    ds["lat"].attrs.update(units="degrees_north")
+    ds["lon"].attrs.update(units="degrees_east")
+    return ds
+
+
+def _china_static(rng, lat, lon) -> xr.Dataset:
+    """orog (m) and lsm (0..1) on the fine grid: a smooth land fraction, hills on land."""
+    extent = (max(lat[-1] - lat[0], 1.0), max(lon[-1] - lon[0], 1.0))
+    land = _Waves(rng, extent, (0.5, 2.0))(lat, lon, np.zeros(1))[0]
+    lsm = (1.0 / (1.0 + np.exp(-4.0 * (land + 0.3)))).astype(np.float32)
+    hills = 1.0 + 0.5 * _Waves(rng, extent, (2.0, 6.0))(lat, lon, np.zeros(1))[0]
+    orog = np.maximum(0.0, 1500.0 * lsm * hills).astype(np.float32)
+    fields = {
+        n: xr.Variable(("lat", "lon"), v, {"units": _ATTRS[n][0], "long_name": _ATTRS[n][1]})
+        for n, v in (("orog", orog), ("lsm", lsm))
+    }
+    return xr.Dataset(fields, coords={"lat": lat, "lon": lon})
+
+
 def write_china3km_dataset(
-    directory: str,
-    *,
-    height: int = 64,
-    width: int = 96,
-    init_times=None,
-    lead_times=(0, 6, 12),
-    seed: int = 0,
-    time_step_hours: int = 1,
-    margin_deg: float = 1.0,
+    directory: str, *, height: int = 64, width: int = 96, init_times=None, lead_times=(0, 6, 12), seed: int = 0
 ) -> dict[str, str]:
     """Write a small synthetic China 3 km CorrDiff dataset to ``directory``; returns the paths.
 
-    ``target.nc``   fine 0.03 deg regular lat/lon grid (``china3km_grid``), hourly (or every
-                    ``time_step_hours``) valid times covering every init + lead:
-                    t2m, u10, v10, tp (time, lat, lon); t, u, v, q, z (time, level, lat, lon),
-                    ``level`` in hPa (1000, 925, 850, 700, 500, 200).
+    ``target.nc``   fine 0.03 deg regular lat/lon grid (``china3km_grid``), hourly valid times
+                    covering every init + lead: t2m, u10, v10, tp (time, lat, lon); t, u, v, q, z
+                    (time, level, lat, lon), ``level`` in hPa (1000, 925, 850, 700, 500, 200).
     ``forecast.nc`` a 0.25 deg global-forecast-like file covering the fine box with a
-                    ``margin_deg`` margin, latitudes north to south as in GFS/IFS output:
+                    FORECAST_MARGIN_DEG margin, latitudes north to south as in GFS/IFS output:
                     the same variables laid out (init_time, lead_time, [level,] lat, lon),
                     ``lead_time`` timedelta64. The forecast is the fine field's large-scale part
                     at the valid time plus an error growing with lead time.
@@ -268,88 +319,27 @@ def write_china3km_dataset(
     leads = np.asarray([float(h) for h in lead_times])
     t0 = inits.min()
     span_h = float((inits.max() - t0) / np.timedelta64(1, "h") + leads.max())
-    valid = t0 + (np.arange(0, span_h + 1e-9, time_step_hours) * 3600e9).astype("timedelta64[ns]")
-    valid_h = (valid - t0) / np.timedelta64(1, "h")
-
+    valid = t0 + (np.arange(0, span_h + 1e-9, 1.0) * 3600e9).astype("timedelta64[ns]")
     lat, lon = china3km_grid(height, width)
-    res = FORECAST_RESOLUTION_DEG
-    c_lat = np.arange(np.floor((lat[0] - margin_deg) / res), np.ceil((lat[-1] + margin_deg) / res) + 1) * res
-    c_lon = np.arange(np.floor((lon[0] - margin_deg) / res), np.ceil((lon[-1] + margin_deg) / res) + 1) * res
-    c_lat = c_lat[::-1]  # north to south
-    extent = (max(lat[-1] - lat[0], 1.0), max(lon[-1] - lon[0], 1.0))
-
-    channels = [(n, None) for n in CHINA3KM_SURFACE] + [
-        (n, k) for n in CHINA3KM_UPPER for k in range(len(CHINA3KM_LEVELS))
-    ]
-    init_h = (inits - t0) / np.timedelta64(1, "h")
-    fine, coarse = {}, {}
-    for name, k in channels:
-        large, small, error = (
-            _Waves(rng, extent, (0.3, 1.2)),
-            _Waves(rng, extent, (3.0, 8.0)),
-            _Waves(rng, extent, (0.3, 1.2)),
-        )
-        fine[name, k] = _physical(name, k, large(lat, lon, valid_h) + 0.4 * small(lat, lon, valid_h))
-        fc = np.empty((len(inits), len(leads), len(c_lat), len(c_lon)), np.float32)
-        for a, ih in enumerate(init_h):
-            vh = ih + leads
-            growth = 0.05 + 0.3 * (leads / max(leads.max(), 24.0))
-            z = large(c_lat, c_lon, vh) + growth[:, None, None] * error(c_lat, c_lon, ih + 0.5 * leads)
-            fc[a] = _physical(name, k, z)
-        coarse[name, k] = fc
-
-    def dataset(values: dict, dims: tuple[str, ...], coords: dict) -> xr.Dataset:
-        data = {}
-        for name in (*CHINA3KM_SURFACE, *CHINA3KM_UPPER):
-            units, long_name = _ATTRS[name]
-            if name in CHINA3KM_SURFACE:
-                arr, d = values[name, None], dims
-            else:
-                arr = np.stack([values[name, k] for k in range(len(CHINA3KM_LEVELS))], axis=len(dims) - 2)
-                d = (*dims[:-2], "level", *dims[-2:])
-            data[name] = xr.Variable(d, arr, {"units": units, "long_name": long_name})
-        ds = xr.Dataset(data, coords=coords)
-        ds["level"].attrs.update(units="hPa", long_name="pressure level")
-        ds["lat"].attrs.update(units="degrees_north")
-        ds["lon"].attrs.update(units="degrees_east")
-        return ds
-
-    level = np.asarray(CHINA3KM_LEVELS, np.float64)
-    target = dataset(fine, ("time", "lat", "lon"), {"time": valid, "level": level, "lat": lat, "lon": lon})
-    target.attrs["title"] = "synthetic China 3 km CorrDiff targets (0.03 deg, regular lat/lon)"
-    forecast = dataset(
-        coarse,
-        ("init_time", "lead_time", "lat", "lon"),
-        {
-            "init_time": inits,
-            "lead_time": (leads * 3600e9).astype("timedelta64[ns]"),
-            "level": level,
-            "lat": c_lat,
-            "lon": c_lon,
-        },
-    )
-    forecast.attrs["title"] = "synthetic 0.25 deg global forecast (CMA-GFS / AI-model-like inputs)"
-
-    land = _Waves(rng, extent, (0.5, 2.0))(lat, lon, np.zeros(1))[0]
-    lsm = (1.0 / (1.0 + np.exp(-4.0 * (land + 0.3)))).astype(np.float32)
-    orog = (
-        np.maximum(0.0, 1500.0 * lsm * (1.0 + 0.5 * _Waves(rng, extent, (2.0, 6.0))(lat, lon, np.zeros(1))[0]))
-    ).astype(np.float32)
-    static = xr.Dataset(
-        {
-            n: xr.Variable(("lat", "lon"), v, {"units": _ATTRS[n][0], "long_name": _ATTRS[n][1]})
-            for n, v in (("orog", orog), ("lsm", lsm))
-        },
-        coords={"lat": lat, "lon": lon},
-    )
-    paths = {
-        "target": os.path.join(directory, "target.nc"),
-        "forecast": os.path.join(directory, "forecast.nc"),
-        "static": os.path.join(directory, "static.nc"),
+    c_lat, c_lon = _forecast_axis(lat)[::-1], _forecast_axis(lon)  # forecast latitudes north to south
+    hours = lambda times: (times - t0) / np.timedelta64(1, "h")  # noqa: E731
+    fine, coarse = _china_fields(rng, lat, lon, hours(valid), c_lat, c_lon, hours(inits), leads)
+    lead_ns = (leads * 3600e9).astype("timedelta64[ns]")
+    datasets = {
+        "target": _china_dataset(
+            fine, ("time", "lat", "lon"), {"time": valid, "lat": lat, "lon": lon}, _TITLES["target"]
+        ),
+        "forecast": _china_dataset(
+            coarse,
+            ("init_time", "lead_time", "lat", "lon"),
+            {"init_time": inits, "lead_time": lead_ns, "lat": c_lat, "lon": c_lon},
+            _TITLES["forecast"],
+        ),
+        "static": _china_static(rng, lat, lon),
     }
-    target.to_netcdf(paths["target"])
-    forecast.to_netcdf(paths["forecast"])
-    static.to_netcdf(paths["static"])
+    paths = {role: os.path.join(directory, f"{role}.nc") for role in datasets}
+    for role, ds in datasets.items():
+        ds.to_netcdf(paths[role])
     return paths
 
 
@@ -357,7 +347,7 @@ def describe_files(paths: dict[str, str]) -> str:
     """A short listing of each written file: dimensions, variables with units, coordinates."""
     lines = []
     for role, path in paths.items():
-        with xr.open_dataset(path) as ds:
+        with open_dataset(path) as ds:
             dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
             lines.append(f"{role}: {path}\n  dims: {dims}")
             for name, da in ds.data_vars.items():
@@ -373,3 +363,33 @@ def describe_files(paths: dict[str, str]) -> str:
                         v = [str(np.datetime64(t, "s")) for t in v]
                     lines.append(f"  {name}: {v[0]} .. {v[-1]} ({len(v)})")
     return "\n".join(lines)
+
+
+# Named synthetic datasets in the China 3 km layout: write_china3km_dataset arguments, with
+# init_times as (first, count, step).
+SYNTHETIC_DATASETS = {
+    # configs/china3km.py:smoke: valid times 2024-07-01T00 .. 07-03T06.
+    "china3km_smoke": dict(height=64, width=96, init_times=("2024-07-01T00", 8, "6h"), lead_times=(0, 6, 12)),
+}
+
+
+def write_synthetic_dataset(name: str, directory: str) -> dict:
+    """Write ``SYNTHETIC_DATASETS[name]`` to ``directory`` unless it is there already; returns the
+    data-config fields that point at its files. Written atomically (a temporary directory renamed
+    into place), so a concurrent reader never sees half a dataset."""
+    if name not in SYNTHETIC_DATASETS:
+        raise ValueError(f"unknown data.synthetic_dataset {name!r}; known: {sorted(SYNTHETIC_DATASETS)}")
+    paths = {k: os.path.join(directory, f"{k}.nc") for k in ("target", "forecast", "static")}
+    if not all(os.path.exists(p) for p in paths.values()):
+        spec = dict(SYNTHETIC_DATASETS[name])
+        first, count, step = spec.pop("init_times")
+        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}_", dir=os.path.dirname(os.path.abspath(directory)))
+        write_china3km_dataset(tmp, init_times=pd.date_range(first, periods=count, freq=step), **spec)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not all(os.path.exists(p) for p in paths.values()):
+                raise
+    return {"target_paths": [paths["target"]], "input_paths": [paths["forecast"]], "static_path": paths["static"]}

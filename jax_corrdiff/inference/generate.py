@@ -19,12 +19,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import xarray as xr
 from jax.experimental import multihost_utils
 
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
-from jax_corrdiff.data.sources import FieldSpec, expand_paths, time_str
+from jax_corrdiff.data.sources import FieldSpec, expand_paths, open_dataset, time_str
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.samplers import EDMSampler
 from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
@@ -118,7 +117,7 @@ def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
     for path in paths:
         if not os.path.exists(path):
             continue
-        with xr.open_dataset(path, engine="zarr" if path.endswith(".zarr") else None) as ds:
+        with open_dataset(path) as ds:
             for name in names:
                 if name in ds and name not in attrs:
                     attrs[name] = {

@@ -11,7 +11,8 @@ from jax.experimental import multihost_utils
 
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
-from jax_corrdiff.data.prepare import PREPARED_DIR, ensure_prepared
+from jax_corrdiff.data.prepare import ensure_prepared
+from jax_corrdiff.data.store import PREPARED_DIR
 
 # Batch entries the steps consume (time_index stays on the host).
 STEP_KEYS = ("target", "img_lr", "lead_time_label", "mask")

@@ -1,0 +1,92 @@
+"""The data config: the fields of ``config.data`` that define a prepared store, checked.
+
+``data_config_dict`` turns ``config.data`` into plain JSON values and checks them; the hash of
+that dict names the store it prepares (``config_hash``), so a store is reused only for the same
+data. A config that names a ``synthetic_dataset`` gets its file paths from that dataset, written
+under the prepared directory by ``with_synthetic_files`` (tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from jax_corrdiff.data.synthetic import write_synthetic_dataset
+
+DATA_FIELDS = (
+    "format",
+    "target_paths",
+    "target_variables",
+    "input_paths",
+    "input_variables",
+    "coarsen_factor",
+    "static_path",
+    "static_variables",
+    "train_period",
+    "valid_period",
+    "nan_policy",
+    "nan_fill_value",
+)
+# Hashed only when set, so stores of configs that leave them empty keep their hash.
+OPTIONAL_DATA_FIELDS = ("lead_times", "synthetic_dataset")
+SYNTHETIC_DIR = "synthetic"  # <prepared dir>/synthetic/<name>: the files of a synthetic dataset
+
+
+def _json(value):
+    return json.loads(json.dumps(value))
+
+
+def _check(cfg: dict) -> None:
+    """Raise ValueError naming the first data-config field that cannot work."""
+    if cfg.get("lead_times"):
+        leads = [float(h) for h in cfg["lead_times"]]
+        if len(set(leads)) != len(leads) or min(leads) < 0:
+            raise ValueError(f"data.lead_times must be distinct non-negative hours, got {cfg['lead_times']!r}")
+        if cfg["format"] != "variables" or not cfg["input_paths"]:
+            raise ValueError("data.lead_times needs data.format='variables' and forecast files in data.input_paths")
+    if cfg["format"] not in ("variables", "cwb"):
+        raise ValueError(f"data.format must be 'variables' or 'cwb', not {cfg['format']!r}")
+    if cfg["nan_policy"] not in ("error", "fill"):
+        raise ValueError(f"data.nan_policy must be 'error' or 'fill', not {cfg['nan_policy']!r}")
+    for key in ("train_period", "valid_period"):
+        if len(cfg[key]) != 2:
+            raise ValueError(f"data.{key} must be [start, end], got {cfg[key]!r}")
+    for key in ("target_paths", "target_variables", "input_variables"):
+        if not cfg[key]:
+            raise ValueError(f"data.{key} is empty")
+    if bool(cfg["static_path"]) != bool(cfg["static_variables"]):
+        raise ValueError("data.static_path and data.static_variables must be given together")
+    if cfg["format"] == "cwb" and cfg["input_paths"]:
+        raise ValueError("data.format='cwb' reads inputs from the store's era5 array; data.input_paths must be empty")
+    if cfg["format"] == "variables" and not cfg["input_paths"] and int(cfg["coarsen_factor"]) < 1:
+        raise ValueError("paired synthetic inputs need data.coarsen_factor >= 1")
+
+
+def data_config_dict(data_cfg) -> dict:
+    """The fields of ``config.data`` that define the prepared data, as plain JSON values, checked."""
+    missing = [k for k in DATA_FIELDS if k not in data_cfg]
+    if missing:
+        raise ValueError(f"data config lacks {', '.join(missing)}")
+    cfg = {k: _json(data_cfg[k]) for k in DATA_FIELDS}
+    cfg.update({k: _json(data_cfg[k]) for k in OPTIONAL_DATA_FIELDS if data_cfg.get(k)})
+    _check(cfg)
+    return cfg
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def with_synthetic_files(data_cfg, prepared_dir: str) -> dict:
+    """``data_config_dict`` of ``data_cfg``, with the paths of its ``synthetic_dataset`` (written
+    under ``prepared_dir`` on first use) when it names one."""
+    name = data_cfg.get("synthetic_dataset")
+    if not name:
+        return data_config_dict(data_cfg)
+    paths = write_synthetic_dataset(name, os.path.join(prepared_dir, SYNTHETIC_DIR, name))
+    return data_config_dict({**_plain(data_cfg), **paths})
+
+
+def _plain(data_cfg) -> dict:
+    return data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
