@@ -20,7 +20,8 @@ from jax_corrdiff.interop.torch_pickle import UnsafePickleError
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models import build_model
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "physicsnemo")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "physicsnemo")
 CASES = parity.read_manifest(FIXTURES)["cases"]
 DIFFUSION = os.path.join(FIXTURES, "edm_posembd_sin4_hrmean.mdlus")
 
@@ -102,6 +103,29 @@ def test_convert_command_writes_a_reloadable_model_dir(tmp_path):
     nhwc = lambda a: a.transpose(0, 2, 3, 1)  # noqa: E731
     out = build_model(config).apply(variables, nhwc(data["x"]), nhwc(data["img_lr"]), data["sigma"])
     assert parity.relative_error(np.asarray(out).transpose(0, 3, 1, 2), data["output"]) <= 1e-4
+
+
+# Run a command with ``import torch`` (and any torch submodule) raising ImportError.
+WITHOUT_TORCH = """
+import runpy, sys
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch must not be imported")
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def test_conversion_never_imports_torch(tmp_path):
+    out_dir = tmp_path / "converted"
+    command = ["jax_corrdiff.convert", "--physicsnemo", DIFFUSION, "--output", str(out_dir)]
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *command], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_model(str(out_dir)).config["kind"] == "diffusion"
 
 
 def _rewrite(tmp_path, src, name, args=None, model_pt=None):

@@ -1,4 +1,4 @@
-"""Tests for the torch-free checkpoint readers; torch itself is never imported.
+"""Tests for the torch-free checkpoint readers (that torch is never imported: test_physicsnemo_interop).
 
 Real checkpoints come from tests/fixtures/torch_pickle (made by
 make_torch_pickle_fixtures.py with torch); hostile and edge-case pickles are
@@ -15,7 +15,6 @@ import os
 import pathlib
 import pickle
 import shlex
-import sys
 import tarfile
 import zipfile
 
@@ -421,7 +420,3 @@ def test_read_mdlus_not_an_archive(tmp_path: pathlib.Path) -> None:
     path.write_bytes(b"not an archive at all")
     with pytest.raises(ValueError, match="neither a tar nor a zip"):
         read_mdlus(path)
-
-
-def test_torch_is_never_imported() -> None:
-    assert "torch" not in sys.modules

@@ -42,9 +42,9 @@ def _plot_coordinates(da: xr.DataArray) -> tuple[np.ndarray, np.ndarray, str, st
     return da["x"].values, da["y"].values, "x", "y"
 
 
-def plot_maps(ds: xr.Dataset, field: dict, time_index: int, path: str) -> None:
-    """Truth, bilinear input, regression mean, two members (one colour scale) and the
-    ensemble standard deviation, at one time."""
+def _map_panels(ds: xr.Dataset, field: dict, time_index: int) -> tuple[xr.DataArray, list]:
+    """The members (member, y, x) and the (title, 2-D field) panels on one colour scale: truth,
+    bilinear input and regression mean where the file has them, the first members."""
     name = field["variable"]
     at_level = {} if field["level"] is None else {LEVEL_DIM: field["level"]}
 
@@ -57,6 +57,14 @@ def plot_maps(ds: xr.Dataset, field: dict, time_index: int, path: str) -> None:
         if f"{name}{suffix}" in ds.data_vars:
             panels.append((title, field_2d(f"{name}{suffix}")))
     panels += [(f"CorrDiff member {m}", members.isel({MEMBER_DIM: m})) for m in range(min(MEMBERS_SHOWN, len(members)))]
+    return members, panels
+
+
+def plot_maps(ds: xr.Dataset, field: dict, time_index: int, path: str) -> None:
+    """Truth, bilinear input, regression mean, two members (one colour scale) and the
+    ensemble standard deviation, at one time."""
+    name = field["variable"]
+    members, panels = _map_panels(ds, field, time_index)
     spread = members.std(MEMBER_DIM, ddof=1) if members.sizes[MEMBER_DIM] > 1 else None
 
     n_panels = len(panels) + (spread is not None)

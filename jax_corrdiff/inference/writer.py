@@ -21,7 +21,7 @@ import netCDF4
 import numpy as np
 import zarr
 
-from jax_corrdiff.data.sources import FieldSpec
+from jax_corrdiff.data.sources import FieldSpec, is_zarr
 
 TIME_UNITS = "hours since 1970-01-01 00:00:00"
 
@@ -78,7 +78,7 @@ class EnsembleWriter:
         }
         self.has_truth = has_truth
         self.coordinates = "lat lon" if init_times is None else "lat lon forecast_reference_time"
-        self.zarr = path.rstrip("/").endswith(".zarr")
+        self.zarr = is_zarr(path)
         hours = _hours(times)
         if os.path.exists(path):
             self._open_existing(hours, members, lat.shape)
@@ -106,71 +106,50 @@ class EnsembleWriter:
             if self.has_truth:
                 yield f"{f.name}_truth", ("time", *dims, "y", "x"), {**attrs, "comment": "truth"}
 
-    def _create(self, hours, members, lat, lon, variable_attrs, global_attrs, init_times):
-        sizes = {"time": len(hours), "ensemble": members, "y": lat.shape[0], "x": lat.shape[1]}
-        if self.levels:
-            sizes["level"] = len(self.levels)
+    def _coordinates(self, hours, members, lat, lon, init_times) -> list[tuple]:
+        """(name, dims, values, attrs) of every coordinate-like variable, ``completed`` included."""
+        time_attrs = {"units": TIME_UNITS, "calendar": "standard"}
+        flags = {
+            "long_name": "time step written",
+            "flag_values": np.array([0, 1], np.int8),
+            "flag_meanings": "pending written",
+        }
         coords = [
-            ("time", ("time",), hours, {"units": TIME_UNITS, "calendar": "standard", "standard_name": "time"}),
+            ("time", ("time",), hours, {**time_attrs, "standard_name": "time"}),
             ("ensemble", ("ensemble",), np.arange(members, dtype=np.int32), {"long_name": "ensemble member"}),
-            ("y", ("y",), np.arange(sizes["y"], dtype=np.int32), {"long_name": "grid row"}),
-            ("x", ("x",), np.arange(sizes["x"], dtype=np.int32), {"long_name": "grid column"}),
+            ("y", ("y",), np.arange(lat.shape[0], dtype=np.int32), {"long_name": "grid row"}),
+            ("x", ("x",), np.arange(lat.shape[1], dtype=np.int32), {"long_name": "grid column"}),
             ("lat", ("y", "x"), lat.astype(np.float32), {"units": "degrees_north", "standard_name": "latitude"}),
             ("lon", ("y", "x"), lon.astype(np.float32), {"units": "degrees_east", "standard_name": "longitude"}),
-            (
-                "completed",
-                ("time",),
-                np.zeros(len(hours), np.int8),
-                {
-                    "long_name": "time step written",
-                    "flag_values": np.array([0, 1], np.int8),
-                    "flag_meanings": "pending written",
-                },
-            ),
+            ("completed", ("time",), np.zeros(len(hours), np.int8), flags),
         ]
         if self.levels:
             coords.append(("level", ("level",), np.asarray(self.levels, np.float64), {"long_name": "vertical level"}))
         if init_times is not None:  # forecast inputs: the initialization of each valid time
-            coords.append(
-                (
-                    "forecast_reference_time",
-                    ("time",),
-                    _hours(init_times),
-                    {"units": TIME_UNITS, "calendar": "standard", "standard_name": "forecast_reference_time"},
-                )
+            attrs = {**time_attrs, "standard_name": "forecast_reference_time"}
+            coords.append(("forecast_reference_time", ("time",), _hours(init_times), attrs))
+        return coords
+
+    def _create(self, hours, members, lat, lon, variable_attrs, global_attrs, init_times):
+        """Write the empty file under a temporary name, then move it into place."""
+        sizes = {"time": len(hours), "ensemble": members, "y": lat.shape[0], "x": lat.shape[1]}
+        if self.levels:
+            sizes["level"] = len(self.levels)
+        coords = self._coordinates(hours, members, lat, lon, init_times)
+        # One chunk per time, member and level: batches write whole chunks.
+        variables = [
+            (
+                name,
+                dims,
+                tuple(sizes[d] for d in dims),
+                tuple(1 if d in ("time", "ensemble", "level") else sizes[d] for d in dims),
+                attrs,
             )
-        attrs = {"Conventions": "CF-1.8", **global_attrs}
+            for name, dims, attrs in self._variables(variable_attrs)
+        ]
         tmp = self.path + ".partial"
-        if self.zarr:
-            root = zarr.open_group(tmp, mode="w", zarr_format=2)
-            root.attrs.update({k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()})
-            for name, dims, values, var_attrs in coords:
-                arr = root.create_array(
-                    name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None, fill_value=None
-                )
-                arr[...] = values
-                arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
-            for name, dims, var_attrs in self._variables(variable_attrs):
-                shape = tuple(sizes[d] for d in dims)
-                chunks = tuple(1 if d in ("time", "ensemble", "level") else sizes[d] for d in dims)
-                arr = root.create_array(name, shape=shape, dtype="float32", chunks=chunks, fill_value=np.nan)
-                arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
-            zarr.consolidate_metadata(tmp)
-        else:
-            with netCDF4.Dataset(tmp, "w") as nc:
-                nc.setncatts(attrs)
-                for dim, size in sizes.items():
-                    nc.createDimension(dim, size)
-                for name, dims, values, var_attrs in coords:
-                    var = nc.createVariable(name, values.dtype, dims)
-                    var.setncatts(var_attrs)
-                    var[...] = values
-                for name, dims, var_attrs in self._variables(variable_attrs):
-                    chunks = tuple(1 if d in ("time", "ensemble", "level") else sizes[d] for d in dims)
-                    var = nc.createVariable(
-                        name, "f4", dims, zlib=True, complevel=1, chunksizes=chunks, fill_value=np.float32(np.nan)
-                    )
-                    var.setncatts(var_attrs)
+        create = _create_zarr if self.zarr else _create_netcdf
+        create(tmp, {"Conventions": "CF-1.8", **global_attrs}, sizes, coords, variables)
         os.replace(tmp, self.path)
         self.completed = np.zeros(len(hours), bool)
 
@@ -231,3 +210,33 @@ class EnsembleWriter:
 
 def _jsonable(attrs: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in attrs.items()}
+
+
+def _create_zarr(path: str, attrs: dict, sizes: dict, coords: list, variables: list) -> None:
+    root = zarr.open_group(path, mode="w", zarr_format=2)
+    root.attrs.update(_jsonable(attrs))
+    for name, dims, values, var_attrs in coords:
+        arr = root.create_array(
+            name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None, fill_value=None
+        )
+        arr[...] = values
+        arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
+    for name, dims, shape, chunks, var_attrs in variables:
+        arr = root.create_array(name, shape=shape, dtype="float32", chunks=chunks, fill_value=np.nan)
+        arr.attrs.update({"_ARRAY_DIMENSIONS": list(dims), **_jsonable(var_attrs)})
+    zarr.consolidate_metadata(path)
+
+
+def _create_netcdf(path: str, attrs: dict, sizes: dict, coords: list, variables: list) -> None:
+    with netCDF4.Dataset(path, "w") as nc:
+        nc.setncatts(attrs)
+        for dim, size in sizes.items():
+            nc.createDimension(dim, size)
+        for name, dims, values, var_attrs in coords:
+            var = nc.createVariable(name, values.dtype, dims)
+            var.setncatts(var_attrs)
+            var[...] = values
+        for name, dims, _, chunks, var_attrs in variables:
+            fill = np.float32(np.nan)
+            var = nc.createVariable(name, "f4", dims, zlib=True, complevel=1, chunksizes=chunks, fill_value=fill)
+            var.setncatts(var_attrs)

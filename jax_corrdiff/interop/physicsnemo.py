@@ -26,7 +26,7 @@ import numpy as np
 
 from jax_corrdiff.interop.mdlus import MdlusArchive, read_mdlus
 from jax_corrdiff.models.embeddings import sinusoidal_position_grid
-from jax_corrdiff.models.factory import build_model, init_variables
+from jax_corrdiff.models.factory import SHARED_UNET_KEYS, build_model, init_variables
 
 MATMUL_PRECISION = "highest"
 UNET_CLASSES = ("SongUNet", "SongUNetPosEmbd", "SongUNetPosLtEmbd")
@@ -120,19 +120,7 @@ def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
     gridtype, n_grid = args.pop("gridtype", None), args.pop("N_grid_channels", 0)
     lt_channels, lt_steps = args.pop("lead_time_channels", None), args.pop("lead_time_steps", 0)
     prob_channels = args.pop("prob_channels", [])
-    unet = {
-        k: args.pop(k)
-        for k in (
-            "model_channels",
-            "channel_mult",
-            "channel_mult_emb",
-            "channel_mult_noise",
-            "num_blocks",
-            "attn_resolutions",
-            "dropout",
-            "embedding_type",
-        )
-    }
+    unet = {k: args.pop(k) for k in SHARED_UNET_KEYS}
     for key in ("img_resolution", "in_channels", "out_channels"):
         args.pop(key, None)
     if args:
@@ -242,6 +230,24 @@ def _check_sinusoidal_grid(value: np.ndarray, config: dict, path: str) -> None:
         raise UnsupportedCheckpointError(f"{path}: stored sinusoidal pos_embd differs from the standard grid")
 
 
+def _check_against(template, converted: dict, path: str) -> None:
+    """Every variable of the model's ``template`` converted, with its shape, and nothing else."""
+    expected = {
+        tuple(p.key for p in keys): leaf.shape for keys, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
+    }
+    missing = sorted("/".join(p) for p in set(expected) - set(converted))
+    unexpected = sorted("/".join(p) for p in set(converted) - set(expected))
+    if missing or unexpected:
+        raise UnsupportedCheckpointError(
+            f"{path}: state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
+    for keys, shape in expected.items():
+        if converted[keys].shape != tuple(shape):
+            raise UnsupportedCheckpointError(
+                f"{path}: {'/'.join(keys)} has shape {converted[keys].shape}, model expects {tuple(shape)}"
+            )
+
+
 def convert_state_dict(archive: MdlusArchive, config: dict) -> dict:
     """Map the state dict onto freshly built variables, checking every name and shape."""
     template = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
@@ -272,20 +278,7 @@ def convert_state_dict(archive: MdlusArchive, config: dict) -> dict:
             path = (path[0], "unet", *path[1:])
         converted[path] = _to_flax_layout(np.asarray(value, np.float32), path)
 
-    expected = {
-        tuple(p.key for p in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
-    }
-    missing = sorted("/".join(p) for p in set(expected) - set(converted))
-    unexpected = sorted("/".join(p) for p in set(converted) - set(expected))
-    if missing or unexpected:
-        raise UnsupportedCheckpointError(
-            f"{archive.path}: state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
-        )
-    for path, shape in expected.items():
-        if converted[path].shape != tuple(shape):
-            raise UnsupportedCheckpointError(
-                f"{archive.path}: {'/'.join(path)} has shape {converted[path].shape}, model expects {tuple(shape)}"
-            )
+    _check_against(template, converted, archive.path)
     variables: dict = {}
     for path, value in converted.items():
         node = variables

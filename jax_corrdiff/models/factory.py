@@ -25,24 +25,25 @@ import jax.numpy as jnp
 from jax_corrdiff.models.corrdiff import EDMPrecondSR, RegressionUNet
 from jax_corrdiff.models.songunet import SongUNet
 
-UNET_KEYS = frozenset(
-    {
-        "model_channels",
-        "channel_mult",
-        "channel_mult_emb",
-        "channel_mult_noise",
-        "num_blocks",
-        "attn_resolutions",
-        "dropout",
-        "embedding_type",
-        "position_grid",
-        "num_grid_channels",
-        "lead_time_steps",
-        "lead_time_channels",
-        "prob_channels",
-        "unbiased_groupnorm",
-    }
+# SongUNet options that PhysicsNeMo's SongUNet takes under the same names (widths, noise embedding).
+SHARED_UNET_KEYS = (
+    "model_channels",
+    "channel_mult",
+    "channel_mult_emb",
+    "channel_mult_noise",
+    "num_blocks",
+    "attn_resolutions",
+    "dropout",
+    "embedding_type",
 )
+UNET_KEYS = frozenset(SHARED_UNET_KEYS) | {
+    "position_grid",
+    "num_grid_channels",
+    "lead_time_steps",
+    "lead_time_channels",
+    "prob_channels",
+    "unbiased_groupnorm",
+}
 COMMON_KEYS = frozenset({"kind", "img_resolution", "out_channels", "cond_channels", "compute_dtype", "unet"})
 KIND_KEYS = {
     "regression": frozenset({"global_residual"}),
