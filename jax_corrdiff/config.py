@@ -128,6 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.regression.training = _training()
     config.diffusion = _diffusion()
+    config.lock()  # every field is here: setting one that is not raises, in files as on the command line
     return config
 
 

@@ -99,3 +99,11 @@ def test_unknown_config_key_is_rejected(tmp_path):
 def test_unknown_demo_variant_is_rejected():
     with pytest.raises(ValueError, match="tiny"):
         demo.get_config("tiny")
+
+
+def test_unknown_stage_is_rejected_before_any_work(tmp_path):
+    config = demo.get_config("smoke")
+    config.stage = "prior"
+    with pytest.raises(ValueError, match="config.stage"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path)

@@ -28,7 +28,14 @@ from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, ma
 from jax_corrdiff.data.prepare import ensure_prepared, prepare_dataset
 from jax_corrdiff.data.regrid import LatLonBilinear, block_average, degrade
 from jax_corrdiff.data.sources import ForecastSource
-from jax_corrdiff.data.store import STATS_NAME, STORE_NAME, PreparedStore, compute_stats, describe_prepared
+from jax_corrdiff.data.store import (
+    PREPARED_DIR,
+    STATS_NAME,
+    STORE_NAME,
+    PreparedStore,
+    compute_stats,
+    describe_prepared,
+)
 from jax_corrdiff.data.synthetic import (
     CHINA3KM_LEVELS,
     CHINA3KM_VARIABLES,
@@ -66,6 +73,7 @@ __all__ = [
     "NoForecastSamplesError",
     "NonFiniteDataError",
     "Normalizer",
+    "PREPARED_DIR",
     "PreparedDataMismatchError",
     "PreparedStore",
     "STATS_NAME",

@@ -1,9 +1,10 @@
 """CorrDiff's two networks around the SongUNet: the regression UNet and the EDM denoiser.
 
 Channel order into the UNet (reference.md section 3):
-    [c_in * x | hr_mean (optional) | coarse input | position grid | lead-time embedding]
-where the caller supplies ``img_lr`` = [hr_mean | coarse input] and the UNet appends the
-grid and lead-time channels itself.
+    [c_in * x | conditioning | position grid | lead-time embedding]
+where the caller supplies ``img_lr``, the conditioning image (assembled as the stage's
+``diffusion.conditioning.ConditioningLayout`` says, e.g. [regression mean | coarse input |
+static fields]), and the UNet appends the grid and lead-time channels itself.
 """
 
 from __future__ import annotations

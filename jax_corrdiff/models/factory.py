@@ -6,8 +6,8 @@ that trained them. Its keys:
     kind            "regression" | "diffusion" | "unet" (a bare SongUNet, e.g. imported)
     img_resolution  (height, width) of the target grid
     out_channels    target channels
-    cond_channels   channels of img_lr as fed to the network (hr mean + coarse input);
-                    for a bare "unet", the channels of its input x
+    cond_channels   channels of the conditioning image fed to the network (training takes it
+                    from the stage's ConditioningLayout); for a bare "unet", the channels of x
     compute_dtype   "float32" | "bfloat16" (parameters stay float32)
     unet            SongUNet options (see SongUNet)
     global_residual [(out_channel, in_channel), ...]   regression only
