@@ -11,7 +11,10 @@ import pytest
 
 from jax_corrdiff.config import set_stages
 from jax_corrdiff.model_dir import load_model
-from jax_corrdiff.training.loop import train_and_evaluate
+from jax_corrdiff.training.checkpointing import TrainingCheckpoints
+from jax_corrdiff.training.data_setup import TrainingData
+from jax_corrdiff.training.loop import export, init_state, restore, train_and_evaluate
+from jax_corrdiff.training.stage import build_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -107,3 +110,17 @@ def test_unknown_stage_is_rejected_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="config.stage"):
         train_and_evaluate(config, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_stage_pieces_can_be_called_alone(tmp_path):
+    config = smoke(1)
+    data = TrainingData.open(config, str(tmp_path))
+    stage = build_stage(config, "regression", str(tmp_path), data)
+    assert stage.model_config["cond_channels"] == stage.layout.cond_channels == 3  # t2m | orog, land_frac
+    checkpoints = TrainingCheckpoints(str(tmp_path / "checkpoints"), keep=1)
+    state, start = restore(stage, init_state(stage), checkpoints, data.train_iterator(4, seed=0))
+    checkpoints.close()
+    assert start == 0 and int(state.step) == 0
+    saved = load_model(export(stage, state, data))
+    assert saved.config == stage.model_config and saved.conditioning == stage.layout
+    assert saved.matmul_precision == config.matmul_precision and saved.source["step"] == 0

@@ -37,6 +37,7 @@ from jax_corrdiff.data.sources import (
     ForecastSource,
     apply_nan_policy,
     expand_paths,
+    read_cwb_channels,
     select_period,
     time_str,
 )
@@ -220,7 +221,7 @@ def _write_cwb(cfg: dict, store: str) -> dict:
     for block in time_blocks(len(sel), h * w * 4 * (len(src.target_index) + len(src.input_index))):
         rows = sel[block]
         for key in ("cwb", "era5"):
-            values = np.moveaxis(g[key].get_orthogonal_selection((rows, index[key])), 1, -1).astype(np.float32)
+            values = read_cwb_channels(g[key], rows, index[key])
             counts[key] += apply_nan_policy(
                 values,
                 names[key],

@@ -339,6 +339,11 @@ class CwbStore:
         return index
 
 
+def read_cwb_channels(array, time_index, channel_index) -> np.ndarray:
+    """float32 (T, H, W, C) from a CWB array laid out (time, channel, y, x)."""
+    return np.moveaxis(array.get_orthogonal_selection((time_index, channel_index)), 1, -1).astype(np.float32)
+
+
 _HOURS_PER_UNIT = {"d": 24.0, "h": 1.0, "m": 1 / 60, "s": 1 / 3600}
 
 

@@ -34,7 +34,7 @@ import zarr
 
 from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.data.normalization import Normalizer, RunningMoments, save_stats
-from jax_corrdiff.data.sources import apply_nan_policy, decode_times, select_period, time_str
+from jax_corrdiff.data.sources import apply_nan_policy, decode_times, read_cwb_channels, select_period, time_str
 
 PREPARED_DIR = "prepared"  # WORKDIR/prepared holds the store and its statistics
 STORE_NAME = "data.zarr"
@@ -102,8 +102,7 @@ class PreparedStore:
             (self.attrs["target_channel_index"], self.attrs["input_channel_index"]),
             (self.target_channels, self.input_channels),
         ):
-            values = array.get_orthogonal_selection((self._source_index[indices], channels))
-            values = np.moveaxis(values, 1, -1).astype(np.float32)
+            values = read_cwb_channels(array, self._source_index[indices], channels)
             apply_nan_policy(
                 values,
                 names,
