@@ -13,8 +13,9 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+from capped import run_capped
 
-from jax_corrdiff.interop import parity, physicsnemo
+from jax_corrdiff.interop import CheckpointFormatError, CheckpointLimitError, ReadLimits, parity, physicsnemo
 from jax_corrdiff.interop.mdlus import read_mdlus
 from jax_corrdiff.interop.torch_pickle import UnsafePickleError
 from jax_corrdiff.model_dir import load_model
@@ -174,3 +175,109 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path):
     with pytest.raises(UnsafePickleError, match="system"):
         physicsnemo.load(path)
     assert not marker.exists()
+
+
+# --- args.json checked against the weights before building ------------------------
+
+LEARNABLE = os.path.join(FIXTURES, "edm_posembd_learnable.mdlus")
+LEAD_TIME = os.path.join(FIXTURES, "edm_posltembd.mdlus")
+
+
+def _with_args(tmp_path, src, name, **changes):
+    args = json.loads(json.dumps(read_mdlus(src).args))
+    args["__args__"].update(changes)
+    return _rewrite(tmp_path, src, name, args)
+
+
+@pytest.fixture(scope="module")
+def capped_convert(tmp_path_factory):
+    """Outcomes of convert() on args.json variants, all in one capped child (importing JAX is slow)."""
+    tmp = tmp_path_factory.mktemp("capped_convert")
+    files = {
+        "unchanged": DIFFUSION,
+        "num_blocks_100000": _with_args(tmp, DIFFUSION, "blocks.mdlus", num_blocks=100000),
+        "sinusoidal_4096": _with_args(tmp, DIFFUSION, "sin.mdlus", img_resolution=[4096, 4096]),
+        "learnable_4096": _with_args(tmp, LEARNABLE, "learnable.mdlus", img_resolution=[4096, 4096]),
+        "learnable_32x4096": _with_args(tmp, LEARNABLE, "wide.mdlus", img_resolution=[32, 4096]),
+    }
+    cases = "".join(
+        f"case({name!r}, lambda: physicsnemo.convert(sys.argv[{i + 1}])[0]['kind'])\n" for i, name in enumerate(files)
+    )
+    # Importing JAX and running one computation creates its threads before the cap.
+    setup = "import jax\nfrom jax_corrdiff.interop import physicsnemo\njax.numpy.zeros(1).block_until_ready()"
+    return run_capped(cases, setup=setup, headroom_mib=768, timeout_s=180, args=tuple(files.values()))
+
+
+def test_capped_convert_of_a_real_checkpoint(capped_convert):
+    assert capped_convert["unchanged"] == "ok: diffusion"
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        # used to trace 600000 blocks for minutes before comparing shapes
+        ("num_blocks_100000", "args.json describes 600014 layers (num_blocks=100000, 3 levels)"),
+        # used to compute a 4096 x 4096 sinusoidal grid (1.75 GB) first, or fail with KeyError: 32
+        ("sinusoidal_4096", "'model.enc.32x32_conv.weight': is for a level 32 pixels high"),
+        ("learnable_4096", "'model.enc.32x32_conv.weight': is for a level 32 pixels high"),
+        ("learnable_32x4096", "'model.pos_embd': has shape (6, 32, 48), but args.json describes (6, 32, 4096)"),
+    ],
+)
+def test_args_checked_against_state_dict_before_building(capped_convert, case, expected):
+    outcome = capped_convert[case]
+    assert outcome.startswith("UnsupportedCheckpointError: ") and expected in outcome, outcome
+
+
+@pytest.mark.parametrize(
+    "src, changes, error, field",
+    [
+        (DIFFUSION, dict(model_channels=0), "CheckpointFormatError", "__args__.model_channels"),  # ZeroDivisionError
+        (DIFFUSION, dict(channel_mult=[1, 0, 2]), "CheckpointFormatError", "__args__.channel_mult"),
+        (DIFFUSION, dict(num_blocks="1"), "CheckpointFormatError", "__args__.num_blocks"),  # TypeError
+        (DIFFUSION, dict(N_grid_channels=float("inf")), "CheckpointFormatError", "__args__.N_grid_channels"),
+        (LEAD_TIME, dict(lead_time_channels=float("inf")), "CheckpointFormatError", "__args__.lead_time_channels"),
+        (LEAD_TIME, dict(lead_time_channels=None), "CheckpointFormatError", "__args__.lead_time_channels"),
+        (DIFFUSION, dict(sigma_data="x"), "CheckpointFormatError", "__args__.sigma_data"),  # ValueError
+        (DIFFUSION, dict(img_in_channels=2), "CheckpointFormatError", "__args__.img_in_channels"),  # TypeError
+        (DIFFUSION, dict(img_resolution=[64, 48]), "UnsupportedCheckpointError", "'model.enc.8x8_down"),  # KeyError
+        (DIFFUSION, dict(model_channels=20), "UnsupportedCheckpointError", "'model.enc.32x32_conv.weight'"),
+    ],
+    ids=[
+        "model_channels-0",
+        "channel_mult-0",
+        "num_blocks-str",
+        "N_grid_channels-inf",
+        "lead_time_channels-inf",
+        "lead_time_channels-None",
+        "sigma_data-str",
+        "img_in_channels-too-few",
+        "img_resolution-other-levels",
+        "model_channels-other-width",
+    ],
+)
+def test_malformed_args_are_named(tmp_path, src, changes, error, field):
+    path = _with_args(tmp_path, src, "bad.mdlus", **changes)
+    with pytest.raises(CheckpointFormatError) as caught:
+        physicsnemo.convert(path)
+    assert type(caught.value).__name__ == error and caught.value.path == path
+    assert field in caught.value.field, str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "args_json",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"__name__": "SongUNet", "__args__": [1]}', b"[1]"],
+    ids=["deep-nesting", "args-not-an-object", "not-an-object"],
+)
+def test_malformed_args_json_is_named(tmp_path, args_json):
+    path = tmp_path / "bad.mdlus"
+    with zipfile.ZipFile(DIFFUSION) as zin, zipfile.ZipFile(path, "w") as zout:
+        for member in zin.namelist():
+            zout.writestr(member, args_json if member == "args.json" else zin.read(member))
+    with pytest.raises(CheckpointFormatError, match="args.json") as caught:  # deep nesting: RecursionError
+        physicsnemo.convert(str(path))
+    assert caught.value.path == str(path)
+
+
+def test_convert_honours_read_limits():
+    with pytest.raises(CheckpointLimitError, match="max_bytes=1048576"):
+        physicsnemo.convert(DIFFUSION, limits=ReadLimits(max_bytes=1 << 20))

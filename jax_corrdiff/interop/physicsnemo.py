@@ -11,6 +11,11 @@ parity figures are measured at.
 
     model = load("corrdiff_diffusion.mdlus")
     out = model(x, img_lr, sigma)      # NCHW float32 NumPy in and out, as torch's forward
+
+``args.json`` comes from the same untrusted file as the weights: its values are type-checked
+(:mod:`~jax_corrdiff.interop.physicsnemo_args`) and the layers and key shapes it describes are
+compared with the state dict before the model is built, so building costs no more than the
+weights warrant.  Every problem raises a ``CheckpointFormatError`` naming the file and field.
 """
 
 from __future__ import annotations
@@ -24,179 +29,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff.interop.errors import CheckpointLimitError, ReadLimits, UnsupportedCheckpointError, short_repr
 from jax_corrdiff.interop.mdlus import MdlusArchive, read_mdlus
+from jax_corrdiff.interop.physicsnemo_args import (
+    DEFAULTS,
+    DIFFUSION_CLASSES,
+    REGRESSION_CLASSES,
+    UNET_CLASSES,
+    expected_module_count,
+    expected_modules,
+    model_config_from_args,
+)
 from jax_corrdiff.models.embeddings import sinusoidal_position_grid
-from jax_corrdiff.models.factory import SHARED_UNET_KEYS, build_model, init_variables
+from jax_corrdiff.models.factory import build_model, init_variables
 
 MATMUL_PRECISION = "highest"
-UNET_CLASSES = ("SongUNet", "SongUNetPosEmbd", "SongUNetPosLtEmbd")
-REGRESSION_CLASSES = ("CorrDiffRegressionUNet", "UNet")
-DIFFUSION_CLASSES = ("EDMPrecondSuperResolution", "EDMPrecondSR")
-
-# Constructor defaults of PhysicsNeMo 2.2.2's UNets. Wrappers record only the keyword
-# arguments they were given, so the inner class's defaults fill the rest.
-_SONGUNET_DEFAULTS = dict(
-    label_dim=0,
-    augment_dim=0,
-    model_channels=128,
-    channel_mult=[1, 2, 2, 2],
-    channel_mult_emb=4,
-    num_blocks=4,
-    attn_resolutions=[16],
-    dropout=0.10,
-    label_dropout=0.0,
-    embedding_type="positional",
-    channel_mult_noise=1,
-    encoder_type="standard",
-    decoder_type="standard",
-    resample_filter=[1, 1],
-    checkpoint_level=0,
-    additive_pos_embed=False,
-    bottleneck_attention=True,
-    use_apex_gn=False,
-    act="silu",
-    profile_mode=False,
-    amp_mode=False,
-)
-_POSEMBD_DEFAULTS = dict(
-    _SONGUNET_DEFAULTS,
-    channel_mult=[1, 2, 2, 2, 2],
-    attn_resolutions=[28],
-    dropout=0.13,
-    gridtype="sinusoidal",
-    N_grid_channels=4,
-    lead_time_mode=False,
-    lead_time_channels=None,
-    lead_time_steps=9,
-    prob_channels=[],
-)
-DEFAULTS = {
-    "SongUNet": _SONGUNET_DEFAULTS,
-    "SongUNetPosEmbd": _POSEMBD_DEFAULTS,
-    "SongUNetPosLtEmbd": _POSEMBD_DEFAULTS,
-}
-
-# Options that must hold their default for the model to be representable here, and
-# options that only change speed or memory in PyTorch.
-_REQUIRED = dict(
-    label_dim=0,
-    augment_dim=0,
-    label_dropout=0.0,
-    encoder_type="standard",
-    decoder_type="standard",
-    resample_filter=[1, 1],
-    additive_pos_embed=False,
-    bottleneck_attention=True,
-    act="silu",
-)
-_PERFORMANCE_ONLY = {"checkpoint_level", "use_apex_gn", "profile_mode", "amp_mode", "use_fp16", "lead_time_mode"}
-_WRAPPER_ARGS = {
-    "img_resolution",
-    "img_channels",
-    "img_in_channels",
-    "img_out_channels",
-    "model_type",
-    "sigma_data",
-    "sigma_min",
-    "sigma_max",
-    "scale_cond_input",
-    "use_fp16",
-}
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The checkpoint uses an option or class this package does not implement."""
-
-
-def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
-    """Our SongUNet options from PhysicsNeMo arguments; also the grid + lead-time channel count."""
-    args = dict(DEFAULTS[class_name], **given)
-    for key, value in _REQUIRED.items():
-        found = args.pop(key)
-        if found != value:
-            raise UnsupportedCheckpointError(f"{path}: {key}={found!r} is not supported (need {value!r})")
-    for key in _PERFORMANCE_ONLY:
-        args.pop(key, None)
-    gridtype, n_grid = args.pop("gridtype", None), args.pop("N_grid_channels", 0)
-    lt_channels, lt_steps = args.pop("lead_time_channels", None), args.pop("lead_time_steps", 0)
-    prob_channels = args.pop("prob_channels", [])
-    unet = {k: args.pop(k) for k in SHARED_UNET_KEYS}
-    for key in ("img_resolution", "in_channels", "out_channels"):
-        args.pop(key, None)
-    if args:
-        raise UnsupportedCheckpointError(f"{path}: unknown {class_name} argument(s) {sorted(args)}")
-    if class_name == "SongUNet" or not n_grid:
-        n_grid = 0
-        unet["position_grid"] = "none"
-    elif gridtype in ("sinusoidal", "learnable"):
-        unet["position_grid"] = gridtype
-        unet["num_grid_channels"] = int(n_grid)
-    else:
-        raise UnsupportedCheckpointError(f"{path}: gridtype {gridtype!r} is not supported (sinusoidal, learnable)")
-    extra = n_grid
-    if class_name == "SongUNetPosLtEmbd":
-        unet.update(
-            lead_time_steps=int(lt_steps), lead_time_channels=int(lt_channels), prob_channels=list(prob_channels)
-        )
-        extra += int(lt_channels)
-    unet["unbiased_groupnorm"] = True
-    return unet, extra
-
-
-def model_config_from_args(archive: MdlusArchive) -> dict:
-    """Translate ``args.json`` into a jax_corrdiff model config."""
-    name, given = archive.args.get("__name__"), dict(archive.args.get("__args__", {}))
-    if name in UNET_CLASSES:
-        unet, extra = _unet_config(name, given, archive.path)
-        return dict(
-            kind="unet",
-            img_resolution=list(given["img_resolution"]),
-            out_channels=given["out_channels"],
-            cond_channels=given["in_channels"] - extra,
-            unet=unet,
-        )
-    if name in REGRESSION_CLASSES + DIFFUSION_CLASSES:
-        inner = given.get("model_type", "SongUNetPosEmbd")
-        if inner not in UNET_CLASSES:
-            raise UnsupportedCheckpointError(f"{archive.path}: model_type {inner!r} is not supported")
-        unet, extra = _unet_config(inner, {k: v for k, v in given.items() if k not in _WRAPPER_ARGS}, archive.path)
-        config = dict(
-            img_resolution=list(given["img_resolution"]),
-            out_channels=given["img_out_channels"],
-            cond_channels=given["img_in_channels"] - extra,
-            unet=unet,
-        )
-        if name in REGRESSION_CLASSES:
-            return dict(kind="regression", **config)
-        legacy = bool(given.get("scale_cond_input", True)) if name == "EDMPrecondSR" else False
-        return dict(
-            kind="diffusion", sigma_data=float(given.get("sigma_data", 0.5)), legacy_scale_conditioning=legacy, **config
-        )
-    raise UnsupportedCheckpointError(
-        f"{archive.path}: class {name!r} is not supported; expected one of "
-        f"{UNET_CLASSES + REGRESSION_CLASSES + DIFFUSION_CLASSES}"
-    )
-
 
 _BLOCK_KEY = re.compile(r"^(enc|dec)\.(\d+)x\d+_(\w+?)\.(.+)$")
 # 2.2.2 nests attention in `attn`; older checkpoints used norm2 / qkv / proj on the block.
 _LAYER_NAMES = {"attn.norm": "norm2", "attn.qkv": "qkv", "attn.proj": "proj"}
 
 
-def _target_path(key: str, level_of_height: dict[int, int]) -> tuple[str, ...] | None:
-    """Our variable path for a PhysicsNeMo UNet state-dict key (``model.`` prefix removed)."""
-    if key.endswith(".resample_filter") or key == "map_noise.freqs":
-        return None  # fixed filters / formula-derived positional frequencies: checked elsewhere
+def _target_path(key: str, level_of_height: dict[int, int]) -> tuple[str, ...]:
+    """Our variable path (below the UNet) for a PhysicsNeMo UNet state-dict key, ``model.`` prefix removed.
+
+    Raises KeyError or ValueError for a key of no known form.
+    """
     if key in ("pos_embd", "lt_embd"):
         return ("params", key)
     if key == "scalar":
         return ("params", "prob_scale")
+    if key == "map_noise.freqs":
+        return ("constants", "map_noise", "freqs")
     if key.startswith("map_layer"):
         layer, param = key.split(".")
-        return ("params", layer, "kernel" if param == "weight" else "bias")
+        return ("params", layer, {"weight": "kernel", "bias": "bias"}[param])
     match = _BLOCK_KEY.match(key)
     if not match:
-        raise UnsupportedCheckpointError(f"unexpected state-dict key {key!r}")
+        raise KeyError(key)
     side, height, block, rest = match.groups()
     level = level_of_height[int(height)]
     if block in ("conv", "aux_norm", "aux_conv"):  # single layers: input conv and output head
@@ -222,63 +92,164 @@ def _to_flax_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
     return array
 
 
+def _map_keys(archive: MdlusArchive, config: dict) -> tuple[dict[tuple[str, ...], str], np.ndarray | None]:
+    """{our variable path: state-dict key}, and a stored sinusoidal grid, checking every key's form."""
+    unet = config["unet"]
+    wrapped = config["kind"] != "unet"
+    height = config["img_resolution"][0]
+    level_of_height = {height >> lvl: lvl for lvl in range(len(unet["channel_mult"]))}
+    paths: dict[tuple[str, ...], str] = {}
+    stored_grid = None
+    for key, value in archive.state_dict.items():
+        inner = key.removeprefix("model.") if wrapped else key
+        field = f"state-dict key {short_repr(key)}"
+        if inner in ("device_buffer", "zero_emb"):
+            continue  # non-persistent in 2.2.2; placeholders in some older files
+        if inner.endswith(".resample_filter"):
+            if value.size > 16 or not np.allclose(value, 0.25):
+                raise UnsupportedCheckpointError(archive.path, "is not the [1,1] box filter", field)
+            continue
+        if inner == "map_noise.freqs" and unet["embedding_type"] != "fourier":
+            continue  # positional frequencies follow from a formula
+        if inner == "pos_embd" and unet.get("position_grid") == "sinusoidal":
+            stored_grid = value  # older files store the fixed grid
+            continue
+        try:
+            path = _target_path(inner, level_of_height)
+        except (KeyError, ValueError):
+            match = _BLOCK_KEY.match(inner)
+            if match and match.group(2).isdigit() and int(match.group(2)) not in level_of_height:
+                raise UnsupportedCheckpointError(
+                    archive.path,
+                    f"is for a level {match.group(2)} pixels high, but args.json (img_resolution "
+                    f"{config['img_resolution']}, {len(unet['channel_mult'])} levels) gives levels of "
+                    f"{sorted(level_of_height, reverse=True)}",
+                    field,
+                ) from None
+            raise UnsupportedCheckpointError(archive.path, "is not a SongUNet variable", field) from None
+        if wrapped:
+            path = (path[0], "unet", *path[1:])
+        if path in paths:
+            raise UnsupportedCheckpointError(archive.path, f"sets the same variable as {paths[path]!r}", field)
+        paths[path] = key
+    return paths, stored_grid
+
+
+def _check_before_building(
+    archive: MdlusArchive,
+    config: dict,
+    paths: dict[tuple[str, ...], str],
+    stored_grid: np.ndarray | None,
+    limits: ReadLimits,
+) -> None:
+    """Compare args.json with the state dict's layers and key shapes, cheaply.
+
+    Building the model costs time in proportion to its layer count and memory in
+    proportion to its grid, both set by args.json alone; checked against the
+    weights first, a hostile args.json cannot cost more than the state dict it
+    came with.
+    """
+    unet, wrapped = config["unet"], config["kind"] != "unet"
+    mismatch = f"does not match the state dict's shapes ({len(archive.state_dict)} entries)"
+    present = {path[2 if wrapped else 1] for path in paths}
+    if expected_module_count(config) > len(archive.state_dict):
+        raise UnsupportedCheckpointError(
+            archive.path,
+            f"args.json describes {expected_module_count(config)} layers (num_blocks={unet['num_blocks']}, "
+            f"{len(unet['channel_mult'])} levels), more than the state dict has entries: it {mismatch}",
+        )
+    expected = expected_modules(config)
+    if present != expected:
+        raise UnsupportedCheckpointError(
+            archive.path,
+            f"args.json {mismatch}: layers missing from the state dict {sorted(expected - present)[:8]}, "
+            f"layers args.json does not describe {sorted(present - expected)[:8]}",
+        )
+    h, w = config["img_resolution"]
+    channels = config["cond_channels"] + (config["out_channels"] if wrapped else 0)
+    want = {"enc_l0_conv": ("kernel", (unet["model_channels"], channels + _extra_channels(unet), 3, 3))}
+    if unet.get("position_grid") == "learnable":
+        want["pos_embd"] = ("pos_embd", (unet["num_grid_channels"], h, w))
+    if unet.get("lead_time_steps"):
+        want["lt_embd"] = ("lt_embd", (unet["lead_time_steps"], unet["lead_time_channels"], h, w))
+    prefix = ("params", "unet") if wrapped else ("params",)
+    for module, (leaf, shape) in want.items():
+        path = (*prefix, module, leaf) if module == "enc_l0_conv" else (*prefix, module)
+        key = paths.get(path)
+        if key is not None and archive.state_dict[key].shape != shape:
+            raise UnsupportedCheckpointError(
+                archive.path,
+                f"has shape {archive.state_dict[key].shape}, but args.json describes {shape}: args.json {mismatch}",
+                f"state-dict key {key!r}",
+            )
+    if unet.get("position_grid") == "sinusoidal":
+        grid_shape = (unet["num_grid_channels"], h, w)
+        if stored_grid is not None and stored_grid.shape != grid_shape:
+            raise UnsupportedCheckpointError(
+                archive.path, f"has shape {stored_grid.shape}, but args.json describes {grid_shape}", "pos_embd"
+            )
+        # The grid is computed in float64, several channels' worth at once.
+        cost = 8 * h * w * (unet["num_grid_channels"] + 4)
+        if cost > limits.max_bytes:
+            raise CheckpointLimitError(
+                archive.path,
+                f"img_resolution {config['img_resolution']} with {unet['num_grid_channels']} grid channels "
+                f"needs {cost} bytes to compute the position grid, more than max_bytes={limits.max_bytes}",
+                "args.json __args__.img_resolution",
+            )
+
+
+def _extra_channels(unet: dict) -> int:
+    grid = unet["num_grid_channels"] if unet.get("position_grid", "none") != "none" else 0
+    return grid + unet.get("lead_time_channels", 0)
+
+
 def _check_sinusoidal_grid(value: np.ndarray, config: dict, path: str) -> None:
     """Older files may store the fixed grid; it must be the one this package computes."""
     h, w = config["img_resolution"]
     ours = sinusoidal_position_grid(h, w, config["unet"]["num_grid_channels"]).transpose(2, 0, 1)
     if value.shape != ours.shape or not np.allclose(value, ours, atol=1e-5):
-        raise UnsupportedCheckpointError(f"{path}: stored sinusoidal pos_embd differs from the standard grid")
+        raise UnsupportedCheckpointError(path, "differs from the standard grid", "stored sinusoidal pos_embd")
 
 
-def _check_against(template, converted: dict, path: str) -> None:
-    """Every variable of the model's ``template`` converted, with its shape, and nothing else."""
+def convert_state_dict(archive: MdlusArchive, config: dict, limits: ReadLimits | None = None) -> dict:
+    """Map the state dict onto the model's variables, checking every name and shape.
+
+    ``limits.max_bytes`` also bounds the fixed position grid the model computes.
+    """
+    limits = ReadLimits() if limits is None else limits
+    paths, stored_grid = _map_keys(archive, config)
+    _check_before_building(archive, config, paths, stored_grid, limits)
+    try:
+        template = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
+    except MemoryError:
+        raise
+    except Exception as exc:  # e.g. widths GroupNorm cannot split, from args.json
+        raise UnsupportedCheckpointError(
+            archive.path, f"args.json describes a model that cannot be built: {type(exc).__name__}: {exc}"
+        ) from exc
+    if stored_grid is not None:
+        _check_sinusoidal_grid(stored_grid, config, archive.path)
+
+    converted = {
+        path: _to_flax_layout(np.asarray(archive.state_dict[key], np.float32), path) for path, key in paths.items()
+    }
     expected = {
-        tuple(p.key for p in keys): leaf.shape for keys, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
+        tuple(p.key for p in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(template)[0]
     }
     missing = sorted("/".join(p) for p in set(expected) - set(converted))
     unexpected = sorted("/".join(p) for p in set(converted) - set(expected))
     if missing or unexpected:
         raise UnsupportedCheckpointError(
-            f"{path}: state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
+            archive.path, f"state dict does not match the model: missing {missing[:8]}, unexpected {unexpected[:8]}"
         )
-    for keys, shape in expected.items():
-        if converted[keys].shape != tuple(shape):
+    for path, shape in expected.items():
+        if converted[path].shape != tuple(shape):
             raise UnsupportedCheckpointError(
-                f"{path}: {'/'.join(keys)} has shape {converted[keys].shape}, model expects {tuple(shape)}"
+                archive.path,
+                f"has shape {converted[path].shape}, model expects {tuple(shape)}",
+                f"state-dict key {paths[path]!r}",
             )
-
-
-def convert_state_dict(archive: MdlusArchive, config: dict) -> dict:
-    """Map the state dict onto freshly built variables, checking every name and shape."""
-    template = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
-    wrapped = config["kind"] != "unet"
-    levels = len(config["unet"].get("channel_mult", ()))
-    height = config["img_resolution"][0]
-    level_of_height = {height >> lvl: lvl for lvl in range(levels)}
-    embedding = config["unet"].get("embedding_type", "positional")
-
-    converted: dict[tuple[str, ...], np.ndarray] = {}
-    for key, value in archive.state_dict.items():
-        inner = key.removeprefix("model.") if wrapped else key
-        if inner in ("device_buffer", "zero_emb"):
-            continue  # non-persistent in 2.2.2; placeholders in some older files
-        if inner.endswith(".resample_filter") and not np.allclose(value, 0.25):
-            raise UnsupportedCheckpointError(f"{archive.path}: {key} is not the [1,1] box filter")
-        if inner == "map_noise.freqs":
-            if embedding == "fourier":
-                converted[("constants", "map_noise", "freqs")] = value.astype(np.float32)
-            continue
-        if inner == "pos_embd" and config["unet"].get("position_grid") == "sinusoidal":
-            _check_sinusoidal_grid(value, config, archive.path)
-            continue
-        path = _target_path(inner, level_of_height)
-        if path is None:
-            continue
-        if wrapped:
-            path = (path[0], "unet", *path[1:])
-        converted[path] = _to_flax_layout(np.asarray(value, np.float32), path)
-
-    _check_against(template, converted, archive.path)
     variables: dict = {}
     for path, value in converted.items():
         node = variables
@@ -327,24 +298,35 @@ def _nhwc(array) -> jax.Array:
     return jnp.asarray(np.asarray(array, np.float32).transpose(0, 2, 3, 1))
 
 
-def convert(path: str) -> tuple[dict, dict, MdlusArchive]:
-    """(model config, variables, archive) for a ``.mdlus`` file."""
-    archive = read_mdlus(path)
+def convert(path: str, *, limits: ReadLimits | None = None) -> tuple[dict, dict, MdlusArchive]:
+    """(model config, variables, archive) for a ``.mdlus`` file.
+
+    ``limits`` bounds the memory reading the file may take (default :class:`ReadLimits`\\ ():
+    4 GiB of tensor data).  Every problem with the file raises a ``CheckpointFormatError``
+    naming it: ``UnsupportedCheckpointError`` for options this package lacks or arguments
+    that do not match the weights.
+    """
+    archive = read_mdlus(path, limits=limits)
     config = model_config_from_args(archive)
-    return config, convert_state_dict(archive, config), archive
+    return config, convert_state_dict(archive, config, limits), archive
 
 
-def load(path: str) -> PhysicsNemoModel:
+def load(path: str, *, limits: ReadLimits | None = None) -> PhysicsNemoModel:
     """Load a PhysicsNeMo ``.mdlus`` checkpoint as a callable jax_corrdiff model."""
-    config, variables, archive = convert(path)
+    config, variables, archive = convert(path, limits=limits)
     return PhysicsNemoModel(build_model(config), variables, config, archive.args["__name__"])
 
 
 __all__ = [
     "MATMUL_PRECISION",
+    "DEFAULTS",
+    "DIFFUSION_CLASSES",
+    "REGRESSION_CLASSES",
+    "UNET_CLASSES",
     "PhysicsNemoModel",
     "UnsupportedCheckpointError",
     "convert",
+    "convert_state_dict",
     "load",
     "model_config_from_args",
 ]
