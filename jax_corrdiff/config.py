@@ -31,6 +31,11 @@ def _unet(**overrides) -> ml_collections.ConfigDict:
         # Channels of the learned per-lead-time embedding (0 = none). With forecast inputs
         # (data.lead_times) the number of lead times it embeds comes from the data.
         lead_time_channels=0,
+        # Backward-pass rematerialisation of each UNet block: none | dots | full (less
+        # activation memory for more compute; figures in benchmarks/results).
+        remat="none",
+        # Attention kernel: unset = XLA's choice, "xla", or "cudnn" (fused, NVIDIA GPUs, bf16).
+        attention_impl=config_dict.placeholder(str),
     )
     unet.update(overrides)
     return ml_collections.ConfigDict(unet)
@@ -119,6 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
     # jax.default_matmul_precision of training, saved with the models and used by generation:
     # "highest" keeps float32 matmuls/convs exact on GPUs (XLA defaults to TF32 there).
     config.matmul_precision = "highest"
+    # Persistent XLA compilation cache (jax_corrdiff.compilation_cache): "" = WORKDIR/compilation_cache,
+    # a path, or "off".
+    config.compilation_cache_dir = ""
     config.data = _data()
     config.regression = ml_collections.ConfigDict()
     config.regression.model = ml_collections.ConfigDict(

@@ -10,6 +10,7 @@ finished times.
 from absl import app, flags
 
 from jax_corrdiff import distributed
+from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, generate, make_sampler
@@ -33,6 +34,12 @@ _S_NOISE = flags.DEFINE_float("s_noise", 1.0, "Scale of the churn noise.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Times per compiled call (0 = one per device).")
 _MEMBER_BATCH = flags.DEFINE_integer("member_batch_size", 0, "Members vectorised at once (0 = all).")
+_TILE_DEVICES = flags.DEFINE_integer(
+    "tile_devices", 1, "Devices sharing one image's multi-diffusion tiles (patch-trained models; large domains)."
+)
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "Persistent XLA compilation cache: a directory, '' = WORKDIR/compilation_cache, or 'off'."
+)
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -43,6 +50,7 @@ def main(argv):
         raise app.UsageError("--times takes START,END")
     log_progress_to_stdout()
     distributed.initialize()
+    enable_compilation_cache(cache_dir(_CACHE.value, _WORKDIR.value))
 
     model = CorrDiffModel.load(_WORKDIR.value)
     inputs = InferenceInputs.open(
@@ -74,6 +82,7 @@ def main(argv):
         seed=_SEED.value,
         batch_size=_BATCH.value,
         member_batch_size=_MEMBER_BATCH.value or None,
+        tile_devices=_TILE_DEVICES.value,
     )
     print(f"wrote {_OUTPUT.value}")
 

@@ -190,3 +190,52 @@ def test_patch_trained_demo_generates_by_multidiffusion(smoke_workdir, tmp_path)
     out = generate(model, inputs, str(tmp_path / "p.nc"), make_sampler("deterministic", steps=3), members=2, seed=0)
     with xr.open_dataset(out) as ds:
         assert ds.t2m.shape == (2, 2, 33, 49) and bool(np.isfinite(ds.t2m.values).all())
+
+
+@pytest.mark.parametrize("overlap,boundary", [(0, 0), (4, 2)])
+def test_tiles_sharded_over_devices_give_the_single_device_result(patch_model, overlap, boundary):
+    """A (data 2, tiles 2) mesh on 4 CPU devices: two inputs split over data, each image's
+    tiles (6 or 8, padded to a multiple of 2) over the tile axis; same samples as one device."""
+    from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
+    from jax_corrdiff.mesh import DATA_AXIS, batch_sharded, make_mesh, tile_sharding
+
+    model, variables = patch_model
+    layout = conditioning(PatchSettings(16, 16, num_patches=1, overlap=overlap, boundary=boundary))
+    _, _, img_lr = _fields(batch=2)
+    keys = jax.random.split(jax.random.key(5), 2)
+    labels = jnp.array([0, 2])
+    shardings = []
+
+    def apply(x, cond, sigma, label, origin, margin):
+        jax.debug.inspect_array_sharding(x, callback=lambda s: shardings.append((x.shape, s.shard_shape(x.shape))))
+        return model.apply(variables, x, cond, sigma, lead_time_label=label, patch_origin=origin, grid_margin=margin)
+
+    def sample(img_lr, keys, labels, mesh=None):
+        tiles = None if mesh is None else tile_sharding(mesh)
+        return corrdiff_ensemble(
+            lambda x, lt: 0.5 * x[..., :2],
+            conditioned_denoisers(apply, layout, tiles),
+            EDMSampler(num_steps=3, sigma_max=80.0),
+            img_lr,
+            keys,
+            num_members=2,
+            lead_time_label=labels,
+            spmd_axis_name=DATA_AXIS if mesh is not None else None,
+        )
+
+    mean, single = jax.jit(sample)(img_lr, keys, labels)
+    mesh = make_mesh(4, tile_devices=2)
+    args = [jax.device_put(a, batch_sharded(mesh)) for a in (img_lr, keys, labels)]
+    shardings.clear()
+    _, sharded = jax.jit(lambda *a: sample(*a, mesh=mesh))(*args)
+    # The tile dimension of the denoiser input is split over the two tile devices.
+    assert any(shard[0] * 2 == shape[0] for shape, shard in shardings), shardings
+    # Partitioned convolutions sum in another order; sigma_max = 80 scales that float32 noise.
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-4, atol=5e-4)
+
+
+def test_tile_devices_must_divide_the_devices():
+    from jax_corrdiff.mesh import make_mesh
+
+    with pytest.raises(ValueError, match="tile_devices"):
+        make_mesh(4, tile_devices=3)

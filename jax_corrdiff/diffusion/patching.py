@@ -157,19 +157,45 @@ class TileLayout:
         return total[:, b : b + self.image[0], b : b + self.image[1]]
 
 
+def tile_parallel(patch_denoise: PatchDenoiser, sharding, n_tiles: int) -> PatchDenoiser:
+    """``patch_denoise`` with its batch of ``n_tiles`` tiles split over the mesh axis of
+    ``sharding`` (a ``NamedSharding`` of the tile axis; None: unchanged).
+
+    The batch is padded to a multiple of the axis size with copies of the last tile, whose
+    outputs are dropped; every network evaluation then runs on 1/k of the tiles per device.
+    """
+    if sharding is None:
+        return patch_denoise
+    pad = -n_tiles % sharding.mesh.shape[sharding.spec[0]]
+
+    def spread(a):
+        if a is None:
+            return None
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)])
+        return jax.lax.with_sharding_constraint(a, sharding)
+
+    def denoise(tiles, cond_tiles, sigma, origins, labels):
+        return patch_denoise(spread(tiles), spread(cond_tiles), sigma, spread(origins), spread(labels))[:n_tiles]
+
+    return denoise
+
+
 def multidiffusion_denoiser(
     patch_denoise: PatchDenoiser,
     layout: ConditioningLayout,
     img_lr: jax.Array,
     regression_mean: jax.Array,
     lead_time_label: jax.Array | None = None,
+    tile_sharding=None,
 ):
     """A whole-image denoiser (x, sigma) -> x0_hat built from a tile denoiser, over tiles of
     ``layout.patch``.
 
     The conditioning tiles are cut once here, outside the sampling loop. Tile origins are
     passed in image coordinates (negative inside the reflect-padded border), so the network
-    crops its position grid at the right place.
+    crops its position grid at the right place. ``tile_sharding`` splits the tiles over
+    devices (``tile_parallel``).
     """
     patch = layout.patch
     tiles = TileLayout(tuple(img_lr.shape[1:3]), patch.size, patch.overlap, patch.boundary)
@@ -178,6 +204,7 @@ def multidiffusion_denoiser(
     cond_tiles = layout.assemble(tiles.split(img_lr), tiles.split(regression_mean), context)
     origins = jnp.tile(jnp.asarray(tiles.origins - tiles.boundary), (img_lr.shape[0], 1))
     labels = None if lead_time_label is None else jnp.repeat(lead_time_label, n_tiles, axis=0)
+    patch_denoise = tile_parallel(patch_denoise, tile_sharding, len(origins))
 
     def denoise(x: jax.Array, sigma: jax.Array) -> jax.Array:
         return tiles.merge(patch_denoise(tiles.split(x), cond_tiles, sigma, origins, labels))

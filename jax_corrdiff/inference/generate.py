@@ -28,7 +28,16 @@ from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.samplers import EDMSampler
 from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
 from jax_corrdiff.inference.writer import EnsembleWriter
-from jax_corrdiff.mesh import batch_sharded, make_mesh, replicated, shard_batch, shard_keys
+from jax_corrdiff.mesh import (
+    DATA_AXIS,
+    batch_sharded,
+    data_size,
+    make_mesh,
+    replicated,
+    shard_batch,
+    shard_keys,
+    tile_sharding,
+)
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
 
@@ -146,15 +155,17 @@ def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, me
                 diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin, grid_margin=margin
             )
 
+        tiles = tile_sharding(mesh)
         return corrdiff_ensemble(
             lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt),
-            conditioned_denoisers(apply, model.conditioning),
+            conditioned_denoisers(apply, model.conditioning, tiles),
             sampler,
             img_lr,
             keys,
             num_members=members,
             member_batch_size=member_batch_size,
             lead_time_label=labels,
+            spmd_axis_name=DATA_AXIS if tiles is not None else None,
         )
 
     repl, sharded = replicated(mesh), batch_sharded(mesh)
@@ -232,6 +243,7 @@ def generate(
     batch_size: int = 0,
     member_batch_size: int | None = None,
     num_devices: int = 0,
+    tile_devices: int = 1,
 ) -> str:
     """Sample ``members`` members for every time of ``inputs`` into ``output`` at the model's
     matmul precision (skipping times an earlier run finished); returns ``output``.
@@ -246,12 +258,16 @@ def generate(
         batch_size: times per compiled call, sharded over every device (0 = one per device).
         member_batch_size: members vectorised at once (None = all).
         num_devices: devices of the mesh (0 = all).
+        tile_devices: devices that share one image's multi-diffusion tiles (patch-trained
+            models); the times are split over the remaining factor.
     """
     _check_inputs(model, inputs)
-    mesh = make_mesh(num_devices)
-    batch_size = batch_size or mesh.size
-    if batch_size % mesh.size:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the {mesh.size} devices")
+    if tile_devices > 1 and model.conditioning.patch is None:
+        raise ValueError("tile_devices > 1 needs a patch-trained model (it splits multi-diffusion tiles)")
+    mesh = make_mesh(num_devices, tile_devices)
+    batch_size = batch_size or data_size(mesh)
+    if batch_size % data_size(mesh):
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {data_size(mesh)} data-parallel devices")
     writer = _open_writer(model, inputs, output, sampler, members, seed) if jax.process_index() == 0 else None
     starts = _unfinished_batches(writer, len(inputs), batch_size)
     log.info("generate: %d times, %d members, %d per batch on %d devices", len(inputs), members, batch_size, mesh.size)

@@ -19,9 +19,10 @@ DenoiserFactory = Callable[[jax.Array, jax.Array, jax.Array | None], DenoiseFn]
 DiffusionApply = Callable[..., jax.Array]
 
 
-def conditioned_denoisers(apply: DiffusionApply, layout: ConditioningLayout) -> DenoiserFactory:
+def conditioned_denoisers(apply: DiffusionApply, layout: ConditioningLayout, tile_sharding=None) -> DenoiserFactory:
     """D(x; sigma) for one input, conditioned as ``layout`` says: on the whole image, or, for
-    patch-trained models (``layout.patch``), averaged over overlapping tiles (multi-diffusion)."""
+    patch-trained models (``layout.patch``), averaged over overlapping tiles (multi-diffusion),
+    the tiles split over the devices of ``tile_sharding`` when given."""
     if layout.patch is None:
 
         def whole_image(mean, img_lr, label):
@@ -34,7 +35,9 @@ def conditioned_denoisers(apply: DiffusionApply, layout: ConditioningLayout) -> 
         sigma = jnp.broadcast_to(sigma, (tiles.shape[0],))
         return apply(tiles, cond_tiles, sigma, labels, origins, layout.patch.boundary)
 
-    return lambda mean, img_lr, label: multidiffusion_denoiser(patch_denoise, layout, img_lr, mean, label)
+    return lambda mean, img_lr, label: multidiffusion_denoiser(
+        patch_denoise, layout, img_lr, mean, label, tile_sharding
+    )
 
 
 def corrdiff_ensemble(
@@ -47,13 +50,15 @@ def corrdiff_ensemble(
     num_members: int,
     member_batch_size: int | None = None,
     lead_time_label: jax.Array | None = None,
+    spmd_axis_name: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (regression mean (B, H, W, C), samples (B, M, H, W, C)).
 
     sample = mean + residual, the residual drawn by the EDM sampler with the denoiser that
     ``make_denoiser`` builds for each input. ``keys`` holds one key per input (e.g. per
     time); member m of input b uses fold_in(keys[b], m), so a sample does not depend on how
-    inputs or members are batched. Trace under ``jax.jit``.
+    inputs or members are batched. Trace under ``jax.jit``. ``spmd_axis_name``: the mesh axis
+    the inputs are sharded over, so sharding constraints inside (tile parallelism) keep it.
     """
     mean = mean_fn(img_lr, lead_time_label)
     labels = lead_time_label if lead_time_label is not None else jnp.zeros(img_lr.shape[0], jnp.int32)
@@ -64,5 +69,5 @@ def corrdiff_ensemble(
         single = lambda x, sigma: denoise(x[None], sigma)[0]  # noqa: E731
         return sample_ensemble(sampler, single, mean.shape[1:], key_b, jnp.arange(num_members), member_batch_size)
 
-    residuals = jax.vmap(one_input)(mean, img_lr, keys, labels)
+    residuals = jax.vmap(one_input, spmd_axis_name=spmd_axis_name)(mean, img_lr, keys, labels)
     return mean, mean[:, None] + residuals

@@ -43,6 +43,8 @@ UNET_KEYS = frozenset(SHARED_UNET_KEYS) | {
     "lead_time_channels",
     "prob_channels",
     "unbiased_groupnorm",
+    "remat",
+    "attention_impl",
 }
 COMMON_KEYS = frozenset({"kind", "img_resolution", "out_channels", "cond_channels", "compute_dtype", "unet"})
 KIND_KEYS = {

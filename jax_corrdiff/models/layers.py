@@ -122,6 +122,9 @@ class UNetBlock(nn.Module):
     down: bool = False
     attention: bool = False
     num_heads: int = 1
+    # jax.nn.dot_product_attention implementation: None lets XLA choose; "cudnn" asks for
+    # cuDNN's fused attention on NVIDIA GPUs (bf16/fp16 compute only); "xla" forces XLA's.
+    attention_impl: str | None = None
     dropout: float = 0.0
     unbiased_groupnorm: bool = False
     dtype: Dtype = jnp.float32
@@ -137,7 +140,7 @@ class UNetBlock(nn.Module):
         return GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name=name)
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         in_channels = x.shape[-1]
         out = self.out_channels
         h = nn.silu(self._norm("norm0")(x))
@@ -163,5 +166,5 @@ class UNetBlock(nn.Module):
         qkv = qkv.reshape(b, height * width, heads, c // heads, 3)
         q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
         # softmax(q k^T / sqrt(C / heads)) v over all positions, per head.
-        a = jax.nn.dot_product_attention(q, k, v).reshape(b, height, width, c)
+        a = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl).reshape(b, height, width, c)
         return conv(c, 1, init_scale=1e-5, dtype=self.dtype, name="proj")(a)

@@ -23,6 +23,15 @@ from jax_corrdiff.models.layers import Dtype, GroupNorm, UNetBlock, conv, dense
 
 EMBEDDING_TYPES = ("positional", "fourier", "zero")
 POSITION_GRIDS = ("none", "sinusoidal", "learnable")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+# Rematerialisation of each UNet block in the backward pass: "none" keeps every activation;
+# "dots" keeps convolution and matmul outputs and recomputes the cheap GroupNorm / SiLU /
+# residual arithmetic around them; "full" keeps only block inputs and recomputes the block.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 class SongUNet(nn.Module):
@@ -49,6 +58,8 @@ class SongUNet(nn.Module):
     lead_time_channels: int = 0
     prob_channels: Sequence[int] = ()
     unbiased_groupnorm: bool = False
+    remat: str = "none"
+    attention_impl: str | None = None  # UNetBlock.attention_impl
     dtype: Dtype = jnp.float32
 
     def setup_checks(self) -> None:
@@ -56,6 +67,10 @@ class SongUNet(nn.Module):
             raise ValueError(f"embedding_type must be one of {EMBEDDING_TYPES}, got {self.embedding_type!r}")
         if self.position_grid not in POSITION_GRIDS:
             raise ValueError(f"position_grid must be one of {POSITION_GRIDS}, got {self.position_grid!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         if bool(self.lead_time_steps) != bool(self.lead_time_channels):
             raise ValueError("lead_time_steps and lead_time_channels must both be set or both be 0")
 
@@ -167,10 +182,15 @@ class SongUNet(nn.Module):
         return nn.silu(dense(emb_channels, dtype=jnp.float32, name="map_layer1")(emb))
 
     def _unet(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-        block = lambda name, out, **kw: UNetBlock(  # noqa: E731
+        block_cls = UNetBlock
+        if self.remat != "none":
+            # Argument 3 (train) is a Python bool that selects dropout: static under remat.
+            block_cls = nn.remat(UNetBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+        block = lambda name, out, **kw: block_cls(  # noqa: E731
             out,
             dropout=self.dropout,
             unbiased_groupnorm=self.unbiased_groupnorm,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
             name=name,
             **kw,
@@ -184,11 +204,11 @@ class SongUNet(nn.Module):
         skips = [x]
         for level, mult in enumerate(self.channel_mult):
             if level > 0:
-                x = block(f"enc_l{level}_down", x.shape[-1], down=True)(x, emb, train=train)
+                x = block(f"enc_l{level}_down", x.shape[-1], down=True)(x, emb, train)
                 skips.append(x)
             for i in range(self.num_blocks):
                 x = block(f"enc_l{level}_block{i}", self.model_channels * mult, attention=has_attention[level])(
-                    x, emb, train=train
+                    x, emb, train
                 )
                 skips.append(x)
 
@@ -198,14 +218,14 @@ class SongUNet(nn.Module):
         for level in reversed(range(levels)):
             mult = self.channel_mult[level]
             if level == levels - 1:
-                x = block(f"dec_l{level}_in0", x.shape[-1], attention=True)(x, emb, train=train)
-                x = block(f"dec_l{level}_in1", x.shape[-1])(x, emb, train=train)
+                x = block(f"dec_l{level}_in0", x.shape[-1], attention=True)(x, emb, train)
+                x = block(f"dec_l{level}_in1", x.shape[-1])(x, emb, train)
             else:
-                x = block(f"dec_l{level}_up", x.shape[-1], up=True)(x, emb, train=train)
+                x = block(f"dec_l{level}_up", x.shape[-1], up=True)(x, emb, train)
             for i in range(self.num_blocks + 1):
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
                 attn = i == self.num_blocks and has_attention[level]
-                x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(x, emb, train=train)
+                x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(x, emb, train)
 
         x = nn.silu(GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name="out_norm")(x))
         return conv(self.out_channels, 3, init_scale=1e-5, dtype=self.dtype, name="out_conv")(x)

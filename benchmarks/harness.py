@@ -1,0 +1,132 @@
+"""What the speed benchmarks share: the machine's description, waiting for an idle machine,
+and running one measurement in its own subprocess.
+
+These machines are shared: a second busy process slows both sides of a comparison by large
+factors, so every measurement waits until the CPUs have been idle for a few seconds and
+records how busy they were just before it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+RESULT_PREFIX = "RESULT "  # a worker prints its result as one line: RESULT {json}
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of CPU time spent busy over the next ``seconds`` (0 = idle, 1 = all cores busy)."""
+    busy0, total0 = _cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_times()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_for_idle(threshold: float = 0.1, settle: int = 3, timeout: float = 3600.0) -> dict:
+    """Block until the CPUs were below ``threshold`` busy for ``settle`` consecutive seconds.
+
+    Returns how long it waited and the busy share of the last second before starting; after
+    ``timeout`` seconds it gives up and says so (the result is then marked ``busy``).
+    """
+    start, quiet, busy = time.time(), 0, 1.0
+    while quiet < settle and time.time() - start < timeout:
+        busy = cpu_busy(1.0)
+        quiet = quiet + 1 if busy < threshold else 0
+    return {"waited_s": round(time.time() - start, 1), "busy_before": round(busy, 3), "idle": quiet >= settle}
+
+
+def describe_machine() -> dict:
+    """CPU model, core count, OS and Python (the accelerator is described by the worker)."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+    }
+
+
+def run_worker(command: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run one measurement in a fresh process, after an idle machine, and return its result.
+
+    The worker prints ``RESULT {json}`` as its last such line; a failure becomes
+    ``{"error": ...}`` with the tail of its output, so one broken row does not stop a run.
+    """
+    load = wait_for_idle()
+    try:
+        proc = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "load": load}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode or not lines:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+        return {"error": f"exit {proc.returncode}", "output": tail, "load": load}
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["load"] = load
+    return result
+
+
+def emit(result: dict) -> None:
+    """Print a worker's result for ``run_worker``."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def timed_repeats(run, warmup: int, repeats: int) -> dict:
+    """Median and min wall time of ``run()`` (which must block until done) after warm-up."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_s": times[len(times) // 2], "min_s": times[0], "repeats": repeats}
+
+
+def parse_grid(text: str) -> tuple[int, int]:
+    """``64`` -> (64, 64); ``1056x1792`` -> (1056, 1792)."""
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 16 or any(p % 16 for p in parts):
+        raise SystemExit(f"--grid {text!r}: need H or HxW, multiples of 16 (the UNet's 5 levels)")
+    return parts[0], parts[1]
+
+
+WIDTHS = {"full": 128, "tiny": 32}
+
+
+def parse_width(text: str) -> int:
+    """``full`` (128, the Taiwan model), ``tiny`` (32) or a number of base channels."""
+    if text in WIDTHS:
+        return WIDTHS[text]
+    if not text.isdigit() or int(text) % 32:
+        raise SystemExit(f"--width {text!r}: full, tiny or a multiple of 32")
+    return int(text)

@@ -1,0 +1,353 @@
+"""Speed and memory of CorrDiff training and sampling with jax_corrdiff.
+
+    python benchmarks/speed.py [--grid 64 | 448 | 1056x1792] [--width full|tiny|N]
+        [--dtype float32|bfloat16] [--batch B] [--remat none|dots|full]
+        [--only regression_step,diffusion_step,sample_heun18,sample_euler8,compile,matmul_peak]
+        [--repeats N] --out benchmarks/results/speed_cpu.json
+
+The network is CorrDiff's Taiwan architecture (channel_mult [1,2,2,2,2], 4 blocks per level,
+attention at the coarsest level, 12 inputs, 4 outputs, sinusoidal position grid) at the
+given width (full = 128 channels, 80 M parameters). Rows:
+
+- ``regression_step`` / ``diffusion_step``: one whole training step as training runs it (loss,
+  gradient, Adam, EMA; the diffusion step includes the frozen regression forward), batch B.
+- ``sample_heun18``: regression mean + 18-step Heun residual sample (35 network evaluations),
+  one input, one member: CorrDiff's generation. ``sample_euler8``: the 8-step Euler preset.
+- ``compile``: compiling the diffusion training step cold, then warm from the persistent
+  compilation cache (a second process reading the first one's cache).
+- ``matmul_peak``: the best FLOP/s of a large matmul in the same dtype: the yardstick for
+  the achieved share of peak.
+
+Each row runs in its own process after the machine has been idle for a few seconds
+(``harness.wait_for_idle``). Timings are the median and min of ``--repeats`` calls after
+warm-up; memory is XLA's ``memory_analysis()`` of the compiled program plus the peak RSS (CPU)
+or the device's peak bytes in use (GPU); FLOPs come from ``cost_analysis()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+ROWS = ("matmul_peak", "regression_step", "diffusion_step", "sample_heun18", "sample_euler8", "compile")
+IN_CHANNELS, OUT_CHANNELS = 12, 4
+
+
+def model_configs(args) -> dict:
+    """Regression and diffusion model configs of the Taiwan architecture at ``args``' size."""
+    height, width = harness.parse_grid(args.grid)
+    unet = dict(
+        model_channels=harness.parse_width(args.width),
+        channel_mult=[1, 2, 2, 2, 2],
+        num_blocks=4,
+        attn_resolutions=[height >> 4],
+        dropout=0.13,
+        position_grid="sinusoidal",
+        num_grid_channels=4,
+        remat=args.remat,
+    )
+    common = dict(img_resolution=[height, width], out_channels=OUT_CHANNELS, compute_dtype=args.dtype)
+    return {
+        "regression": dict(
+            common, kind="regression", cond_channels=IN_CHANNELS, unet=dict(unet, embedding_type="zero")
+        ),
+        # Conditioned on the regression mean and the coarse input (hr-mean conditioning).
+        "diffusion": dict(
+            common,
+            kind="diffusion",
+            cond_channels=OUT_CHANNELS + IN_CHANNELS,
+            unet=dict(unet, embedding_type="positional"),
+        ),
+    }
+
+
+def _layout():
+    from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+
+    return ConditioningLayout(
+        target_channels=[f"out{i}" for i in range(OUT_CHANNELS)],
+        input_channels=[f"in{i}" for i in range(IN_CHANNELS)],
+        regression_mean=True,
+    )
+
+
+def _device() -> dict:
+    import jax
+
+    device = jax.devices()[0]
+    return {
+        "platform": device.platform,
+        "kind": device.device_kind,
+        "count": jax.device_count(),
+        "jax": jax.__version__,
+    }
+
+
+def _compiled_stats(compiled) -> dict:
+    """FLOPs and XLA's memory plan of one compiled program."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = compiled.memory_analysis()
+    plan = {}
+    if mem is not None:
+        plan = {
+            "argument_bytes": mem.argument_size_in_bytes,
+            "output_bytes": mem.output_size_in_bytes,
+            "temp_bytes": mem.temp_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes,
+        }
+        plan["xla_peak_bytes"] = (
+            plan["argument_bytes"] + plan["output_bytes"] + plan["temp_bytes"] - plan["alias_bytes"]
+        )
+    return {"flops": float(cost.get("flops", 0.0)), **plan}
+
+
+def _memory_in_use() -> dict:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"device_peak_bytes": stats["peak_bytes_in_use"]}
+    return {"peak_rss_bytes": harness.peak_rss_bytes()}
+
+
+def _train_step(args, stage: str):
+    """(jitted step, state, batch, frozen) for one training step of ``stage``."""
+    import jax
+    import numpy as np
+
+    from jax_corrdiff.config import base_config
+    from jax_corrdiff.mesh import make_mesh, to_global
+    from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
+    from jax_corrdiff.training.optimizer import make_optimizer
+    from jax_corrdiff.training.steps import (
+        diffusion_per_sample_loss,
+        init_train_state,
+        make_train_step,
+        regression_per_sample_loss,
+    )
+
+    configs = model_configs(args)
+    mesh = make_mesh(1)
+    training = base_config()[stage].training
+    training.batch_size = args.batch
+    model = build_model(configs[stage])
+    if stage == "regression":
+        loss_fn, frozen = regression_per_sample_loss(model), {}
+    else:
+        frozen = init_variables(configs["regression"], jax.random.key(1))
+        regression = build_model(configs["regression"])
+        loss_fn = diffusion_per_sample_loss(model, regression, _layout(), p_mean=0.0, p_std=1.2, sigma_data=0.5)
+    optimizer = make_optimizer(training, args.batch)
+    example_args, example_kwargs = example_inputs(configs[stage])
+    state = init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
+    height, width = configs[stage]["img_resolution"]
+    rng = np.random.default_rng(0)
+    batch = {
+        "target": rng.standard_normal((args.batch, height, width, OUT_CHANNELS), np.float32),
+        "img_lr": rng.standard_normal((args.batch, height, width, IN_CHANNELS), np.float32),
+    }
+    step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
+    return step, state, to_global(batch, mesh), frozen
+
+
+def measure_train_step(args, stage: str) -> dict:
+    import jax
+
+    step, state, batch, frozen = _train_step(args, stage)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, frozen).compile()
+    compile_s = time.perf_counter() - start
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch, frozen)
+        jax.block_until_ready(metrics["loss"])
+
+    timing = harness.timed_repeats(run, args.warmup, args.repeats)
+    stats = _compiled_stats(compiled)
+    return {
+        **timing,
+        "samples_per_s": args.batch / timing["median_s"],
+        "compile_s": compile_s,
+        **stats,
+        "flops_per_s": stats["flops"] / timing["min_s"],
+        **_memory_in_use(),
+    }
+
+
+def _forward_flops(config) -> float:
+    """FLOPs of one network evaluation (batch 1), from the compiled forward."""
+    import jax
+
+    from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
+
+    model, (args, kwargs) = build_model(config), example_inputs(config)
+    variables = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
+    compiled = jax.jit(lambda v, *a: model.apply(v, *a, **kwargs)).lower(variables, *args).compile()
+    return _compiled_stats(compiled)["flops"]
+
+
+def measure_sample(args, solver: str) -> dict:
+    import jax
+    import numpy as np
+
+    from jax_corrdiff.diffusion.samplers import EDMSampler
+    from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
+    from jax_corrdiff.models.factory import build_model, init_variables
+
+    configs = model_configs(args)
+    regression, diffusion = build_model(configs["regression"]), build_model(configs["diffusion"])
+    reg_vars = init_variables(configs["regression"], jax.random.key(1))
+    diff_vars = init_variables(configs["diffusion"], jax.random.key(2))
+    sampler = (
+        EDMSampler(num_steps=18, sigma_max=800.0) if solver == "heun" else EDMSampler(8, sigma_max=80.0, solver="euler")
+    )
+
+    def apply(x, cond, sigma, label, origin, margin):
+        return diffusion.apply(
+            diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin, grid_margin=margin
+        )
+
+    make_denoiser = conditioned_denoisers(apply, _layout())
+
+    @jax.jit
+    def sample(img_lr, keys):
+        return corrdiff_ensemble(
+            lambda x, label: regression.apply(reg_vars, x), make_denoiser, sampler, img_lr, keys, num_members=1
+        )
+
+    height, width = configs["regression"]["img_resolution"]
+    img_lr = np.random.default_rng(0).standard_normal((1, height, width, IN_CHANNELS), np.float32)
+    keys = jax.random.split(jax.random.key(0), 1)
+    start = time.perf_counter()
+    compiled = sample.lower(img_lr, keys).compile()
+    compile_s = time.perf_counter() - start
+    timing = harness.timed_repeats(lambda: jax.block_until_ready(compiled(img_lr, keys)), args.warmup, args.repeats)
+    # cost_analysis counts a loop body once, so count evaluations explicitly.
+    flops = _forward_flops(configs["regression"]) + sampler.network_evaluations * _forward_flops(configs["diffusion"])
+    return {
+        **timing,
+        "network_evaluations": sampler.network_evaluations + 1,
+        "compile_s": compile_s,
+        "flops": flops,
+        "flops_per_s": flops / timing["min_s"],
+        **{k: v for k, v in _compiled_stats(compiled).items() if k != "flops"},
+        **_memory_in_use(),
+    }
+
+
+def measure_compile(args) -> dict:
+    """Lower + compile of the diffusion training step with the persistent cache in ``args.cache``."""
+    import jax
+
+    from jax_corrdiff.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache(args.cache)
+    step, state, batch, frozen = _train_step(args, "diffusion")
+    start = time.perf_counter()
+    step.lower(state, batch, frozen).compile()
+    return {
+        "compile_s": time.perf_counter() - start,
+        "cache_entries": len(os.listdir(args.cache)),
+        "jax": jax.__version__,
+    }
+
+
+def measure_matmul_peak(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), args.dtype)
+    matmul = jax.jit(lambda a: a @ a)
+    timing = harness.timed_repeats(lambda: jax.block_until_ready(matmul(a)), 2, max(args.repeats, 5))
+    return {**timing, "n": n, "flops_per_s": 2 * n**3 / timing["min_s"]}
+
+
+def worker(args) -> None:
+    import jax
+
+    with jax.default_matmul_precision("highest" if args.dtype == "float32" else "default"):
+        if args.worker in ("regression_step", "diffusion_step"):
+            result = measure_train_step(args, args.worker.split("_")[0])
+        elif args.worker.startswith("sample_"):
+            result = measure_sample(args, "heun" if args.worker == "sample_heun18" else "euler")
+        elif args.worker == "compile":
+            result = measure_compile(args)
+        else:
+            result = measure_matmul_peak(args)
+    harness.emit({**result, "device": _device()})
+
+
+def _worker_command(args, row: str, cache: str | None = None) -> list[str]:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", row, "--grid", args.grid, "--width", args.width]
+    command += ["--dtype", args.dtype, "--batch", str(args.batch), "--remat", args.remat]
+    command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    return command + (["--cache", cache] if cache else [])
+
+
+def measure_rows(args, rows: list[str]) -> dict:
+    """Every requested row, each in its own process (compile: a cold then a warm process)."""
+    results = {}
+    for row in rows:
+        print(f"measuring {row} ...", flush=True)
+        if row == "compile":
+            with tempfile.TemporaryDirectory() as cache:
+                cold = harness.run_worker(_worker_command(args, row, cache), args.timeout)
+                warm = harness.run_worker(_worker_command(args, row, cache), args.timeout)
+            results["compile"] = {"cold": cold, "warm": warm}
+        else:
+            results[row] = harness.run_worker(_worker_command(args, row), args.timeout)
+        print(json.dumps(results[row]), flush=True)
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", default="64")
+    parser.add_argument("--width", default="full")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
+    parser.add_argument("--out", help="results JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"--only: unknown row(s) {unknown}; known: {ROWS}")
+    harness.parse_grid(args.grid), harness.parse_width(args.width)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    settings = {k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "remat", "repeats", "warmup")}
+    results = {
+        "machine": harness.describe_machine(),
+        "settings": settings,
+        "rows": measure_rows(args, args.only.split(",")),
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
