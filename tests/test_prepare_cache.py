@@ -1,4 +1,5 @@
-"""Prepared-data cache: interrupted builds, edited input files, coarsening that leaves too little."""
+"""Preparation: interrupted builds, edited input files, and data configs checked before any work
+(coarsening that leaves too little, dates that do not parse, periods that overlap)."""
 
 import os
 
@@ -9,6 +10,7 @@ import xarray as xr
 
 from jax_corrdiff.data import DataError, demo_data_path, ensure_prepared, prepare_dataset
 from jax_corrdiff.data import prepare as prepare_module
+from jax_corrdiff.data.data_config import data_config_dict
 
 ERA5 = demo_data_path("era5_t2m_uk_0p25deg.nc")
 
@@ -83,3 +85,16 @@ def test_editing_a_data_file_prepares_again(tmp_path, era5_copy):
 def test_coarsen_factor_leaving_one_coarse_cell_is_refused(tmp_path, era5_copy):
     with pytest.raises(DataError, match=r"data\.coarsen_factor=33 leaves 1 x 2 coarse cells on the 33 x 49 grid"):
         prepare_dataset(small_config(era5_copy, coarsen_factor=33), str(tmp_path / "prepared"))
+
+
+@pytest.mark.parametrize("bad", ["2019-13-01", "yesterday", ""])
+def test_unparseable_dates_name_the_key(era5_copy, bad):
+    with pytest.raises(ValueError, match=rf"data\.valid_period: '{bad}' is not a date"):
+        data_config_dict(small_config(era5_copy, valid_period=["2019-03-01T06", bad]))
+
+
+def test_overlapping_periods_warn(tmp_path, era5_copy):
+    cfg = small_config(era5_copy, valid_period=["2019-03-01T04", "2019-03-01T07"])
+    shared = r"2 time step\(s\) \(2019-03-01T04:00:00 \.\. 2019-03-01T05:00:00\) are in both data\.train_period"
+    with pytest.warns(UserWarning, match=shared):
+        prepare_dataset(cfg, str(tmp_path / "prepared"))

@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 
+import pandas as pd
+
 from jax_corrdiff.data.sources import expand_paths
 from jax_corrdiff.data.synthetic import write_synthetic_dataset
 
@@ -39,6 +41,15 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
+def _check_date(value, key: str) -> None:
+    try:
+        parsed = pd.Timestamp(str(value))
+    except ValueError as exc:  # pandas' DateParseError and OutOfBoundsDatetime included
+        raise ValueError(f"{key}: {value!r} is not a date ({exc})") from None
+    if parsed is pd.NaT:
+        raise ValueError(f"{key}: {value!r} is not a date (write e.g. '2019-03-01' or '2019-03-01T06')")
+
+
 def _check(cfg: dict) -> None:
     """Raise ValueError naming the first data-config field that cannot work."""
     if cfg.get("lead_times"):
@@ -54,6 +65,8 @@ def _check(cfg: dict) -> None:
     for key in ("train_period", "valid_period"):
         if len(cfg[key]) != 2:
             raise ValueError(f"data.{key} must be [start, end], got {cfg[key]!r}")
+        for bound in cfg[key]:
+            _check_date(bound, f"data.{key}")
     for key in ("target_paths", "target_variables", "input_variables"):
         if not cfg[key]:
             raise ValueError(f"data.{key} is empty")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -51,8 +52,17 @@ _TIME_ENCODING = {"units": "seconds since 1970-01-01 00:00:00", "dtype": "int64"
 
 
 def _periods(times: np.ndarray, cfg: dict, path: str) -> np.ndarray:
-    """Indices of ``times`` in the train or the valid period (each must select something)."""
-    return np.union1d(select_period(times, cfg["train_period"], path), select_period(times, cfg["valid_period"], path))
+    """Indices of ``times`` in the train or the valid period (each must select something); warns
+    when the periods share time steps (validation losses would not be held out)."""
+    train, valid = (select_period(times, cfg[key], path) for key in ("train_period", "valid_period"))
+    shared = np.intersect1d(train, valid)
+    if len(shared):
+        warnings.warn(
+            f"{path}: {len(shared)} time step(s) ({time_str(times[shared[0]])} .. {time_str(times[shared[-1]])}) "
+            "are in both data.train_period and data.valid_period; validation is not held out",
+            stacklevel=2,
+        )
+    return np.union1d(train, valid)
 
 
 def forecast_samples(inputs: ForecastSource, target_times: np.ndarray, path: str):
