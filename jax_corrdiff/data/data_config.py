@@ -114,6 +114,11 @@ def input_fingerprint(cfg: dict) -> str:
         paths += expand_paths(cfg["input_paths"], "data.input_paths")
     if cfg["static_path"]:
         paths += expand_paths([cfg["static_path"]], "data.static_path")
+    return files_fingerprint(paths)
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    """Hash of the paths, sizes and modification times of ``paths`` (every file of a directory)."""
     stamps = [stamp for path in paths for stamp in _file_stamps(path)]
     return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
