@@ -140,6 +140,37 @@ def base_config() -> ml_collections.ConfigDict:
     return config
 
 
+# Training fields that divide or count steps: 0 or less is meaningless (a ZeroDivisionError or
+# nothing trained), so they are refused before any data is read.
+_POSITIVE_TRAINING_KEYS = (
+    "batch_size",
+    "grad_accumulation",
+    "log_every_steps",
+    "eval_every_steps",
+    "eval_batches",
+    "checkpoint_every_steps",
+)
+
+
+def check_training_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The stages ``config.stage`` trains, after checking their training numbers; raises ValueError
+    naming the key (``regression.training.batch_size`` ...) whose value cannot work."""
+    if config.stage not in STAGES:
+        raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
+    stages = ("regression", "diffusion") if config.stage == "all" else (config.stage,)
+    for stage in stages:
+        training = config[stage].training
+        for key in _POSITIVE_TRAINING_KEYS:
+            if int(training[key]) <= 0:
+                raise ValueError(f"{stage}.training.{key} must be > 0, got {training[key]!r}")
+        if int(training.total_samples) < int(training.batch_size):
+            raise ValueError(
+                f"{stage}.training.total_samples={training.total_samples} is smaller than one batch "
+                f"({stage}.training.batch_size={training.batch_size}): not one step would train"
+            )
+    return stages
+
+
 # SongUNet widths of every smoke variant: a few thousand parameters per stage, no attention.
 SMOKE_UNET = dict(model_channels=8, num_blocks=1, attn_resolutions=[])
 

@@ -4,7 +4,8 @@ DIR is a training workdir (DIR/regression/model and DIR/diffusion/model). FILE i
 coarse file on its own grid (interpolated to the model's grid) or, with ``--coarsen``, a
 fine-grid truth file coarsened exactly as in training (its truth is kept for scoring).
 Output: CF NetCDF (or Zarr when OUT ends in .zarr), written as it goes; a rerun skips
-finished times.
+finished times, and is refused when its settings (seed, sampler, model, input, members) differ
+from the file's, unless ``--overwrite`` starts the file anew.
 """
 
 from absl import app, flags
@@ -13,7 +14,7 @@ from jax_corrdiff import distributed
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
-from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, generate, make_sampler
+from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, check_options, generate, make_sampler
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding regression/ and diffusion/ models.")
 _INPUT = flags.DEFINE_string("input", None, "Coarse input file, or fine truth file with --coarsen.")
@@ -40,6 +41,9 @@ _TILE_DEVICES = flags.DEFINE_integer(
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Persistent XLA compilation cache: a directory, '' = WORKDIR/compilation_cache, or 'off'."
 )
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing output (a rerun otherwise finishes it, with the same settings only)."
+)
 flags.mark_flags_as_required(["workdir", "input", "output"])
 
 
@@ -48,6 +52,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _TIMES.value and len(_TIMES.value) != 2:
         raise app.UsageError("--times takes START,END")
+    try:
+        check_options(
+            _OUTPUT.value, members=_MEMBERS.value, batch_size=_BATCH.value, member_batch_size=_MEMBER_BATCH.value
+        )
+    except ValueError as error:
+        raise app.UsageError(f"--{error}") from None
     log_progress_to_stdout()
     distributed.initialize()
     enable_compilation_cache(cache_dir(_CACHE.value, _WORKDIR.value))
@@ -83,6 +93,7 @@ def main(argv):
         batch_size=_BATCH.value,
         member_batch_size=_MEMBER_BATCH.value or None,
         tile_devices=_TILE_DEVICES.value,
+        overwrite=_OVERWRITE.value,
     )
     print(f"wrote {_OUTPUT.value}")
 

@@ -4,6 +4,7 @@
 that dict names the store it prepares (``config_hash``), so a store is reused only for the same
 data. A config that names a ``synthetic_dataset`` gets its file paths from that dataset, written
 under the prepared directory by ``with_synthetic_files`` (tests and smoke runs).
+``input_fingerprint`` keys the store on the files themselves, so editing one re-prepares.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import hashlib
 import json
 import os
 
+import pandas as pd
+
+from jax_corrdiff.data.sources import expand_paths
 from jax_corrdiff.data.synthetic import write_synthetic_dataset
 
 DATA_FIELDS = (
@@ -37,6 +41,15 @@ def _json(value):
     return json.loads(json.dumps(value))
 
 
+def _check_date(value, key: str) -> None:
+    try:
+        parsed = pd.Timestamp(str(value))
+    except ValueError as exc:  # pandas' DateParseError and OutOfBoundsDatetime included
+        raise ValueError(f"{key}: {value!r} is not a date ({exc})") from None
+    if parsed is pd.NaT:
+        raise ValueError(f"{key}: {value!r} is not a date (write e.g. '2019-03-01' or '2019-03-01T06')")
+
+
 def _check(cfg: dict) -> None:
     """Raise ValueError naming the first data-config field that cannot work."""
     if cfg.get("lead_times"):
@@ -52,6 +65,8 @@ def _check(cfg: dict) -> None:
     for key in ("train_period", "valid_period"):
         if len(cfg[key]) != 2:
             raise ValueError(f"data.{key} must be [start, end], got {cfg[key]!r}")
+        for bound in cfg[key]:
+            _check_date(bound, f"data.{key}")
     for key in ("target_paths", "target_variables", "input_variables"):
         if not cfg[key]:
             raise ValueError(f"data.{key} is empty")
@@ -76,6 +91,36 @@ def data_config_dict(data_cfg) -> dict:
 
 def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_stamps(path: str) -> list[tuple[str, int, int]]:
+    """(path, size, modification time in ns) of ``path``, or of every file under a directory (Zarr)."""
+    if not os.path.isdir(path):
+        stat = os.stat(path)
+        return [(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)]
+    stamps = []
+    for root, _, files in os.walk(path):
+        for name in files:
+            stat = os.stat(os.path.join(root, name))
+            stamps.append((os.path.abspath(os.path.join(root, name)), stat.st_size, stat.st_mtime_ns))
+    return sorted(stamps)
+
+
+def input_fingerprint(cfg: dict) -> str:
+    """Hash of the size and modification time of every file the data config reads (target, input
+    and static files; each file of a Zarr store): a prepared store is stale once any changes."""
+    paths = expand_paths(cfg["target_paths"], "data.target_paths")
+    if cfg["input_paths"]:
+        paths += expand_paths(cfg["input_paths"], "data.input_paths")
+    if cfg["static_path"]:
+        paths += expand_paths([cfg["static_path"]], "data.static_path")
+    return files_fingerprint(paths)
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    """Hash of the paths, sizes and modification times of ``paths`` (every file of a directory)."""
+    stamps = [stamp for path in paths for stamp in _file_stamps(path)]
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:16]
 
 
 def with_synthetic_files(data_cfg, prepared_dir: str) -> dict:

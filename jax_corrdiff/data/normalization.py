@@ -121,14 +121,19 @@ class Normalizer:
         return cls(**kwargs)
 
 
-def save_stats(path: str, normalizer: Normalizer, *, config_hash: str, train_period: Sequence[str]) -> None:
-    """Write ``stats.json``: the normalizer plus the data-config hash and period it came from."""
+def save_stats(
+    path: str, normalizer: Normalizer, *, config_hash: str, input_fingerprint: str, train_period: Sequence[str]
+) -> None:
+    """Write ``stats.json``: the normalizer plus the data-config hash, input-file fingerprint and
+    period it came from."""
+    record = {
+        "config_hash": config_hash,
+        "input_fingerprint": input_fingerprint,
+        "train_period": list(train_period),
+        "normalizer": normalizer.to_dict(),
+    }
     with open(path, "w") as f:
-        json.dump(
-            {"config_hash": config_hash, "train_period": list(train_period), "normalizer": normalizer.to_dict()},
-            f,
-            indent=2,
-        )
+        json.dump(record, f, indent=2)
 
 
 def load_stats(path: str) -> Normalizer:

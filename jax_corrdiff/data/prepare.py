@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import xarray as xr
 import zarr
 
-from jax_corrdiff.data.data_config import config_hash, with_synthetic_files
+from jax_corrdiff.data.data_config import config_hash, input_fingerprint, with_synthetic_files
 from jax_corrdiff.data.errors import (
+    DataError,
     MissingTimesError,
     MissingVariableError,
     NoForecastSamplesError,
@@ -41,14 +44,25 @@ from jax_corrdiff.data.sources import (
     select_period,
     time_str,
 )
-from jax_corrdiff.data.store import STATS_NAME, STORE_NAME, compute_stats, time_blocks
+from jax_corrdiff.data.store import PARTIAL_SUFFIX, STATS_NAME, STORE_NAME, compute_stats, time_blocks
+
+log = logging.getLogger("jax_corrdiff")
 
 _TIME_ENCODING = {"units": "seconds since 1970-01-01 00:00:00", "dtype": "int64"}
 
 
 def _periods(times: np.ndarray, cfg: dict, path: str) -> np.ndarray:
-    """Indices of ``times`` in the train or the valid period (each must select something)."""
-    return np.union1d(select_period(times, cfg["train_period"], path), select_period(times, cfg["valid_period"], path))
+    """Indices of ``times`` in the train or the valid period (each must select something); warns
+    when the periods share time steps (validation losses would not be held out)."""
+    train, valid = (select_period(times, cfg[key], path) for key in ("train_period", "valid_period"))
+    shared = np.intersect1d(train, valid)
+    if len(shared):
+        warnings.warn(
+            f"{path}: {len(shared)} time step(s) ({time_str(times[shared[0]])} .. {time_str(times[shared[-1]])}) "
+            "are in both data.train_period and data.valid_period; validation is not held out",
+            stacklevel=2,
+        )
+    return np.union1d(train, valid)
 
 
 def forecast_samples(inputs: ForecastSource, target_times: np.ndarray, path: str):
@@ -93,6 +107,12 @@ def _analysis_samples(cfg: dict, target: FieldSource) -> _Samples:
     if not cfg["input_paths"]:
         inputs = FieldSource(cfg["target_paths"], cfg["input_variables"], "inputs (synthetic)")
         factor = int(cfg["coarsen_factor"])
+        coarse = [-(-n // factor) for n in target.shape]  # blocks, the last one partial
+        if min(coarse) < 2:
+            raise DataError(
+                f"{describe_paths(target.paths)}: data.coarsen_factor={factor} leaves {coarse[0]} x {coarse[1]} "
+                f"coarse cells on the {target.shape[0]} x {target.shape[1]} grid; interpolating needs at least 2 x 2"
+            )
         return _Samples(inputs, rows, (rows,), lambda x: degrade(x, factor))
     inputs = FieldSource(cfg["input_paths"], cfg["input_variables"], "inputs")
     pos = np.clip(np.searchsorted(inputs.times, target.times[rows]), 0, len(inputs.times) - 1)
@@ -248,6 +268,15 @@ def _write_cwb(cfg: dict, store: str) -> dict:
     }
 
 
+def _store_attrs(store: str) -> dict:
+    """Attributes of the prepared store at ``store``; {} when there is none, or only the empty
+    directory a build killed early left behind (before stores were renamed into place)."""
+    try:
+        return zarr.open_group(store, mode="r").attrs.asdict()
+    except FileNotFoundError:  # zarr's GroupNotFoundError included
+        return {}
+
+
 def prepare_dataset(data_cfg, cache_dir: str, *, overwrite: bool = False) -> str:
     """Build ``<cache_dir>/data.zarr`` from ``config.data`` (or reuse it) and return its path.
 
@@ -257,29 +286,43 @@ def prepare_dataset(data_cfg, cache_dir: str, *, overwrite: bool = False) -> str
         overwrite: rebuild a store made from a different data config instead of raising
             ``PreparedDataMismatchError``.
 
-    A complete store made from the same data config (same hash of its fields) is reused.
-    Rebuilding removes a stale ``stats.json``.
+    A complete store made from the same data config (same hash of its fields) and the same input
+    files (same ``input_fingerprint``: edited files are prepared again) is reused. The store is
+    written as ``data.zarr.partial`` and renamed when complete, so an interrupted build leaves
+    nothing a later run could take for a store. Rebuilding removes a stale ``stats.json``.
     """
     cfg = with_synthetic_files(data_cfg, cache_dir)
-    digest = config_hash(cfg)
+    digest, fingerprint = config_hash(cfg), input_fingerprint(cfg)
     store = os.path.join(cache_dir, STORE_NAME)
-    if os.path.exists(store):
-        attrs = zarr.open_group(store, mode="r").attrs.asdict()
-        if attrs.get("complete"):
-            if attrs.get("config_hash") == digest:
+    attrs = _store_attrs(store)
+    if attrs.get("complete"):
+        if attrs.get("config_hash") != digest and not overwrite:
+            raise PreparedDataMismatchError(store, attrs.get("config_hash"), digest)
+        if attrs.get("config_hash") == digest:
+            if attrs.get("input_fingerprint") == fingerprint:
                 return store
-            if not overwrite:
-                raise PreparedDataMismatchError(store, attrs.get("config_hash"), digest)
-        shutil.rmtree(store)
+            log.warning("%s: the input files changed since it was prepared; preparing again", store)
     os.makedirs(cache_dir, exist_ok=True)
     stats = os.path.join(cache_dir, STATS_NAME)
     if os.path.exists(stats):
         os.remove(stats)
-    attrs = (_write_variables if cfg["format"] == "variables" else _write_cwb)(cfg, store)
-    zarr.open_group(store, mode="r+").attrs.update(
-        {**attrs, "format": cfg["format"], "config_hash": digest, "data_config": cfg, "complete": True}
+    partial = store + PARTIAL_SUFFIX
+    shutil.rmtree(partial, ignore_errors=True)
+    attrs = (_write_variables if cfg["format"] == "variables" else _write_cwb)(cfg, partial)
+    zarr.open_group(partial, mode="r+").attrs.update(
+        {
+            **attrs,
+            "format": cfg["format"],
+            "config_hash": digest,
+            "input_fingerprint": fingerprint,
+            "data_config": cfg,
+            "complete": True,
+        }
     )
-    zarr.consolidate_metadata(store)
+    zarr.consolidate_metadata(partial)
+    if os.path.exists(store):
+        shutil.rmtree(store)
+    os.rename(partial, store)
     return store
 
 
@@ -294,6 +337,8 @@ def ensure_prepared(data_cfg, cache_dir: str) -> tuple[str, Normalizer]:
     stats = os.path.join(cache_dir, STATS_NAME)
     if os.path.exists(stats):
         with open(stats) as f:
-            if json.load(f).get("config_hash") == zarr.open_group(store, mode="r").attrs["config_hash"]:
-                return store, load_stats(stats)
+            key = json.load(f)
+        attrs = zarr.open_group(store, mode="r").attrs
+        if all(key.get(k) == attrs[k] for k in ("config_hash", "input_fingerprint")):
+            return store, load_stats(stats)
     return store, compute_stats(store)

@@ -15,13 +15,15 @@ Layout of ``<cache_dir>/data.zarr`` (Zarr v2, consolidated; opens with ``xr.open
     valid_time, init_time (time)         datetime64, valid_time == time
     lead_time (time)                     float64, hours
     lead_time_label (time)               int32, index of the lead in data.lead_times
-    attrs: format, config_hash, data_config, nonfinite_counts, complete, input/target file
+    attrs: format, config_hash, input_fingerprint, data_config, nonfinite_counts, complete, input/target file
            lists ("variables"); source_store, target/input_channel_index ("cwb")
 For ``format="cwb"`` nothing big is copied: the store holds the grid, times, static fields and
 channel selection, and samples are read from the original CWB Zarr (``PreparedStore.read``).
 ``<cache_dir>/stats.json`` holds the ``Normalizer`` over the train period.
 
-``complete`` is written last, so a build that was interrupted is rebuilt on the next call.
+The store is written as ``data.zarr.partial`` and renamed when complete (``complete`` is its last
+attribute); ``stats.json`` likewise. ``input_fingerprint`` (sizes and modification times of the
+input files) and ``config_hash`` key both, so a changed config or an edited file is noticed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from jax_corrdiff.data.sources import apply_nan_policy, decode_times, read_cwb_c
 PREPARED_DIR = "prepared"  # WORKDIR/prepared holds the store and its statistics
 STORE_NAME = "data.zarr"
 STATS_NAME = "stats.json"
+PARTIAL_SUFFIX = ".partial"  # a store or stats.json being written, renamed into place when complete
 _BLOCK_BYTES = 64 * 2**20  # read/write this much per block of time steps
 
 
@@ -117,7 +120,7 @@ class PreparedStore:
 
 def compute_stats(store_path: str) -> Normalizer:
     """Per-channel mean/std of target, inputs and static over the train period; writes stats.json
-    beside the store and returns the Normalizer."""
+    beside the store (renamed into place when written) and returns the Normalizer."""
     store = PreparedStore(store_path)
     train = store.split_indices("train")
     h, w = store.lat.shape
@@ -131,12 +134,15 @@ def compute_stats(store_path: str) -> Normalizer:
     moments_s.update(store.static)
     (tm, ts), (im, is_), (sm, ss) = moments_t.mean_std(), moments_i.mean_std(), moments_s.mean_std()
     normalizer = Normalizer(store.target_channels, tm, ts, store.input_channels, im, is_, store.static_channels, sm, ss)
+    path = os.path.join(os.path.dirname(os.path.abspath(store_path)), STATS_NAME)
     save_stats(
-        os.path.join(os.path.dirname(os.path.abspath(store_path)), STATS_NAME),
+        path + PARTIAL_SUFFIX,
         normalizer,
         config_hash=store.attrs["config_hash"],
+        input_fingerprint=store.attrs["input_fingerprint"],
         train_period=store.config["train_period"],
     )
+    os.replace(path + PARTIAL_SUFFIX, path)
     return normalizer
 
 

@@ -239,11 +239,13 @@ def score_dataset(ds: xr.Dataset, variables=None, seed: int = 0) -> dict:
     """Score every target variable (and level) of a generation output against its truth.
 
     Only completed time steps and the levels a variable holds data on are scored. Returns a
-    JSON-ready dict: {"ensemble_size", "times", "rank_histogram_seed", "fields": {key:
+    JSON-ready dict: {"ensemble_size", "times" (those scored), "times_in_file" (all, finished or
+    not: more than "times" for a partly written file), "rank_histogram_seed", "fields": {key:
     {"variable", "level", "level_units", "units", "long_name", **score_field(...)}}}, key 't2m'
     or 't@500'. ``variables`` restricts to those names; ``seed`` seeds the rank-histogram tie
     breaking. Raises EvaluationInputError naming what is missing.
     """
+    times_in_file = int(ds.sizes[TIME_DIM]) if TIME_DIM in ds.dims else 0
     ds = completed_times(ds)
     names = target_variables(ds, variables)
     rng = np.random.default_rng(seed)
@@ -274,6 +276,7 @@ def score_dataset(ds: xr.Dataset, variables=None, seed: int = 0) -> dict:
     return {
         "ensemble_size": int(ds.sizes[metrics.MEMBER_DIM]),
         "times": time_labels(ds),
+        "times_in_file": times_in_file,
         "rank_histogram_seed": seed,
         "fields": fields,
     }

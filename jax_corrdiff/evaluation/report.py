@@ -47,7 +47,8 @@ def _cell(value) -> str:
 
 
 def format_table(scores: dict) -> str:
-    """Fixed-width table: rows variable[@level] x model, columns MAE ... p99 abs err."""
+    """Fixed-width table: rows variable[@level] x model, columns MAE ... p99 abs err; a last line
+    says so when the file is partly written (fewer times scored than it lays out)."""
     header = ["variable", "units", "model", *TABLE_COLUMNS.values()]
     lines = []
     for row in table_rows(scores):
@@ -58,7 +59,14 @@ def format_table(scores: dict) -> str:
     def line(cells: list[str]) -> str:  # text columns left-aligned, numbers right-aligned
         return "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, lines)])
+    table = [line(header), line(["-" * w for w in widths]), *map(line, lines)]
+    scored, in_file = len(scores["times"]), scores["times_in_file"]
+    if scored < in_file:
+        table.append(
+            f"PARTIAL: {scored} of {in_file} times scored; generation has not finished the other "
+            f"{in_file - scored} (rerun generate with the same settings to finish the file)"
+        )
+    return "\n".join(table)
 
 
 def _json_ready(value):

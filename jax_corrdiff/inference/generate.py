@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jax_corrdiff.data.data_config import files_fingerprint
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.sources import FieldSpec, expand_paths, open_dataset, time_str
@@ -172,8 +174,28 @@ def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, me
     return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
 
 
-def _open_writer(model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler: EDMSampler, members, seed):
-    """The output file, laid out for every time of ``inputs`` (opened as it is when it exists)."""
+def check_options(output: str, *, members: int, batch_size: int, member_batch_size: int | None) -> None:
+    """Raise ValueError naming the argument (as ``name=value``) that cannot work, before any work."""
+    if members < 1:
+        raise ValueError(f"members={members}: at least one member is needed")
+    for name, value in (("batch_size", batch_size), ("member_batch_size", member_batch_size or 0)):
+        if value < 0:
+            raise ValueError(f"{name}={value}: must be positive (0 = the default)")
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise ValueError(f"output={output}: the directory {directory} does not exist")
+
+
+def _open_writer(
+    model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler: EDMSampler, members, seed, overwrite: bool
+):
+    """Process 0's output file, laid out for every time of ``inputs``: opened as it is when it
+    exists (and holds a run with the same settings), or created anew (``overwrite`` removes it
+    first). None on the other processes."""
+    if jax.process_index() != 0:
+        return None
+    if overwrite and os.path.exists(output):
+        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
     norm = model.normalizer
     attr_paths = [inputs.path, *expand_paths(model.data_config["target_paths"], "target")]
     return EnsembleWriter(
@@ -194,7 +216,26 @@ def _open_writer(model: CorrDiffModel, inputs: InferenceInputs, output: str, sam
             "sampler": repr(sampler),
             "seed": seed,
         },
+        run_settings=run_settings(model, inputs, sampler, members, seed),
     )
+
+
+def run_settings(model: CorrDiffModel, inputs: InferenceInputs, sampler: EDMSampler, members: int, seed: int) -> dict:
+    """What defines a generation run, kept in its output so a rerun that differs is refused:
+    the model (workdir, and its exported files' sizes and times), the input file (likewise, and
+    whether it is coarsened truth), the sampler with all its settings, the seed and the members."""
+    model_dirs = [os.path.join(model.workdir, stage, "model") for stage in ("regression", "diffusion")]
+    return {
+        "model": os.path.abspath(model.workdir),
+        "model_files": files_fingerprint(model_dirs),
+        "input": os.path.abspath(inputs.path),
+        "input_files": files_fingerprint([inputs.path]),
+        "coarsened_truth": inputs.has_truth,
+        "sampler": type(sampler).__name__,
+        **{f"sampler.{k}": v for k, v in dataclasses.asdict(sampler).items()},
+        "seed": int(seed),
+        "members": int(members),
+    }
 
 
 def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
@@ -210,10 +251,22 @@ def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
         )
 
 
+def _mesh_and_batch(model: CorrDiffModel, num_devices: int, tile_devices: int, batch_size: int):
+    """The device mesh and the number of times per compiled call (0 = one per data-parallel device)."""
+    if tile_devices > 1 and model.conditioning.patch is None:
+        raise ValueError("tile_devices > 1 needs a patch-trained model (it splits multi-diffusion tiles)")
+    mesh = make_mesh(num_devices, tile_devices)
+    batch_size = batch_size or data_size(mesh)
+    if batch_size % data_size(mesh):
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the {data_size(mesh)} data-parallel devices")
+    log.info("generate: %d times per batch on %d devices", batch_size, mesh.size)
+    return mesh, batch_size
+
+
 def _unfinished_batches(writer: EnsembleWriter | None, n_times: int, batch_size: int) -> list[int]:
     """Start rows of the batches not completely written yet, from process 0's writer."""
     done = multihost_utils.broadcast_one_to_all(writer.completed if writer else np.zeros(n_times, bool))
-    log.info("generate: %d of %d times already written", int(done.sum()), n_times)
+    log.info("generate: %d times, %d already written", n_times, int(done.sum()))
     return [s for s in range(0, n_times, batch_size) if not done[s : s + batch_size].all()]
 
 
@@ -244,6 +297,7 @@ def generate(
     member_batch_size: int | None = None,
     num_devices: int = 0,
     tile_devices: int = 1,
+    overwrite: bool = False,
 ) -> str:
     """Sample ``members`` members for every time of ``inputs`` into ``output`` at the model's
     matmul precision (skipping times an earlier run finished); returns ``output``.
@@ -260,17 +314,13 @@ def generate(
         num_devices: devices of the mesh (0 = all).
         tile_devices: devices that share one image's multi-diffusion tiles (patch-trained
             models); the times are split over the remaining factor.
+        overwrite: replace an existing ``output`` (one of other settings is otherwise refused).
     """
+    check_options(output, members=members, batch_size=batch_size, member_batch_size=member_batch_size)
     _check_inputs(model, inputs)
-    if tile_devices > 1 and model.conditioning.patch is None:
-        raise ValueError("tile_devices > 1 needs a patch-trained model (it splits multi-diffusion tiles)")
-    mesh = make_mesh(num_devices, tile_devices)
-    batch_size = batch_size or data_size(mesh)
-    if batch_size % data_size(mesh):
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the {data_size(mesh)} data-parallel devices")
-    writer = _open_writer(model, inputs, output, sampler, members, seed) if jax.process_index() == 0 else None
+    mesh, batch_size = _mesh_and_batch(model, num_devices, tile_devices, batch_size)
+    writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite)
     starts = _unfinished_batches(writer, len(inputs), batch_size)
-    log.info("generate: %d times, %d members, %d per batch on %d devices", len(inputs), members, batch_size, mesh.size)
     norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
     labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
     with jax.default_matmul_precision(model.matmul_precision):

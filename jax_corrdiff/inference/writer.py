@@ -2,7 +2,9 @@
 
 The file is laid out for all requested times up front; each batch fills its rows and then
 sets ``completed[t] = 1``. A crash keeps every finished time, and a rerun with the same
-times skips them.
+times skips them. The global attribute ``run_settings`` (JSON) holds what defines the run (seed,
+sampler, model, input, members): a rerun with other settings is refused (``RunMismatchError``),
+so one file never mixes two runs.
 
 Variables, in physical units, for each target field NAME (levelled fields share ``level``):
     NAME               (time, ensemble, [level,] y, x)   CorrDiff members: regression mean + residual
@@ -14,6 +16,7 @@ Variables, in physical units, for each target field NAME (levelled fields share 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
@@ -24,6 +27,19 @@ import zarr
 from jax_corrdiff.data.sources import FieldSpec, is_zarr
 
 TIME_UNITS = "hours since 1970-01-01 00:00:00"
+RUN_SETTINGS = "run_settings"  # global attribute: JSON of what defines the run
+
+
+class RunMismatchError(ValueError):
+    """The output file exists and was written by a run with other settings."""
+
+    def __init__(self, path: str, differences: dict[str, tuple]):
+        self.path, self.differences = path, differences
+        listed = "; ".join(f"{k}: file {old!r}, this run {new!r}" for k, (old, new) in differences.items())
+        super().__init__(
+            f"{path} holds a run with other settings ({listed}); rerun with the file's settings to finish it, "
+            "or write a new file (another --output, or --overwrite to replace this one)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +83,7 @@ class EnsembleWriter:
         has_truth: bool,
         variable_attrs: dict[str, dict],
         global_attrs: dict,
+        run_settings: dict,
         init_times: np.ndarray | None = None,
     ):
         self.path = path
@@ -80,10 +97,12 @@ class EnsembleWriter:
         self.coordinates = "lat lon" if init_times is None else "lat lon forecast_reference_time"
         self.zarr = is_zarr(path)
         hours = _hours(times)
+        settings = json.dumps(run_settings, sort_keys=True)
         if os.path.exists(path):
             self._open_existing(hours, members, lat.shape)
+            self._check_run_settings(json.loads(settings))
         else:
-            self._create(hours, members, lat, lon, variable_attrs, global_attrs, init_times)
+            self._create(hours, members, lat, lon, variable_attrs, {**global_attrs, RUN_SETTINGS: settings}, init_times)
 
     @staticmethod
     def _names(field: Field, channels: Sequence[str]) -> list[str]:
@@ -161,6 +180,18 @@ class EnsembleWriter:
                 f"grid {lat.shape}); choose a new output file or rerun with the same options"
             )
         self.completed = completed.astype(bool)
+
+    def _check_run_settings(self, run_settings: dict) -> None:
+        if self.zarr:
+            stored = zarr.open_group(self.path, mode="r").attrs.get(RUN_SETTINGS)
+        else:
+            with netCDF4.Dataset(self.path) as nc:
+                stored = nc.getncattr(RUN_SETTINGS) if RUN_SETTINGS in nc.ncattrs() else None
+        stored = json.loads(stored) if stored else {}
+        keys = sorted(set(stored) | set(run_settings))
+        differences = {k: (stored.get(k), run_settings.get(k)) for k in keys if stored.get(k) != run_settings.get(k)}
+        if differences:
+            raise RunMismatchError(self.path, differences)
 
     def _read(self, name: str) -> np.ndarray:
         if self.zarr:

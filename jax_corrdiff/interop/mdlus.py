@@ -116,36 +116,46 @@ def read_mdlus(path: str | os.PathLike[str], *, limits: ReadLimits | None = None
     label = os.fspath(path)
     limits = ReadLimits() if limits is None else limits
     with open(label, "rb") as file:
-        compression = compression_of(file)
-        if compression is not None:
-            raise CheckpointFormatError(
-                label,
-                f"{compression}-compressed; PhysicsNeMo writes .mdlus files uncompressed, so this one was "
-                "repacked -- decompress it first if it is trusted",
-            )
-        is_zip = file.read(4) == b"PK\x03\x04"
-        file.seek(0)
-        if is_tar(file):
-            members: TarMembers | ZipMembers = TarMembers(file, label)
-        elif is_zip:
-            members = ZipMembers(file, label)
-        else:
-            raise CheckpointFormatError(label, "not a .mdlus checkpoint (neither a tar nor a zip archive)")
+        members = _open_members(file, label)
         try:
-            names = members.names
-            prefix = _member_prefix(names, label)
-            if prefix + _ARGS not in names:
-                raise CheckpointFormatError(label, f"missing member '{_ARGS}' (members: {short_repr(sorted(names))})")
-            model = members.read(prefix + _MODEL)
-            args = _json_object(members.read(prefix + _ARGS, _MAX_JSON_BYTES), label, _ARGS)
-            metadata = (
-                _json_object(members.read(prefix + _METADATA, _MAX_JSON_BYTES), label, _METADATA)
-                if prefix + _METADATA in names
-                else {}
-            )
+            prefix, model, args, metadata = _read_members(members, label)
         finally:
             members.close()
     member = io.BytesIO(model)
     member.name = f"{label}:{prefix}{_MODEL}"  # so loader errors name the member
     state = load_torch_checkpoint(member, limits=limits)
     return MdlusArchive(state_dict=_flat_state_dict(state, label), args=args, metadata=metadata, path=label)
+
+
+def _open_members(file, label: str) -> TarMembers | ZipMembers:
+    """The members of an uncompressed tar or zip ``file``; anything else is refused."""
+    compression = compression_of(file)
+    if compression is not None:
+        raise CheckpointFormatError(
+            label,
+            f"{compression}-compressed; PhysicsNeMo writes .mdlus files uncompressed, so this one was "
+            "repacked -- decompress it first if it is trusted",
+        )
+    is_zip = file.read(4) == b"PK\x03\x04"
+    file.seek(0)
+    if is_tar(file):
+        return TarMembers(file, label)
+    if is_zip:
+        return ZipMembers(file, label)
+    raise CheckpointFormatError(label, "not a .mdlus checkpoint (neither a tar nor a zip archive)")
+
+
+def _read_members(members: TarMembers | ZipMembers, label: str) -> tuple[str, bytes, dict, dict]:
+    """(member prefix, ``model.pt`` bytes, ``args.json``, ``metadata.json`` or {}) of a checkpoint."""
+    names = members.names
+    prefix = _member_prefix(names, label)
+    if prefix + _ARGS not in names:
+        raise CheckpointFormatError(label, f"missing member '{_ARGS}' (members: {short_repr(sorted(names))})")
+    model = members.read(prefix + _MODEL)
+    args = _json_object(members.read(prefix + _ARGS, _MAX_JSON_BYTES), label, _ARGS)
+    metadata = (
+        _json_object(members.read(prefix + _METADATA, _MAX_JSON_BYTES), label, _METADATA)
+        if prefix + _METADATA in names
+        else {}
+    )
+    return prefix, model, args, metadata

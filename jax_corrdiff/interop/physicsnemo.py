@@ -149,8 +149,16 @@ def _check_before_building(
     weights first, a hostile args.json cannot cost more than the state dict it
     came with.
     """
-    unet, wrapped = config["unet"], config["kind"] != "unet"
     mismatch = f"does not match the state dict's shapes ({len(archive.state_dict)} entries)"
+    _check_layers(archive, config, paths, mismatch)
+    _check_key_shapes(archive, config, paths, mismatch)
+    if config["unet"].get("position_grid") == "sinusoidal":
+        _check_sinusoidal_grid_cost(archive, config, stored_grid, limits)
+
+
+def _check_layers(archive: MdlusArchive, config: dict, paths: dict[tuple[str, ...], str], mismatch: str) -> None:
+    """The layers args.json describes are those of the state dict (counted first, cheaply)."""
+    unet, wrapped = config["unet"], config["kind"] != "unet"
     present = {path[2 if wrapped else 1] for path in paths}
     if expected_module_count(config) > len(archive.state_dict):
         raise UnsupportedCheckpointError(
@@ -165,6 +173,11 @@ def _check_before_building(
             f"args.json {mismatch}: layers missing from the state dict {sorted(expected - present)[:8]}, "
             f"layers args.json does not describe {sorted(present - expected)[:8]}",
         )
+
+
+def _check_key_shapes(archive: MdlusArchive, config: dict, paths: dict[tuple[str, ...], str], mismatch: str) -> None:
+    """The first convolution and the learned grid / lead-time embeddings have args.json's shapes."""
+    unet, wrapped = config["unet"], config["kind"] != "unet"
     h, w = config["img_resolution"]
     channels = config["cond_channels"] + (config["out_channels"] if wrapped else 0)
     want = {"enc_l0_conv": ("kernel", (unet["model_channels"], channels + _extra_channels(unet), 3, 3))}
@@ -182,21 +195,27 @@ def _check_before_building(
                 f"has shape {archive.state_dict[key].shape}, but args.json describes {shape}: args.json {mismatch}",
                 f"state-dict key {key!r}",
             )
-    if unet.get("position_grid") == "sinusoidal":
-        grid_shape = (unet["num_grid_channels"], h, w)
-        if stored_grid is not None and stored_grid.shape != grid_shape:
-            raise UnsupportedCheckpointError(
-                archive.path, f"has shape {stored_grid.shape}, but args.json describes {grid_shape}", "pos_embd"
-            )
-        # The grid is computed in float64, several channels' worth at once.
-        cost = 8 * h * w * (unet["num_grid_channels"] + 4)
-        if cost > limits.max_bytes:
-            raise CheckpointLimitError(
-                archive.path,
-                f"img_resolution {config['img_resolution']} with {unet['num_grid_channels']} grid channels "
-                f"needs {cost} bytes to compute the position grid, more than max_bytes={limits.max_bytes}",
-                "args.json __args__.img_resolution",
-            )
+
+
+def _check_sinusoidal_grid_cost(
+    archive: MdlusArchive, config: dict, stored_grid: np.ndarray | None, limits: ReadLimits
+) -> None:
+    """A stored sinusoidal grid has args.json's shape, and computing it fits ``limits``."""
+    unet, (h, w) = config["unet"], config["img_resolution"]
+    grid_shape = (unet["num_grid_channels"], h, w)
+    if stored_grid is not None and stored_grid.shape != grid_shape:
+        raise UnsupportedCheckpointError(
+            archive.path, f"has shape {stored_grid.shape}, but args.json describes {grid_shape}", "pos_embd"
+        )
+    # The grid is computed in float64, several channels' worth at once.
+    cost = 8 * h * w * (unet["num_grid_channels"] + 4)
+    if cost > limits.max_bytes:
+        raise CheckpointLimitError(
+            archive.path,
+            f"img_resolution {config['img_resolution']} with {unet['num_grid_channels']} grid channels "
+            f"needs {cost} bytes to compute the position grid, more than max_bytes={limits.max_bytes}",
+            "args.json __args__.img_resolution",
+        )
 
 
 def _extra_channels(unet: dict) -> int:

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
-from jax_corrdiff.config import STAGES
+from jax_corrdiff.config import check_training_config
 from jax_corrdiff.mesh import local_batch_size, to_global
 from jax_corrdiff.model_dir import SavedModel, save_model
 from jax_corrdiff.models.factory import example_inputs
@@ -172,9 +172,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, str]:
     Returns:
         {stage: exported model directory}.
     """
-    if config.stage not in STAGES:
-        raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
+    stages = check_training_config(config)
     enable_compilation_cache(cache_dir(config.compilation_cache_dir, workdir))
     data = TrainingData.open(config, workdir)
-    stages = ("regression", "diffusion") if config.stage == "all" else (config.stage,)
     return {stage: train_stage(config, stage, workdir, data) for stage in stages}
