@@ -44,6 +44,7 @@ _CLASSES = {
 PHYSICSNEMO_VERSION = "2.2.2"
 # Our options that only change speed or memory; PhysicsNeMo runs float32 without remat.
 _PERFORMANCE_KEYS = {"remat", "attention_impl"}
+_OFF_WHEN_EMPTY = {"lead_time_steps", "lead_time_channels", "prob_channels"}
 _MODULE = re.compile(r"^(enc|dec)_l(\d+)_(\w+)$")
 
 
@@ -96,6 +97,12 @@ def _refuse_inexpressible(config: dict) -> None:
         raise ExportError(
             "the regression network has a global residual (model.global_residual); "
             "PhysicsNeMo's CorrDiffRegressionUNet has none"
+        )
+    multiple = 2 ** (len(config["unet"]["channel_mult"]) - 1)
+    if any(side % multiple for side in config["img_resolution"]):
+        raise ExportError(
+            f"grid {config['img_resolution']} is not a multiple of {multiple}: our SongUNet pads it, "
+            "PhysicsNeMo's does not"
         )
     if config.get("legacy_scale_conditioning"):
         raise ExportError("legacy_scale_conditioning (EDMPrecondSR's conditioning scaling) is not exported")
@@ -203,8 +210,17 @@ def _check_args_round_trip(config: dict, args: dict, metadata: dict) -> None:
     if config["kind"] == "diffusion":
         ours.setdefault("sigma_data", 0.5)
         ours.setdefault("legacy_scale_conditioning", False)
-    if json.loads(json.dumps(back)) != json.loads(json.dumps(ours)):
+    if json.loads(json.dumps(_explicit(back))) != json.loads(json.dumps(_explicit(ours))):
         raise ExportError(f"args.json {args['__args__']} would import as {back}, not as this model {ours}")
+
+
+def _explicit(config: dict) -> dict:
+    """The config without options at their "off" value (no lead time, no position grid size)."""
+    unet = {k: v for k, v in config["unet"].items() if not (k in _OFF_WHEN_EMPTY and not v)}
+    if unet.get("position_grid", "none") == "none":
+        unet.pop("num_grid_channels", None)
+        unet["position_grid"] = "none"
+    return dict(config, unet=unet)
 
 
 def mdlus_bytes(config: dict, variables: dict) -> bytes:
