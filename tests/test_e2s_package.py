@@ -216,10 +216,66 @@ def test_export_refuses_what_earth2studio_would_run_differently():
     layout = ConditioningLayout(["t2m"], ["t2m"], regression_mean=True)
     diff = types.SimpleNamespace(conditioning=layout, source={"data": {}})
     patched = types.SimpleNamespace(
-        conditioning=dataclasses.replace(layout, patch=PatchSettings(16, 16, 2, 4)), source={"data": {}}
+        conditioning=dataclasses.replace(layout, patch=PatchSettings(16, 16, 2, 4, 2)), source={"data": {}}
     )
     with pytest.raises(ValueError, match="patch-trained"):
         _refuse_for_package("w", diff, patched)
     lead = types.SimpleNamespace(conditioning=dataclasses.replace(layout, lead_time_steps=3), source={"data": {}})
     with pytest.raises(ValueError, match="lead-time"):
         _refuse_for_package("w", diff, lead)
+
+
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "physicsnemo")
+
+
+def _physicsnemo_package(path):
+    """A package around networks PhysicsNeMo saved (the parity fixtures), whose conditioning is
+    the fixture's first img_lr: 3 inputs and 2 invariants, in physical units via stats.json."""
+    os.makedirs(path)
+    shutil.copy(os.path.join(FIXTURES, "regression_unet_posembd_sin4.mdlus"), os.path.join(path, "regression.mdlus"))
+    shutil.copy(os.path.join(FIXTURES, "edm_posembd_sin4_hrmean.mdlus"), os.path.join(path, "diffusion.mdlus"))
+    names = {"input": ["t2m", "u10m", "z500"], "output": ["t2m", "u10m", "v10m"], "invariants": ["orog", "lsm"]}
+    moments = {
+        "input": ([280.0, 1.0, 55000.0], [10.0, 5.0, 900.0]),
+        "output": ([285.0, 0.5, -0.5], [8.0, 4.0, 3.0]),
+        "invariants": ([300.0, 0.5], [400.0, 0.4]),
+    }
+    stats = {g: {n: {"mean": m, "std": s} for n, m, s in zip(names[g], *moments[g])} for g in names}
+    meta = dict(
+        input_variables=names["input"],
+        output_variables=names["output"],
+        invariant_variables=names["invariants"],
+        inference_mode="regression",
+    )
+    for name, value in (("metadata.json", meta), ("stats.json", stats)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(value, f)
+    lat, lon = 40.0 + 0.25 * np.arange(32), 0.25 * np.arange(48)
+    img_lr = np.load(os.path.join(FIXTURES, "regression_unet_posembd_sin4.npz"))["img_lr"][0]
+    physical = {g: img_lr[i : i + len(names[g])] for g, i in (("input", 0), ("invariants", 3))}
+    physical = {
+        g: v * np.array(moments[g][1])[:, None, None] + np.array(moments[g][0])[:, None, None]
+        for g, v in physical.items()
+    }
+    coords = {"lat": lat, "lon": lon}
+    xr.Dataset(coords=coords).to_netcdf(os.path.join(path, OUTPUT_GRID))
+    fields = {n: (("lat", "lon"), v.astype(np.float32)) for n, v in zip(names["invariants"], physical["invariants"])}
+    xr.Dataset(fields, coords=coords).to_netcdf(os.path.join(path, INVARIANTS))
+    inputs = {
+        n: (("time", "lat", "lon"), v[None].astype(np.float32))
+        for n, v in zip(["t2m", "u10", "z500"], physical["input"])
+    }
+    xr.Dataset(inputs, coords=dict(coords, time=TIMES[:1])).to_netcdf(os.path.join(path, "..", "coarse.nc"))
+    return moments["output"]
+
+
+def test_physicsnemo_saved_package_generates_the_reference_mean(tmp_path):
+    """Physical inputs -> normalization -> PhysicsNeMo-saved regression -> denormalized mean,
+    against PhysicsNeMo's own output (the parity fixture); `z500` mapped by an override."""
+    out_mean, out_std = (np.array(v)[:, None, None] for v in _physicsnemo_package(str(tmp_path / "pkg")))
+    model, _ = load_package(str(tmp_path / "pkg"), {"z500": "z500"})
+    assert model.inference_mode == "regression" and model.conditioning.regression_mean
+    ds = _generate(model, str(tmp_path / "coarse.nc"), tmp_path / "out.nc", members=1)
+    reference = np.load(os.path.join(FIXTURES, "regression_unet_posembd_sin4.npz"))["output"][0] * out_std + out_mean
+    ours = np.stack([ds[f"{n}_regression"].values[0] for n in ("t2m", "u10", "v10")])
+    assert np.abs(ours - reference).max() <= 1e-4 * reference.std(axis=(1, 2)).min()
