@@ -273,8 +273,12 @@ def load_package(package: str, variable_map: dict[str, str] | None = None) -> tu
         package,
         inference_mode=meta["inference_mode"],
     )
-    sampler = "deterministic" if meta["sampler_type"] == "deterministic" else "stochastic"
-    defaults = PackageDefaults(
+    return model, _defaults(meta)
+
+
+def _defaults(meta: dict) -> PackageDefaults:
+    sampler = meta["sampler_type"]
+    return PackageDefaults(
         sampler=sampler,
         # PhysicsNeMo's stochastic_sampler is Heun whatever `solver` says.
         solver=meta["solver"] if sampler == "deterministic" else "heun",
@@ -285,7 +289,6 @@ def load_package(package: str, variable_map: dict[str, str] | None = None) -> tu
         seed=meta["seed"],
         coarsen_factor=meta["coarsen_factor"],
     )
-    return model, defaults
 
 
 def _grid_dataset(lat: np.ndarray, lon: np.ndarray, fields: dict[str, np.ndarray] | None = None) -> xr.Dataset:

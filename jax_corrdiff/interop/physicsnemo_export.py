@@ -33,6 +33,7 @@ from jax_corrdiff.interop.mdlus import MdlusArchive
 from jax_corrdiff.interop.physicsnemo import LAYER_NAMES, SINGLE_LAYERS, TOP_LEVEL_KEYS, target_path
 from jax_corrdiff.interop.physicsnemo_args import EXPORT_METADATA_KEY, model_config_from_args
 from jax_corrdiff.interop.torch_save import state_dict_bytes
+from jax_corrdiff.models.factory import SHARED_UNET_KEYS
 
 __all__ = ["ExportError", "mdlus_bytes", "physicsnemo_checkpoint", "write_mdlus"]
 
@@ -73,9 +74,8 @@ def _args(config: dict) -> dict:
     }
     if config["kind"] == "diffusion":
         args["sigma_data"] = config.get("sigma_data", 0.5)
-    for key in ("embedding_type", "model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise"):
-        args[key] = unet[key] if key not in ("channel_mult",) else list(unet[key])
-    args.update(num_blocks=unet["num_blocks"], attn_resolutions=list(unet["attn_resolutions"]), dropout=unet["dropout"])
+    # Our SongUNet options of the same name (models.factory.SHARED_UNET_KEYS), JSON lists for tuples.
+    args.update({key: list(v) if isinstance(v := unet[key], tuple) else v for key in SHARED_UNET_KEYS})
     if inner != "SongUNet":
         grid = unet.get("position_grid", "none")
         args["gridtype"] = "sinusoidal" if grid == "none" else grid
