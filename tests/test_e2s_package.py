@@ -170,6 +170,11 @@ MALFORMED = {
         "number_of_steps",
         lambda p: _edit_json(p, lambda m: m.update(number_of_steps="18")),
     ),
+    "diffusion alone on a mean": (
+        "metadata.json",
+        "inference_mode",
+        lambda p: _edit_json(p, lambda m: m.update(inference_mode="diffusion")),
+    ),
     "no std": ("stats.json", "input.t2m.std", lambda p: _edit_json(p, lambda s: s["input"]["t2m"].pop("std"))),
     "no invariant stats": (
         "stats.json",
