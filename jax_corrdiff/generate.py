@@ -1,12 +1,16 @@
 """Generate CorrDiff ensembles: ``python -m jax_corrdiff.generate --workdir=DIR --input=FILE --output=OUT.nc``.
 
-DIR is a training workdir (DIR/regression/model and DIR/diffusion/model). FILE is either a
+DIR is a training workdir (DIR/regression/model and DIR/diffusion/model); ``--model=PKG``
+instead loads an Earth2Studio CorrDiff package (interop/e2s_package.py), whose sampler
+settings, member count and seed are then the defaults the flags override. FILE is either a
 coarse file on its own grid (interpolated to the model's grid) or, with ``--coarsen``, a
 fine-grid truth file coarsened exactly as in training (its truth is kept for scoring).
 Output: CF NetCDF (or Zarr when OUT ends in .zarr), written as it goes; a rerun skips
 finished times, and is refused when its settings (seed, sampler, model, input, members) differ
 from the file's, unless ``--overwrite`` starts the file anew.
 """
+
+import dataclasses
 
 from absl import app, flags
 
@@ -15,8 +19,14 @@ from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, check_options, generate, make_sampler
+from jax_corrdiff.interop.e2s_names import parse_variable_map
+from jax_corrdiff.interop.e2s_package import load_package
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding regression/ and diffusion/ models.")
+_MODEL = flags.DEFINE_string("model", None, "Earth2Studio CorrDiff package directory (instead of --workdir).")
+_VARIABLE_MAP = flags.DEFINE_list(
+    "variable_map", [], "With --model: E2S_NAME=FILE_VARIABLE overrides of the name mapping (interop/e2s_names.py)."
+)
 _INPUT = flags.DEFINE_string("input", None, "Coarse input file, or fine truth file with --coarsen.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output .nc (NetCDF-4) or .zarr.")
 _COARSEN = flags.DEFINE_bool("coarsen", False, "INPUT holds fine-grid truth: coarsen it as in training.")
@@ -44,7 +54,25 @@ _CACHE = flags.DEFINE_string(
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing output (a rerun otherwise finishes it, with the same settings only)."
 )
-flags.mark_flags_as_required(["workdir", "input", "output"])
+flags.mark_flags_as_required(["input", "output"])
+flags.mark_flags_as_mutual_exclusive(["workdir", "model"], required=True)
+
+
+def _load_model():
+    """(model, sampler defaults {flag: value} for flags left unset) of --workdir or --model."""
+    if _WORKDIR.value:
+        return CorrDiffModel.load(_WORKDIR.value), {}
+    model, pkg = load_package(_MODEL.value, parse_variable_map(_VARIABLE_MAP.value))
+    if _COARSEN.value and pkg.coarsen_factor is None:
+        raise app.UsageError(f"--coarsen: package {_MODEL.value} does not record the coarsening it was trained with")
+    defaults = dict(
+        sampler=pkg.sampler, steps=pkg.steps, sigma_min=pkg.sigma_min, sigma_max=pkg.sigma_max, members=pkg.members
+    )
+    if pkg.seed is not None:
+        defaults["seed"] = pkg.seed
+    return model, {name: value for name, value in defaults.items() if not flags.FLAGS[name].present} | {
+        "solver": pkg.solver
+    }
 
 
 def main(argv):
@@ -60,9 +88,10 @@ def main(argv):
         raise app.UsageError(f"--{error}") from None
     log_progress_to_stdout()
     distributed.initialize()
-    enable_compilation_cache(cache_dir(_CACHE.value, _WORKDIR.value))
+    # A package directory is not written to: its cache only where --compilation_cache says.
+    enable_compilation_cache(cache_dir(_CACHE.value or ("off" if _MODEL.value else ""), _WORKDIR.value))
 
-    model = CorrDiffModel.load(_WORKDIR.value)
+    model, defaults = _load_model()
     inputs = InferenceInputs.open(
         model.data_config,
         _INPUT.value,
@@ -74,22 +103,24 @@ def main(argv):
         lead_time=_LEAD_TIME.value,
     )
     sampler = make_sampler(
-        _SAMPLER.value,
-        steps=_STEPS.value,
-        sigma_min=_SIGMA_MIN.value,
-        sigma_max=_SIGMA_MAX.value,
+        defaults.get("sampler", _SAMPLER.value),
+        steps=defaults.get("steps", _STEPS.value),
+        sigma_min=defaults.get("sigma_min", _SIGMA_MIN.value),
+        sigma_max=defaults.get("sigma_max", _SIGMA_MAX.value),
         churn=_CHURN.value,
         s_min=_S_MIN.value,
         s_max=_S_MAX.value,
         s_noise=_S_NOISE.value,
     )
+    if "solver" in defaults and not _SAMPLER.present:  # the package's Euler / Heun
+        sampler = dataclasses.replace(sampler, solver=defaults["solver"])
     generate(
         model,
         inputs,
         _OUTPUT.value,
         sampler,
-        members=_MEMBERS.value,
-        seed=_SEED.value,
+        members=defaults.get("members", _MEMBERS.value),
+        seed=defaults.get("seed", _SEED.value),
         batch_size=_BATCH.value,
         member_batch_size=_MEMBER_BATCH.value or None,
         tile_devices=_TILE_DEVICES.value,

@@ -88,7 +88,10 @@ class CorrDiffModel:
     data_config: dict
     lat: np.ndarray
     lon: np.ndarray
-    workdir: str
+    workdir: str  # or the Earth2Studio package it was loaded from (interop.e2s_package)
+    # Earth2Studio's inference_mode: "both" (mean + residual), "regression" (every member is the
+    # mean) or "diffusion" (the residual alone, from a diffusion not conditioned on the mean).
+    inference_mode: str = "both"
 
     @classmethod
     def load(cls, workdir: str) -> CorrDiffModel:
@@ -157,9 +160,17 @@ def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, me
                 diff_vars, x, cond, sigma, lead_time_label=label, patch_origin=origin, grid_margin=margin
             )
 
+        def regression(x, lt):
+            if model.inference_mode == "diffusion":
+                return jnp.zeros((*x.shape[:-1], len(model.normalizer.target_channels)), jnp.float32)
+            return model.regression.apply(reg_vars, x, lead_time_label=lt)
+
+        if model.inference_mode == "regression":
+            mean = regression(img_lr, labels)
+            return mean, jnp.repeat(mean[:, None], members, axis=1)
         tiles = tile_sharding(mesh)
         return corrdiff_ensemble(
-            lambda x, lt: model.regression.apply(reg_vars, x, lead_time_label=lt),
+            regression,
             conditioned_denoisers(apply, model.conditioning, tiles),
             sampler,
             img_lr,

@@ -47,20 +47,24 @@ MATMUL_PRECISION = "highest"
 
 _BLOCK_KEY = re.compile(r"^(enc|dec)\.(\d+)x\d+_(\w+?)\.(.+)$")
 # 2.2.2 nests attention in `attn`; older checkpoints used norm2 / qkv / proj on the block.
-_LAYER_NAMES = {"attn.norm": "norm2", "attn.qkv": "qkv", "attn.proj": "proj"}
+LAYER_NAMES = {"attn.norm": "norm2", "attn.qkv": "qkv", "attn.proj": "proj"}
+# Unnested state-dict keys, and the single layers of the input conv and output head.
+TOP_LEVEL_KEYS = {
+    "pos_embd": ("params", "pos_embd"),
+    "lt_embd": ("params", "lt_embd"),
+    "scalar": ("params", "prob_scale"),
+    "map_noise.freqs": ("constants", "map_noise", "freqs"),
+}
+SINGLE_LAYERS = {"conv": "enc_l{level}_conv", "aux_norm": "out_norm", "aux_conv": "out_conv"}
 
 
-def _target_path(key: str, level_of_height: dict[int, int]) -> tuple[str, ...]:
+def target_path(key: str, level_of_height: dict[int, int]) -> tuple[str, ...]:
     """Our variable path (below the UNet) for a PhysicsNeMo UNet state-dict key, ``model.`` prefix removed.
 
     Raises KeyError or ValueError for a key of no known form.
     """
-    if key in ("pos_embd", "lt_embd"):
-        return ("params", key)
-    if key == "scalar":
-        return ("params", "prob_scale")
-    if key == "map_noise.freqs":
-        return ("constants", "map_noise", "freqs")
+    if key in TOP_LEVEL_KEYS:
+        return TOP_LEVEL_KEYS[key]
     if key.startswith("map_layer"):
         layer, param = key.split(".")
         return ("params", layer, {"weight": "kernel", "bias": "bias"}[param])
@@ -70,10 +74,10 @@ def _target_path(key: str, level_of_height: dict[int, int]) -> tuple[str, ...]:
     side, height, block, rest = match.groups()
     level = level_of_height[int(height)]
     if block in ("conv", "aux_norm", "aux_conv"):  # single layers: input conv and output head
-        module = {"conv": f"enc_l{level}_conv", "aux_norm": "out_norm", "aux_conv": "out_conv"}[block]
+        module = SINGLE_LAYERS[block].format(level=level)
         return ("params", module, {"weight": "scale" if block == "aux_norm" else "kernel", "bias": "bias"}[rest])
     layer, param = rest.rsplit(".", 1)
-    layer = _LAYER_NAMES.get(layer, layer)
+    layer = LAYER_NAMES.get(layer, layer)
     name = {"weight": "scale" if layer.startswith("norm") else "kernel", "bias": "bias"}[param]
     return ("params", f"{side}_l{level}_{block}", layer, name)
 
@@ -115,7 +119,7 @@ def _map_keys(archive: MdlusArchive, config: dict) -> tuple[dict[tuple[str, ...]
             stored_grid = value  # older files store the fixed grid
             continue
         try:
-            path = _target_path(inner, level_of_height)
+            path = target_path(inner, level_of_height)
         except (KeyError, ValueError):
             match = _BLOCK_KEY.match(inner)
             if match and match.group(2).isdigit() and int(match.group(2)) not in level_of_height:

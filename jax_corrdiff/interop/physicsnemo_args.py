@@ -16,6 +16,8 @@ from typing import Any
 from jax_corrdiff.interop.errors import CheckpointFormatError, UnsupportedCheckpointError, short_repr
 from jax_corrdiff.interop.mdlus import MdlusArchive
 
+# The metadata.json entry that jax_corrdiff's exporter adds (see physicsnemo_export).
+EXPORT_METADATA_KEY = "jax_corrdiff"
 UNET_CLASSES = ("SongUNet", "SongUNetPosEmbd", "SongUNetPosLtEmbd")
 REGRESSION_CLASSES = ("CorrDiffRegressionUNet", "UNet")
 DIFFUSION_CLASSES = ("EDMPrecondSuperResolution", "EDMPrecondSR")
@@ -183,7 +185,6 @@ def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
             prob_channels=args.ints("prob_channels"),
         )
         extra += unet["lead_time_channels"]
-    unet["unbiased_groupnorm"] = True
     return unet, extra
 
 
@@ -235,7 +236,20 @@ def model_config_from_args(archive: MdlusArchive) -> dict:
     bad_prob = [c for c in unet.get("prob_channels", ()) if c >= config["out_channels"]]
     if bad_prob:
         raise args.bad("prob_channels", f"{bad_prob} are not output channels (there are {config['out_channels']})")
+    unet["unbiased_groupnorm"] = _unbiased_groupnorm(archive)
     return config
+
+
+def _unbiased_groupnorm(archive: MdlusArchive) -> bool:
+    """PhysicsNeMo's evaluation-mode GroupNorm divides by N - 1; a model trained here (biased
+    variance) says so in its ``metadata.json``, so that it imports as it was trained."""
+    ours = archive.metadata.get(EXPORT_METADATA_KEY, {})
+    value = ours.get("unbiased_groupnorm", True) if isinstance(ours, dict) else None
+    if type(value) is not bool:
+        raise CheckpointFormatError(
+            archive.path, f"must be a bool, got {short_repr(value)}", f"metadata.json {EXPORT_METADATA_KEY}"
+        )
+    return value
 
 
 def _extra_modules(unet: dict) -> set[str]:
