@@ -103,6 +103,13 @@ def _diffusion() -> ml_collections.ConfigDict:
         )
     )
     diffusion.loss = ml_collections.ConfigDict(dict(p_mean=0.0, p_std=1.2))
+    # "edm" (CorrDiff: EDM denoiser, sigma ~ log-normal) or "ddpm" (discrete-time epsilon
+    # prediction with a beta schedule of num_timesteps steps; sampled by DDIM, diffusion.ddpm).
+    diffusion.parameterization = "edm"
+    diffusion.ddpm = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000))
+    # The residual's mean: "regression" (the trained regression UNet, CorrDiff) or
+    # "interpolation" (the interpolated coarse input of each target; no regression stage).
+    diffusion.mean = "regression"
     # Patch-based diffusion for domains too large for one device (China 3 km CorrDiff):
     # training on num_patches random height x width crops per image, sampling by
     # multi-diffusion over tiles of that size overlapping by `overlap` pixels, with a

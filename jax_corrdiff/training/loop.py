@@ -123,6 +123,7 @@ def export(stage: Stage, state: TrainState, data: TrainingData) -> str:
         "step": int(state.step),
         "data": data.data_config,
         "normalization": data.normalizer.to_dict(),
+        **stage.export_source,
     }
     variables = jax.device_get({"params": state.ema_params, **state.constants})
     saved = SavedModel(stage.model_config, variables, stage.matmul_precision, stage.layout, source, data.grid)
@@ -173,4 +174,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, str]:
     enable_compilation_cache(cache_dir(config.compilation_cache_dir, workdir))
     data = TrainingData.open(config, workdir)
     stages = ("regression", "diffusion") if config.stage == "all" else (config.stage,)
+    if config.diffusion.mean == "interpolation":  # the residual is to the coarse input: no regression stage
+        stages = tuple(s for s in stages if s != "regression")
     return {stage: train_stage(config, stage, workdir, data) for stage in stages}
