@@ -87,6 +87,9 @@ def _data() -> ml_collections.ConfigDict:
             # A name of data.synthetic.SYNTHETIC_DATASETS: preparation writes it under
             # WORKDIR/prepared and takes the paths from it (smoke runs, tests); "" = real files.
             synthetic_dataset="",
+            # Per-channel transforms before normalization, {channel: {"kind": "none" | "log1p" |
+            # "asinh", "scale": eps, "min": ..., "max": ...}} (data.transforms); {} = none.
+            transforms={},
             worker_count=0,
         )
     )
