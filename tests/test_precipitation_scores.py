@@ -6,9 +6,11 @@ import xarray as xr
 
 from jax_corrdiff.evaluation.precipitation import (
     contingency_scores,
+    format_precipitation_table,
     fractions_skill_score,
     intensity_quantiles,
     precipitation_scores,
+    score_precipitation,
     wet_fraction,
 )
 
@@ -57,3 +59,23 @@ def test_all_scores_for_a_perfect_forecast():
     s = precipitation_scores(truth, truth, thresholds=(1.0, 5.0), windows=(1, 9))
     assert s["csi@1"] == s["fss@5/9"] == s["bias@5"] == pytest.approx(1.0)
     assert s["p99_error"] == 0.0 and s["wet_fraction"] == s["wet_fraction_truth"]
+
+
+def test_score_precipitation_of_a_generation_output():
+    rng = np.random.default_rng(1)
+    truth = np.where(rng.random((2, 20, 20)) < 0.4, rng.gamma(1.0, 6.0, (2, 20, 20)), 0.0)
+    dims = ("time", "y", "x")
+    ds = xr.Dataset(
+        {
+            "rain": (("time", "ensemble", "y", "x"), np.stack([truth, truth], axis=1)),
+            "rain_truth": (dims, truth),
+            "rain_interpolated": (dims, np.full_like(truth, truth.mean())),
+            "completed": ("time", np.array([1, 1], np.int8)),
+        }
+    )
+    results = score_precipitation(ds, "rain", thresholds=(1.0, 5.0), windows=(1, 17))
+    assert set(results) == {"ensemble", "bilinear"}
+    assert results["ensemble"]["csi@5"] == 1.0 and results["ensemble"]["crps"] == 0.0
+    assert results["bilinear"]["crps"] == pytest.approx(np.abs(truth - truth.mean()).mean())
+    assert results["bilinear"]["bias@5"] == 0.0  # a uniform field below 5 never has the event
+    assert "CSI 5" in format_precipitation_table(results)

@@ -23,6 +23,9 @@ import scores.categorical
 import scores.spatial
 import xarray as xr
 
+from jax_corrdiff.evaluation import metrics
+from jax_corrdiff.evaluation.dataset import BASELINE_SUFFIXES, completed_times, target_variables
+
 THRESHOLDS = (0.1, 1.0, 5.0, 10.0, 20.0)  # mm/h
 FSS_WINDOWS = (1, 5, 9, 17, 33)  # neighbourhood widths in grid points
 QUANTILES = (0.99, 0.999)
@@ -89,3 +92,51 @@ def precipitation_scores(
     for name, value in intensity_quantiles(forecast).items():
         out[name], out[f"{name}_truth"], out[f"{name}_error"] = value, truth_q[name], value - truth_q[name]
     return out
+
+
+# Columns of the printed precipitation table: key in precipitation_scores (or "crps") -> header.
+TABLE_COLUMNS = {
+    "csi@1": "CSI 1",
+    "csi@5": "CSI 5",
+    "ets@1": "ETS 1",
+    "bias@1": "bias 1",
+    "fss@1/17": "FSS 1/17",
+    "fss@5/17": "FSS 5/17",
+    "crps": "CRPS",
+    "wet_fraction": "wet frac",
+    "p99_error": "p99 err",
+    "p99.9_error": "p99.9 err",
+}
+
+
+def score_precipitation(ds: xr.Dataset, variable: str, thresholds=THRESHOLDS, windows=FSS_WINDOWS) -> dict:
+    """{model: scores} for a generation output's ensemble (``VARIABLE``), regression mean
+    (``VARIABLE_regression``) and bilinear input (``VARIABLE_interpolated``) against
+    ``VARIABLE_truth`` over its completed times; the ensemble also gets its fair CRPS, the
+    deterministic forecasts their MAE as CRPS."""
+    target_variables(ds, [variable])
+    ds = completed_times(ds)
+    truth = ds[f"{variable}_truth"].load()
+    models = {"ensemble": ds[variable]}
+    models.update({m: ds[variable + s] for m, s in BASELINE_SUFFIXES.items() if variable + s in ds})
+    out = {}
+    for name, forecast in models.items():
+        forecast = forecast.load()
+        result = precipitation_scores(forecast, truth, thresholds, windows)
+        if metrics.MEMBER_DIM in forecast.dims:
+            result["crps"] = metrics.fair_crps(forecast, truth)
+        else:
+            result["crps"] = metrics.mean_absolute_error(forecast, truth)
+        out[name] = result
+    return out
+
+
+def format_precipitation_table(results: dict[str, dict]) -> str:
+    """Rows model, columns ``TABLE_COLUMNS``."""
+    header = ["model", *TABLE_COLUMNS.values()]
+    rows = [[m, *(f"{r[k]:.4g}" for k in TABLE_COLUMNS)] for m, r in results.items()]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header, *rows]
+    )
