@@ -14,6 +14,7 @@ from absl import app, flags
 from jax_corrdiff.data.sources import open_dataset
 from jax_corrdiff.evaluation import EvaluationInputError, format_table, score_dataset, write_report
 from jax_corrdiff.evaluation.precipitation import format_precipitation_table, score_precipitation
+from jax_corrdiff.evaluation.precipitation_plots import plot_intensity_distribution, plot_precipitation_maps
 from jax_corrdiff.evaluation.report import check_time_index, write_json
 
 _PREDICTION = flags.DEFINE_string("prediction", None, "Generation output (NetCDF file or Zarr store).", required=True)
@@ -48,6 +49,11 @@ def main(argv):
         print(f"\n{name}:\n{format_precipitation_table(results)}")
     if rain:
         write_json(rain, os.path.join(_OUTPUT.value, "precipitation.json"))
+        with open_prediction(_PREDICTION.value) as ds:
+            for name in rain:
+                stem = os.path.join(_OUTPUT.value, "{}_" + name + ".png")
+                plot_precipitation_maps(ds, name, _TIME_INDEX.value, stem.format("rain_maps"))
+                plot_intensity_distribution(ds, name, stem.format("intensity"))
     print(f"wrote {_OUTPUT.value}/scores.json, scores.csv and figures")
 
 
