@@ -67,6 +67,11 @@ class ChannelTransform:
 
     def inverse(self, y):
         xp = _xp(y)
+        if self.min is not None or self.max is not None:
+            # The transform is increasing: clamping y to [T(min), T(max)] first is the same clamp,
+            # and keeps expm1 / sinh of far-off network outputs from overflowing.
+            lo, hi = (None if b is None else float(self.forward(np.float64(b))) for b in (self.min, self.max))
+            y = xp.clip(y, lo, hi)
         if self.kind == "log1p":
             y = self.scale * xp.expm1(y)
         elif self.kind == "asinh":
