@@ -32,6 +32,7 @@ _S_MIN = flags.DEFINE_float("s_min", 0.0, "Churn only for sigma >= s_min.")
 _S_MAX = flags.DEFINE_float("s_max", float("inf"), "Churn only for sigma <= s_max.")
 _S_NOISE = flags.DEFINE_float("s_noise", 1.0, "Scale of the churn noise.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0 = deterministic, 1 = ancestral DDPM).")
+_X0_CLIP = flags.DEFINE_float("x0_clip", 0.0, "DDIM: clip the predicted x0 to +-x0_clip (normalized units; 0 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Times per compiled call (0 = one per device).")
 _MEMBER_BATCH = flags.DEFINE_integer("member_batch_size", 0, "Members vectorised at once (0 = all).")
@@ -65,7 +66,7 @@ def main(argv):
         lead_time=_LEAD_TIME.value,
     )
     sampler = (
-        make_ddim_sampler(model, steps=_STEPS.value, eta=_ETA.value)
+        make_ddim_sampler(model, steps=_STEPS.value, eta=_ETA.value, x0_clip=_X0_CLIP.value)
         if _SAMPLER.value == "ddim"
         else make_sampler(
             _SAMPLER.value,

@@ -89,3 +89,16 @@ def test_ddim_deterministic_recovers_a_point_mass():
     latents = jax.random.normal(jax.random.key(0), (4, 4, 1))
     out = jax.jit(lambda z: DDIMSampler(num_steps=10)(oracle, z, jax.random.key(0)))(latents)
     np.testing.assert_allclose(np.asarray(out), 0.8, atol=1e-3)
+
+
+def test_x0_clip_bounds_the_prediction():
+    # A network that is wrong by 0.01 at every step: at t = T - 1 of the cosine schedule
+    # (sqrt(alpha_bar) ~ 5e-5) that error alone puts x0_hat ~ 200 away from the data (~15 after the later steps).
+    latents = jax.random.normal(jax.random.key(0), (4, 4, 1))
+    wrong = lambda x, t: x + 0.01  # noqa: E731
+    free = DDIMSampler(num_steps=10)(wrong, latents, jax.random.key(0))
+    clipped = DDIMSampler(num_steps=10, x0_clip=3.0)(wrong, latents, jax.random.key(0))
+    assert float(jnp.max(jnp.abs(free))) > 10
+    assert float(jnp.max(jnp.abs(clipped))) <= 3.0 + 1e-4
+    with pytest.raises(ValueError, match="x0_clip"):
+        DDIMSampler(x0_clip=-1.0)

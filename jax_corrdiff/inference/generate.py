@@ -76,11 +76,11 @@ def make_sampler(
     return EDMSampler(**preset, s_churn=churn, s_min=s_min, s_max=s_max, s_noise=s_noise)
 
 
-def make_ddim_sampler(model: CorrDiffModel, *, steps: int = 0, eta: float = 0.0) -> DDIMSampler:
-    """DDIM (``steps``, default 50; ``eta``) on the schedule ``model``'s DDPM network was trained with."""
+def make_ddim_sampler(model: CorrDiffModel, *, steps: int = 0, eta: float = 0.0, x0_clip: float = 0.0) -> DDIMSampler:
+    """DDIM (``steps``, default 50; ``eta``; ``x0_clip``) on the schedule ``model``'s DDPM network was trained with."""
     if not isinstance(model.diffusion, EpsilonUNet):
         raise ValueError(f"{model.workdir}: --sampler=ddim needs a DDPM diffusion model (diffusion.parameterization)")
-    return DDIMSampler(steps or 50, eta, model.diffusion.schedule, model.diffusion.num_timesteps)
+    return DDIMSampler(steps or 50, eta, model.diffusion.schedule, model.diffusion.num_timesteps, x0_clip)
 
 
 def _check_sampler(model: CorrDiffModel, sampler) -> None:
