@@ -87,6 +87,9 @@ def _data() -> ml_collections.ConfigDict:
             # A name of data.synthetic.SYNTHETIC_DATASETS: preparation writes it under
             # WORKDIR/prepared and takes the paths from it (smoke runs, tests); "" = real files.
             synthetic_dataset="",
+            # Per-channel transforms before normalization, {channel: {"kind": "none" | "log1p" |
+            # "asinh", "scale": eps, "min": ..., "max": ...}} (data.transforms); {} = none.
+            transforms={},
             worker_count=0,
         )
     )
@@ -103,6 +106,13 @@ def _diffusion() -> ml_collections.ConfigDict:
         )
     )
     diffusion.loss = ml_collections.ConfigDict(dict(p_mean=0.0, p_std=1.2))
+    # "edm" (CorrDiff: EDM denoiser, sigma ~ log-normal) or "ddpm" (discrete-time epsilon
+    # prediction with a beta schedule of num_timesteps steps; sampled by DDIM, diffusion.ddpm).
+    diffusion.parameterization = "edm"
+    diffusion.ddpm = ml_collections.ConfigDict(dict(schedule="cosine", num_timesteps=1000))
+    # The residual's mean: "regression" (the trained regression UNet, CorrDiff) or
+    # "interpolation" (the interpolated coarse input of each target; no regression stage).
+    diffusion.mean = "regression"
     # Patch-based diffusion for domains too large for one device (China 3 km CorrDiff):
     # training on num_patches random height x width crops per image, sampling by
     # multi-diffusion over tiles of that size overlapping by `overlap` pixels, with a
@@ -158,6 +168,8 @@ def check_training_config(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if config.stage not in STAGES:
         raise ValueError(f"config.stage must be one of {STAGES}, got {config.stage!r}")
     stages = ("regression", "diffusion") if config.stage == "all" else (config.stage,)
+    if config.diffusion.mean == "interpolation":  # the residual is to the coarse input: no regression stage
+        stages = tuple(s for s in stages if s != "regression")
     for stage in stages:
         training = config[stage].training
         for key in _POSITIVE_TRAINING_KEYS:

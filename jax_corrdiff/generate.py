@@ -18,7 +18,14 @@ from jax_corrdiff import distributed
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
-from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, check_options, generate, make_sampler
+from jax_corrdiff.inference.generate import (
+    SAMPLER_NAMES,
+    CorrDiffModel,
+    check_options,
+    generate,
+    make_ddim_sampler,
+    make_sampler,
+)
 from jax_corrdiff.interop.e2s_names import parse_variable_map
 from jax_corrdiff.interop.e2s_package import load_package
 
@@ -34,7 +41,7 @@ _MEMBERS = flags.DEFINE_integer("members", 8, "Ensemble members per time.")
 _TIMES = flags.DEFINE_list("times", None, "START,END: an inclusive time range (default: all times).")
 _TIME = flags.DEFINE_multi_string("time", None, "A time to generate (repeatable), instead of --times.")
 _LEAD_TIME = flags.DEFINE_float("lead_time", None, "Forecast inputs: the lead time (hours) to downscale.")
-_SAMPLER = flags.DEFINE_enum("sampler", "stochastic", sorted(SAMPLER_PRESETS), "Sampler preset.")
+_SAMPLER = flags.DEFINE_enum("sampler", "stochastic", SAMPLER_NAMES, "Sampler preset (ddim: DDPM models).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Sampler steps (0 = the preset's).")
 _SIGMA_MIN = flags.DEFINE_float("sigma_min", 0.0, "Smallest noise level (0 = the preset's).")
 _SIGMA_MAX = flags.DEFINE_float("sigma_max", 0.0, "Largest noise level (0 = the preset's).")
@@ -42,6 +49,8 @@ _CHURN = flags.DEFINE_float("churn", 0.0, "EDM S_churn (stochasticity; 0 = ODE f
 _S_MIN = flags.DEFINE_float("s_min", 0.0, "Churn only for sigma >= s_min.")
 _S_MAX = flags.DEFINE_float("s_max", float("inf"), "Churn only for sigma <= s_max.")
 _S_NOISE = flags.DEFINE_float("s_noise", 1.0, "Scale of the churn noise.")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM stochasticity (0 = deterministic, 1 = ancestral DDPM).")
+_X0_CLIP = flags.DEFINE_float("x0_clip", 0.0, "DDIM: clip the predicted x0 to +-x0_clip (normalized units; 0 = off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Times per compiled call (0 = one per device).")
 _MEMBER_BATCH = flags.DEFINE_integer("member_batch_size", 0, "Members vectorised at once (0 = all).")
@@ -102,15 +111,20 @@ def main(argv):
         times=_TIME.value,
         lead_time=_LEAD_TIME.value,
     )
-    sampler = make_sampler(
-        defaults.get("sampler", _SAMPLER.value),
-        steps=defaults.get("steps", _STEPS.value),
-        sigma_min=defaults.get("sigma_min", _SIGMA_MIN.value),
-        sigma_max=defaults.get("sigma_max", _SIGMA_MAX.value),
-        churn=_CHURN.value,
-        s_min=_S_MIN.value,
-        s_max=_S_MAX.value,
-        s_noise=_S_NOISE.value,
+    sampler_name = defaults.get("sampler", _SAMPLER.value)
+    sampler = (
+        make_ddim_sampler(model, steps=_STEPS.value, eta=_ETA.value, x0_clip=_X0_CLIP.value)
+        if sampler_name == "ddim"
+        else make_sampler(
+            sampler_name,
+            steps=defaults.get("steps", _STEPS.value),
+            sigma_min=defaults.get("sigma_min", _SIGMA_MIN.value),
+            sigma_max=defaults.get("sigma_max", _SIGMA_MAX.value),
+            churn=_CHURN.value,
+            s_min=_S_MIN.value,
+            s_max=_S_MAX.value,
+            s_noise=_S_NOISE.value,
+        )
     )
     if "solver" in defaults and not _SAMPLER.present:  # the package's Euler / Heun
         sampler = dataclasses.replace(sampler, solver=defaults["solver"])

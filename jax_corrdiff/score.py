@@ -13,13 +13,18 @@ from absl import app, flags
 
 from jax_corrdiff.data.sources import open_dataset
 from jax_corrdiff.evaluation import EvaluationInputError, format_table, score_dataset, write_report
-from jax_corrdiff.evaluation.report import check_time_index
+from jax_corrdiff.evaluation.precipitation import format_precipitation_table, score_precipitation
+from jax_corrdiff.evaluation.precipitation_plots import plot_intensity_distribution, plot_precipitation_maps
+from jax_corrdiff.evaluation.report import check_time_index, write_json
 
 _PREDICTION = flags.DEFINE_string("prediction", None, "Generation output (NetCDF file or Zarr store).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for scores.json, scores.csv and figures.", required=True)
 _VARIABLES = flags.DEFINE_list("variables", None, "Variables to score (default: all with *_truth).")
 _TIME_INDEX = flags.DEFINE_integer("time_index", 0, "Index of the time shown in the maps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random tie breaking in the rank histograms.")
+_PRECIPITATION = flags.DEFINE_list(
+    "precipitation", [], "Precipitation variables: also CSI/ETS/bias/FSS/intensity scores (DIR/precipitation.json)."
+)
 
 
 def open_prediction(path: str) -> xr.Dataset:
@@ -37,8 +42,18 @@ def main(argv):
             scores = score_dataset(ds, _VARIABLES.value, seed=_SEED.value)
             print(format_table(scores))
             write_report(scores, ds, _OUTPUT.value, time_index=_TIME_INDEX.value)
+            rain = {name: score_precipitation(ds, name) for name in _PRECIPITATION.value}
     except EvaluationInputError as error:
         sys.exit(f"error: {error}")
+    for name, results in rain.items():
+        print(f"\n{name}:\n{format_precipitation_table(results)}")
+    if rain:
+        write_json(rain, os.path.join(_OUTPUT.value, "precipitation.json"))
+        with open_prediction(_PREDICTION.value) as ds:
+            for name in rain:
+                stem = os.path.join(_OUTPUT.value, "{}_" + name + ".png")
+                plot_precipitation_maps(ds, name, _TIME_INDEX.value, stem.format("rain_maps"))
+                plot_intensity_distribution(ds, name, stem.format("intensity"))
     print(f"wrote {_OUTPUT.value}/scores.json, scores.csv and figures")
 
 

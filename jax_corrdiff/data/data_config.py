@@ -17,6 +17,7 @@ import pandas as pd
 
 from jax_corrdiff.data.sources import expand_paths
 from jax_corrdiff.data.synthetic import write_synthetic_dataset
+from jax_corrdiff.data.transforms import parse_transforms
 
 DATA_FIELDS = (
     "format",
@@ -33,12 +34,12 @@ DATA_FIELDS = (
     "nan_fill_value",
 )
 # Hashed only when set, so stores of configs that leave them empty keep their hash.
-OPTIONAL_DATA_FIELDS = ("lead_times", "synthetic_dataset")
+OPTIONAL_DATA_FIELDS = ("lead_times", "synthetic_dataset", "transforms")
 SYNTHETIC_DIR = "synthetic"  # <prepared dir>/synthetic/<name>: the files of a synthetic dataset
 
 
 def _json(value):
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
 
 
 def _check_date(value, key: str) -> None:
@@ -58,6 +59,10 @@ def _check(cfg: dict) -> None:
             raise ValueError(f"data.lead_times must be distinct non-negative hours, got {cfg['lead_times']!r}")
         if cfg["format"] != "variables" or not cfg["input_paths"]:
             raise ValueError("data.lead_times needs data.format='variables' and forecast files in data.input_paths")
+    unknown = sorted(set(cfg.get("transforms", {})) - set(cfg["target_variables"]) - set(cfg["input_variables"]))
+    if unknown:
+        raise ValueError(f"data.transforms names {unknown}, which are not target or input variables")
+    parse_transforms(cfg.get("transforms", {}))
     if cfg["format"] not in ("variables", "cwb"):
         raise ValueError(f"data.format must be 'variables' or 'cwb', not {cfg['format']!r}")
     if cfg["nan_policy"] not in ("error", "fill"):

@@ -5,6 +5,9 @@ std over all training times and grid points. A channel whose std is below ``STD_
 no usable variation (a land-sea mask that is all land, precipitation that is zero all month);
 dividing by its tiny std would blow float noise up, so its std is set to 1 and it normalizes to
 about zero instead.
+
+Channels with a transform (``data.transforms``) are transformed first and their statistics are
+those of the transformed values: x' = (T(x) - mean_c) / std_c, inverted as T^-1(x' std_c + mean_c).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+
+from jax_corrdiff.data.transforms import ChannelTransform, apply_per_channel, parse_transforms
 
 STD_EPS = 1e-6
 
@@ -68,6 +73,8 @@ class Normalizer:
     static_channels: tuple[str, ...] = ()
     static_mean: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
     static_std: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+    # channel name -> ChannelTransform (target and input channels of that name alike)
+    transforms: dict[str, ChannelTransform] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for group in ("target", "input", "static"):
@@ -80,16 +87,16 @@ class Normalizer:
                 object.__setattr__(self, f"{group}_{stat}", vec)
 
     def normalize_target(self, x):
-        return (x - self.target_mean) / self.target_std
+        return (apply_per_channel(x, self.target_channels, self.transforms) - self.target_mean) / self.target_std
 
     def denormalize_target(self, x):
-        return x * self.target_std + self.target_mean
+        return apply_per_channel(x * self.target_std + self.target_mean, self.target_channels, self.transforms, True)
 
     def normalize_inputs(self, x):
-        return (x - self.input_mean) / self.input_std
+        return (apply_per_channel(x, self.input_channels, self.transforms) - self.input_mean) / self.input_std
 
     def denormalize_inputs(self, x):
-        return x * self.input_std + self.input_mean
+        return apply_per_channel(x * self.input_std + self.input_mean, self.input_channels, self.transforms, True)
 
     def normalize_static(self, x):
         return (x - self.static_mean) / self.static_std
@@ -103,7 +110,7 @@ class Normalizer:
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (lists of floats), e.g. to store inside a checkpoint."""
-        return {
+        groups = {
             group: {
                 "channels": list(getattr(self, f"{group}_channels")),
                 "mean": [float(v) for v in getattr(self, f"{group}_mean")],
@@ -111,6 +118,7 @@ class Normalizer:
             }
             for group in ("target", "input", "static")
         }
+        return groups | ({"transforms": transforms_dict(self.transforms)} if self.transforms else {})
 
     @classmethod
     def from_dict(cls, d: dict) -> Normalizer:
@@ -118,7 +126,11 @@ class Normalizer:
         for group in ("target", "input", "static"):
             g = d.get(group, {"channels": [], "mean": [], "std": []})
             kwargs.update({f"{group}_channels": g["channels"], f"{group}_mean": g["mean"], f"{group}_std": g["std"]})
-        return cls(**kwargs)
+        return cls(**kwargs, transforms=parse_transforms(d.get("transforms", {})))
+
+
+def transforms_dict(transforms: dict[str, ChannelTransform]) -> dict[str, dict]:
+    return {c: dataclasses.asdict(t) for c, t in transforms.items()}
 
 
 def save_stats(

@@ -37,6 +37,7 @@ import zarr
 from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.data.normalization import Normalizer, RunningMoments, save_stats
 from jax_corrdiff.data.sources import apply_nan_policy, decode_times, read_cwb_channels, select_period, time_str
+from jax_corrdiff.data.transforms import apply_per_channel, parse_transforms
 
 PREPARED_DIR = "prepared"  # WORKDIR/prepared holds the store and its statistics
 STORE_NAME = "data.zarr"
@@ -126,14 +127,17 @@ def compute_stats(store_path: str) -> Normalizer:
     h, w = store.lat.shape
     moments_t = RunningMoments(len(store.target_channels))
     moments_i = RunningMoments(len(store.input_channels))
+    transforms = parse_transforms(store.config.get("transforms", {}))
     for block in time_blocks(len(train), h * w * 4 * (len(store.target_channels) + len(store.input_channels))):
         target, inputs = store.read(train[block])
-        moments_t.update(target)
-        moments_i.update(inputs)
+        moments_t.update(apply_per_channel(target, store.target_channels, transforms))
+        moments_i.update(apply_per_channel(inputs, store.input_channels, transforms))
     moments_s = RunningMoments(len(store.static_channels))
     moments_s.update(store.static)
     (tm, ts), (im, is_), (sm, ss) = moments_t.mean_std(), moments_i.mean_std(), moments_s.mean_std()
-    normalizer = Normalizer(store.target_channels, tm, ts, store.input_channels, im, is_, store.static_channels, sm, ss)
+    normalizer = Normalizer(
+        store.target_channels, tm, ts, store.input_channels, im, is_, store.static_channels, sm, ss, transforms
+    )
     path = os.path.join(os.path.dirname(os.path.abspath(store_path)), STATS_NAME)
     save_stats(
         path + PARTIAL_SUFFIX,

@@ -27,6 +27,8 @@ from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.sources import FieldSpec, expand_paths, open_dataset, time_str
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+from jax_corrdiff.diffusion.ddpm import DDIMSampler
+from jax_corrdiff.diffusion.residual_mean import InterpolationMean
 from jax_corrdiff.diffusion.samplers import EDMSampler
 from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
 from jax_corrdiff.inference.writer import EnsembleWriter
@@ -41,6 +43,7 @@ from jax_corrdiff.mesh import (
     tile_sharding,
 )
 from jax_corrdiff.model_dir import load_model
+from jax_corrdiff.models.corrdiff import EpsilonUNet
 from jax_corrdiff.models.factory import build_model
 
 log = logging.getLogger("jax_corrdiff")
@@ -51,6 +54,7 @@ SAMPLER_PRESETS = {
     # Earth2Studio's Taiwan default: deterministic Euler, 8 steps from sigma 80.
     "deterministic": dict(solver="euler", num_steps=8, sigma_min=0.002, sigma_max=80.0),
 }
+SAMPLER_NAMES = [*sorted(SAMPLER_PRESETS), "ddim"]  # ddim: DDPM models (diffusion.ddpm.DDIMSampler)
 
 
 def make_sampler(
@@ -74,6 +78,21 @@ def make_sampler(
     return EDMSampler(**preset, s_churn=churn, s_min=s_min, s_max=s_max, s_noise=s_noise)
 
 
+def make_ddim_sampler(model: CorrDiffModel, *, steps: int = 0, eta: float = 0.0, x0_clip: float = 0.0) -> DDIMSampler:
+    """DDIM (``steps``, default 50; ``eta``; ``x0_clip``) on the schedule ``model``'s DDPM network was trained with."""
+    if not isinstance(model.diffusion, EpsilonUNet):
+        raise ValueError(f"{model.workdir}: --sampler=ddim needs a DDPM diffusion model (diffusion.parameterization)")
+    return DDIMSampler(steps or 50, eta, model.diffusion.schedule, model.diffusion.num_timesteps, x0_clip)
+
+
+def _check_sampler(model: CorrDiffModel, sampler) -> None:
+    if isinstance(model.diffusion, EpsilonUNet) != isinstance(sampler, DDIMSampler):
+        raise ValueError(
+            f"{model.workdir}: {type(sampler).__name__} cannot sample its "
+            f"{type(model.diffusion).__name__} diffusion network (DDPM models take --sampler=ddim)"
+        )
+
+
 @dataclasses.dataclass
 class CorrDiffModel:
     """A trained pair of stages and what is needed to feed them (from a training workdir)."""
@@ -95,33 +114,44 @@ class CorrDiffModel:
 
     @classmethod
     def load(cls, workdir: str) -> CorrDiffModel:
-        """The models WORKDIR/regression/model and WORKDIR/diffusion/model of one training run."""
-        reg_dir, diff_dir = (os.path.join(workdir, stage, "model") for stage in ("regression", "diffusion"))
-        for path in (reg_dir, diff_dir):
-            if not os.path.isdir(path):
-                raise FileNotFoundError(f"{workdir} has no {os.path.relpath(path, workdir)}: train both stages first")
-        reg, diff = load_model(reg_dir), load_model(diff_dir)
+        """The models WORKDIR/regression/model and WORKDIR/diffusion/model of one training run
+        (only the diffusion model when its residual is to the interpolated input)."""
+        diff_dir = _stage_dir(workdir, "diffusion")
+        diff = load_model(diff_dir)
         if diff.conditioning is None or diff.grid is None:
             raise ValueError(f"{diff_dir} has no conditioning layout or grid (not exported by training)")
-        if reg.source.get("normalization") != diff.source["normalization"]:
-            raise ValueError(f"{workdir}: the regression and diffusion models were trained on different data")
-        if reg.matmul_precision != diff.matmul_precision:
-            raise ValueError(
-                f"{workdir}: the regression ({reg.matmul_precision}) and diffusion ({diff.matmul_precision}) "
-                "models were trained at different matmul precisions"
-            )
+        normalizer = Normalizer.from_dict(diff.source["normalization"])
+        if diff.source.get("residual_mean") == "interpolation":
+            regression, reg_variables = InterpolationMean.from_data(diff.conditioning, normalizer), {}
+        else:
+            reg = load_model(_stage_dir(workdir, "regression"))
+            if reg.source.get("normalization") != diff.source["normalization"]:
+                raise ValueError(f"{workdir}: the regression and diffusion models were trained on different data")
+            if reg.matmul_precision != diff.matmul_precision:
+                raise ValueError(
+                    f"{workdir}: the regression ({reg.matmul_precision}) and diffusion ({diff.matmul_precision}) "
+                    "models were trained at different matmul precisions"
+                )
+            regression, reg_variables = build_model(reg.config), reg.variables
         return cls(
-            build_model(reg.config),
-            reg.variables,
+            regression,
+            reg_variables,
             build_model(diff.config),
             diff.variables,
             diff.conditioning,
             diff.matmul_precision,
-            Normalizer.from_dict(diff.source["normalization"]),
+            normalizer,
             diff.source["data"],
             *diff.grid,
             workdir,
         )
+
+
+def _stage_dir(workdir: str, stage: str) -> str:
+    path = os.path.join(workdir, stage, "model")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{workdir} has no {stage}/model: train the {stage} stage first")
+    return path
 
 
 def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
@@ -329,6 +359,7 @@ def generate(
     """
     check_options(output, members=members, batch_size=batch_size, member_batch_size=member_batch_size)
     _check_inputs(model, inputs)
+    _check_sampler(model, sampler)
     mesh, batch_size = _mesh_and_batch(model, num_devices, tile_devices, batch_size)
     writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite)
     starts = _unfinished_batches(writer, len(inputs), batch_size)

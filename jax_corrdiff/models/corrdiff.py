@@ -106,3 +106,36 @@ class EDMPrecondSR(nn.Module):
             train=train,
         )
         return c_skip * x + c_out * f_x
+
+
+class EpsilonUNet(nn.Module):
+    """DDPM noise predictor eps(x_t; t, img_lr) = F(concat[x_t, img_lr], t) (Ho et al. 2020).
+
+    The variance-preserving x_t already has unit variance, so it needs no input scaling; the
+    noise label is the integer step t (0..T-1) for the UNet's positional embedding. The
+    ``schedule`` and ``num_timesteps`` the network was trained with travel with it, so a sampler
+    is built for the schedule of the loaded model (``diffusion.ddpm``).
+    """
+
+    unet: SongUNet
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        img_lr: jax.Array,
+        t: jax.Array,
+        *,
+        lead_time_label: jax.Array | None = None,
+        patch_origin: jax.Array | None = None,
+        grid_margin: int = 0,
+        train: bool = False,
+    ) -> jax.Array:
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (x.shape[0],))
+        arg = jnp.concatenate([x.astype(jnp.float32), img_lr.astype(jnp.float32)], axis=-1)
+        out = self.unet(
+            arg, t, lead_time_label=lead_time_label, patch_origin=patch_origin, grid_margin=grid_margin, train=train
+        )
+        return out.astype(jnp.float32)

@@ -3,7 +3,8 @@
 A model config is saved with every checkpoint so the weights reload without the file
 that trained them. Its keys:
 
-    kind            "regression" | "diffusion" | "unet" (a bare SongUNet, e.g. imported)
+    kind            "regression" | "diffusion" (EDM) | "ddpm" (epsilon prediction) | "unet" (a bare
+                    SongUNet, e.g. imported)
     img_resolution  (height, width) of the target grid
     out_channels    target channels
     cond_channels   channels of the conditioning image fed to the network (training takes it
@@ -12,6 +13,7 @@ that trained them. Its keys:
     unet            SongUNet options (see SongUNet)
     global_residual [(out_channel, in_channel), ...]   regression only
     sigma_data, legacy_scale_conditioning              diffusion only
+    schedule, num_timesteps                            ddpm only (diffusion.ddpm.beta_schedule)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jax_corrdiff.models.corrdiff import EDMPrecondSR, RegressionUNet
+from jax_corrdiff.models.corrdiff import EDMPrecondSR, EpsilonUNet, RegressionUNet
 from jax_corrdiff.models.songunet import SongUNet
 
 # SongUNet options that PhysicsNeMo's SongUNet takes under the same names (widths, noise embedding).
@@ -50,6 +52,7 @@ COMMON_KEYS = frozenset({"kind", "img_resolution", "out_channels", "cond_channel
 KIND_KEYS = {
     "regression": frozenset({"global_residual"}),
     "diffusion": frozenset({"sigma_data", "legacy_scale_conditioning"}),
+    "ddpm": frozenset({"schedule", "num_timesteps"}),
     "unet": frozenset(),
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -65,7 +68,7 @@ def _check_keys(where: str, given: Mapping, allowed: frozenset) -> None:
         raise ValueError(f"unknown {where} key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-def build_model(config: Any) -> RegressionUNet | EDMPrecondSR | SongUNet:
+def build_model(config: Any) -> RegressionUNet | EDMPrecondSR | EpsilonUNet | SongUNet:
     cfg = _as_dict(config)
     kind = cfg.get("kind")
     if kind not in KIND_KEYS:
@@ -90,6 +93,8 @@ def build_model(config: Any) -> RegressionUNet | EDMPrecondSR | SongUNet:
     if kind == "regression":
         pairs = tuple(tuple(int(i) for i in p) for p in cfg.get("global_residual", ()))
         return RegressionUNet(unet, global_residual=pairs)
+    if kind == "ddpm":
+        return EpsilonUNet(unet, schedule=str(cfg["schedule"]), num_timesteps=int(cfg["num_timesteps"]))
     return EDMPrecondSR(
         unet,
         sigma_data=float(cfg.get("sigma_data", 0.5)),

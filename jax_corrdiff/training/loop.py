@@ -127,6 +127,7 @@ def export(stage: Stage, state: TrainState, data: TrainingData) -> str:
         "step": int(state.step),
         "data": data.data_config,
         "normalization": data.normalizer.to_dict(),
+        **stage.export_source,
     }
     variables = jax.device_get({"params": state.ema_params, **state.constants})
     saved = SavedModel(stage.model_config, variables, stage.matmul_precision, stage.layout, source, data.grid)

@@ -15,12 +15,19 @@ import optax
 from jax.sharding import Mesh
 
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout, PatchSettings
+from jax_corrdiff.diffusion.ddpm import alpha_bar
+from jax_corrdiff.diffusion.residual_mean import RESIDUAL_MEANS, InterpolationMean
 from jax_corrdiff.mesh import make_mesh, replicated
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
 from jax_corrdiff.training.data_setup import TrainingData
 from jax_corrdiff.training.optimizer import make_optimizer
-from jax_corrdiff.training.steps import PerSampleLoss, diffusion_per_sample_loss, regression_per_sample_loss
+from jax_corrdiff.training.steps import (
+    PerSampleLoss,
+    ddpm_per_sample_loss,
+    diffusion_per_sample_loss,
+    regression_per_sample_loss,
+)
 
 MODEL_DIR = "model"  # WORKDIR/<stage>/model: the exported model directory
 
@@ -40,9 +47,11 @@ def conditioning_layout(config, stage: str, data: TrainingData) -> ConditioningL
     if stage == "regression":
         return ConditioningLayout(**common)
     patch = config.diffusion.patch
+    # The interpolated coarse input is already part of img_lr: conditioning on it again as the
+    # "mean" would only repeat channels.
     return ConditioningLayout(
         **common,
-        regression_mean=bool(config.diffusion.model.hr_mean_conditioning),
+        regression_mean=bool(config.diffusion.model.hr_mean_conditioning) and config.diffusion.mean == "regression",
         patch=PatchSettings(**patch.to_dict()) if patch.height else None,
     )
 
@@ -61,6 +70,9 @@ def model_config(config, stage: str, layout: ConditioningLayout, grid_shape: tup
     )
     if stage == "regression":
         return dict(common, global_residual=layout.residual_pairs() if model.global_residual else [])
+    if config.diffusion.parameterization == "ddpm":
+        ddpm = config.diffusion.ddpm
+        return dict(common, kind="ddpm", schedule=ddpm.schedule, num_timesteps=int(ddpm.num_timesteps))
     return dict(common, sigma_data=model.sigma_data)
 
 
@@ -80,6 +92,8 @@ class Stage:
     loss_fn: PerSampleLoss
     frozen: Any  # variables that are inputs but not trained: the diffusion stage's regression network
     optimizer: optax.GradientTransformation
+    # Written into the exported model's provenance ("source"): the diffusion stage's residual_mean.
+    export_source: dict = dataclasses.field(default_factory=dict)
 
     @property
     def global_batch(self) -> int:
@@ -90,8 +104,13 @@ class Stage:
         return int(self.training.total_samples) // self.global_batch
 
 
-def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh) -> tuple[Any, Any]:
-    """The trained regression network the diffusion stage conditions on (variables replicated)."""
+def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any]:
+    """The residual's mean (``diffusion.mean``): the trained regression network the diffusion
+    stage conditions on (variables replicated), or the interpolated coarse input (no variables)."""
+    if config.diffusion.mean not in RESIDUAL_MEANS:
+        raise ValueError(f"diffusion.mean must be one of {RESIDUAL_MEANS}, got {config.diffusion.mean!r}")
+    if config.diffusion.mean == "interpolation":
+        return InterpolationMean.from_data(layout, data.normalizer), {}
     path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
     saved = load_model(path)
     if saved.conditioning is not None and saved.conditioning.img_lr_channels != layout.img_lr_channels:
@@ -121,16 +140,8 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
     if stage == "regression":
         loss_fn, frozen = regression_per_sample_loss(model), {}
     else:
-        regression, frozen = _frozen_regression(config, workdir, layout, mesh)
-        loss = config.diffusion.loss
-        loss_fn = diffusion_per_sample_loss(
-            model,
-            regression,
-            layout,
-            p_mean=loss.p_mean,
-            p_std=loss.p_std,
-            sigma_data=config.diffusion.model.sigma_data,
-        )
+        regression, frozen = _frozen_regression(config, workdir, layout, mesh, data)
+        loss_fn = _diffusion_loss(config, model, regression, layout)
     return Stage(
         name=stage,
         directory=os.path.join(workdir, stage),
@@ -144,4 +155,21 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
         loss_fn=loss_fn,
         frozen=frozen,
         optimizer=make_optimizer(training, int(training.batch_size)),
+        export_source={"residual_mean": config.diffusion.mean} if stage == "diffusion" else {},
+    )
+
+
+def _diffusion_loss(config, model, mean_model, layout: ConditioningLayout) -> PerSampleLoss:
+    """The residual loss of ``diffusion.parameterization``: EDM or DDPM."""
+    kind = config.diffusion.parameterization
+    if kind == "ddpm":
+        ddpm = config.diffusion.ddpm
+        return ddpm_per_sample_loss(
+            model, mean_model, layout, alpha_bars=alpha_bar(ddpm.schedule, int(ddpm.num_timesteps))
+        )
+    if kind != "edm":
+        raise ValueError(f"diffusion.parameterization must be 'edm' or 'ddpm', got {kind!r}")
+    loss = config.diffusion.loss
+    return diffusion_per_sample_loss(
+        model, mean_model, layout, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=config.diffusion.model.sigma_data
     )

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+from jax_corrdiff.diffusion.ddpm import ddpm_residual_loss
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import training_batch
 from jax_corrdiff.mesh import batch_sharded, replicated
@@ -74,27 +75,46 @@ def diffusion_per_sample_loss(
     ``num_patches`` random patches (``diffusion.patching``); the regression mean is still
     computed once on the whole image and an image's loss is the mean over its patches."""
 
+    def pixel_loss(denoise, key, target, mean):
+        return residual_loss(denoise, key, target, mean, p_mean=p_mean, p_std=p_std, sigma_data=sigma_data)
+
+    return _residual_per_sample_loss(model, regression_model, layout, pixel_loss)
+
+
+def ddpm_per_sample_loss(model, regression_model, layout: ConditioningLayout, *, alpha_bars) -> PerSampleLoss:
+    """Residual DDPM simple loss (``diffusion.ddpm``), conditioned, patched and reduced as
+    ``diffusion_per_sample_loss``; ``model`` predicts the noise at the integer step t."""
+    alpha_bars = jnp.asarray(alpha_bars, jnp.float32)
+
+    def pixel_loss(eps_fn, key, target, mean):
+        return ddpm_residual_loss(eps_fn, key, target, mean, alpha_bars)
+
+    return _residual_per_sample_loss(model, regression_model, layout, pixel_loss)
+
+
+def _residual_per_sample_loss(model, regression_model, layout: ConditioningLayout, pixel_loss) -> PerSampleLoss:
+    """``pixel_loss(net_fn, key, target, mean)`` on the residual to ``regression_model``'s mean
+    (a network or ``InterpolationMean``), ``net_fn(x, noise_level)`` being the conditioned model."""
+
     def loss(params, constants, batch, rng, frozen, train):
         lead_time = batch.get("lead_time_label")
         mean = jax.lax.stop_gradient(regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time))
         patch_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
         cut = training_batch(patch_rng, layout, batch["target"], mean, batch["img_lr"], lead_time)
 
-        def denoise(x, sigma):
+        def net_fn(x, noise_level):
             return model.apply(
                 {"params": params, **constants},
                 x,
                 cut["cond"],
-                sigma,
+                noise_level,
                 lead_time_label=cut["lead_time_label"],
                 patch_origin=cut["patch_origin"],
                 train=train,
                 rngs={"dropout": dropout_rng},
             )
 
-        per_pixel = residual_loss(
-            denoise, noise_rng, cut["target"], cut["regression_mean"], p_mean=p_mean, p_std=p_std, sigma_data=sigma_data
-        )
+        per_pixel = pixel_loss(net_fn, noise_rng, cut["target"], cut["regression_mean"])
         return _pixel_mean(per_pixel).reshape(batch["target"].shape[0], -1).mean(axis=1)
 
     return loss

@@ -1,0 +1,53 @@
+"""The mean the diffusion model's residual is taken from: the regression UNet (CorrDiff) or the
+interpolated coarse input itself (the DDPM residual-to-interpolation setting, no regression stage).
+
+``config.diffusion.mean`` chooses; the global residual connection of the regression UNet
+(``regression.model.global_residual``) is the in-between: a regression trained as a correction
+to the same interpolated field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jax_corrdiff.data.normalization import Normalizer
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+
+RESIDUAL_MEANS = ("regression", "interpolation")
+
+
+@dataclasses.dataclass(frozen=True)
+class InterpolationMean:
+    """mu(img_lr) = the interpolated coarse input of each target, in the target's normalization.
+
+    Input and target c are the same variable (same name, same transform) normalized with their
+    own statistics, so x_t = (x_in s_in + m_in - m_t) / s_t maps one to the other exactly.
+    ``apply`` has the regression network's call signature (it has no variables), so training and
+    generation take either mean alike.
+    """
+
+    input_index: tuple[int, ...]
+    scale: tuple[float, ...]
+    shift: tuple[float, ...]
+
+    @classmethod
+    def from_data(cls, layout: ConditioningLayout, normalizer: Normalizer) -> InterpolationMean:
+        pairs = dict(layout.residual_pairs())
+        missing = [c for i, c in enumerate(layout.target_channels) if i not in pairs]
+        if missing:
+            raise ValueError(
+                f"diffusion.mean='interpolation' needs every target among data.input_variables; "
+                f"{missing} are not (use diffusion.mean='regression')"
+            )
+        idx = [pairs[i] for i in range(len(layout.target_channels))]
+        m_in, s_in = normalizer.input_mean[idx], normalizer.input_std[idx]
+        m_t, s_t = normalizer.target_mean, normalizer.target_std
+        return cls(tuple(idx), tuple(np.float64(s_in / s_t).tolist()), tuple(np.float64((m_in - m_t) / s_t).tolist()))
+
+    def apply(self, variables, img_lr: jax.Array, *, lead_time_label: jax.Array | None = None) -> jax.Array:
+        del variables, lead_time_label
+        scale, shift = (np.asarray(v, np.float32) for v in (self.scale, self.shift))
+        return img_lr[..., list(self.input_index)] * scale + shift
