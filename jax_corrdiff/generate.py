@@ -5,6 +5,10 @@ coarse file on its own grid (interpolated to the model's grid) or, with ``--coar
 fine-grid truth file coarsened exactly as in training (its truth is kept for scoring).
 Output: CF NetCDF (or Zarr when OUT ends in .zarr), written as it goes; a rerun skips
 finished times.
+
+With ``--guidance=dps|ucg`` DIR holds a ZSSD prior (DIR/prior/model) instead, sampled with
+posterior guidance toward FILE (``jax_corrdiff.inference.zssd``); with ``--coarsen`` FILE is fine
+truth block-averaged by ``--obs_factor``.
 """
 
 from absl import app, flags
@@ -13,6 +17,8 @@ from jax_corrdiff import distributed
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
+from jax_corrdiff.diffusion.guidance import SCHEDULES, GuidanceSchedule
+from jax_corrdiff.inference import zssd
 from jax_corrdiff.inference.generate import SAMPLER_PRESETS, CorrDiffModel, generate, make_sampler
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding regression/ and diffusion/ models.")
@@ -40,7 +46,42 @@ _TILE_DEVICES = flags.DEFINE_integer(
 _CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Persistent XLA compilation cache: a directory, '' = WORKDIR/compilation_cache, or 'off'."
 )
+_GUIDANCE = flags.DEFINE_enum(
+    "guidance", None, zssd.GUIDANCE, "ZSSD: sample the prior in WORKDIR/prior with this guidance."
+)
+_OBS_FACTOR = flags.DEFINE_integer(
+    "obs_factor", 8, "ZSSD: block-average factor of --coarsen, and the unified grid (fine cells) of ucg."
+)
+_SCHEDULE = flags.DEFINE_enum("guidance_schedule", "sda", SCHEDULES, "ZSSD: guidance step (diffusion.guidance).")
+_GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "ZSSD: guidance scale (0 = the unguided prior).")
+_SIGMA_Y = flags.DEFINE_float("sigma_y", 0.05, "ZSSD sda: observation noise, normalized units.")
+_GAMMA = flags.DEFINE_float("gamma", 1.0, "ZSSD sda: weight of sigma^2 in the likelihood variance.")
 flags.mark_flags_as_required(["workdir", "input", "output"])
+
+
+def generate_zssd(sampler) -> None:
+    model = zssd.PriorModel.load(_WORKDIR.value)
+    inputs = zssd.open_inputs(
+        model,
+        _INPUT.value,
+        coarsen=_COARSEN.value,
+        obs_factor=_OBS_FACTOR.value,
+        period=_TIMES.value,
+        times=_TIME.value,
+    )
+    zssd.generate_guided(
+        model,
+        inputs,
+        _OUTPUT.value,
+        sampler,
+        guidance=_GUIDANCE.value,
+        obs_factor=_OBS_FACTOR.value,
+        schedule=GuidanceSchedule(_SCHEDULE.value, _GUIDANCE_SCALE.value, sigma_y=_SIGMA_Y.value, gamma=_GAMMA.value),
+        members=_MEMBERS.value,
+        seed=_SEED.value,
+        batch_size=_BATCH.value,
+        member_batch_size=_MEMBER_BATCH.value or None,
+    )
 
 
 def main(argv):
@@ -52,6 +93,20 @@ def main(argv):
     distributed.initialize()
     enable_compilation_cache(cache_dir(_CACHE.value, _WORKDIR.value))
 
+    sampler = make_sampler(
+        _SAMPLER.value,
+        steps=_STEPS.value,
+        sigma_min=_SIGMA_MIN.value,
+        sigma_max=_SIGMA_MAX.value,
+        churn=_CHURN.value,
+        s_min=_S_MIN.value,
+        s_max=_S_MAX.value,
+        s_noise=_S_NOISE.value,
+    )
+    if _GUIDANCE.value:
+        generate_zssd(sampler)
+        print(f"wrote {_OUTPUT.value}")
+        return
     model = CorrDiffModel.load(_WORKDIR.value)
     inputs = InferenceInputs.open(
         model.data_config,
@@ -62,16 +117,6 @@ def main(argv):
         period=_TIMES.value,
         times=_TIME.value,
         lead_time=_LEAD_TIME.value,
-    )
-    sampler = make_sampler(
-        _SAMPLER.value,
-        steps=_STEPS.value,
-        sigma_min=_SIGMA_MIN.value,
-        sigma_max=_SIGMA_MAX.value,
-        churn=_CHURN.value,
-        s_min=_S_MIN.value,
-        s_max=_S_MAX.value,
-        s_noise=_S_NOISE.value,
     )
     generate(
         model,

@@ -159,11 +159,13 @@ class Observation:
     values: jax.Array
     weights: np.ndarray | float = 1.0
     fine_shape: tuple[int, int] = (0, 0)
+    norm: float | None = None  # lambda_max(A^T W^2 A); computed when not given (replace() keeps it)
 
     def __post_init__(self):
         if min(self.fine_shape) < 1 or self.fine_shape != (self.operator.rows.shape[1], self.operator.cols.shape[1]):
             raise ValueError(f"Observation.fine_shape {self.fine_shape} does not match the operator")
-        object.__setattr__(self, "norm", _largest_eigenvalue(self.operator, self.weights, self.fine_shape))
+        if self.norm is None:
+            object.__setattr__(self, "norm", _largest_eigenvalue(self.operator, self.weights, self.fine_shape))
 
     def loss(self, x0: jax.Array) -> jax.Array:
         """L = || W (A(x0) - y) ||^2 / lambda_max(A^T W^2 A)."""
