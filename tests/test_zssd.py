@@ -16,7 +16,7 @@ from jax_corrdiff.model_dir import load_model
 
 ERA5 = demo_data_path("era5_t2m_uk_0p25deg.nc")
 TIMES = ["2019-03-22T00", "2019-03-22T01"]
-SAMPLER = make_sampler("deterministic", steps=3)
+SAMPLER = make_sampler("deterministic", steps=8)  # guidance needs steps between sigma_y and sigma_max
 
 
 @pytest.fixture(scope="module")
