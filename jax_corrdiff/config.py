@@ -13,7 +13,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-STAGES = ("regression", "diffusion", "all")
+STAGES = ("regression", "diffusion", "all", "prior")
 
 
 def _unet(**overrides) -> ml_collections.ConfigDict:
@@ -125,6 +125,20 @@ def _diffusion() -> ml_collections.ConfigDict:
     return diffusion
 
 
+def _prior() -> ml_collections.ConfigDict:
+    """The ZSSD prior: an EDM diffusion model of the fine field alone, conditioned on the static
+    fields and cyclic time (no coarse input, no regression mean); whole images."""
+    prior = ml_collections.ConfigDict()
+    prior.model = ml_collections.ConfigDict(
+        dict(unet=_unet(embedding_type="positional"), compute_dtype="float32", sigma_data=0.5)
+    )
+    # EDM's log-normal sigma (Karras et al. 2022, Table 1): the prior models the full field, not
+    # CorrDiff's small residual, so the EDM default p_mean = -1.2 applies.
+    prior.loss = ml_collections.ConfigDict(dict(p_mean=-1.2, p_std=1.2))
+    prior.training = _training(total_samples=100_000_000)
+    return prior
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field of a run, at the Taiwan CorrDiff defaults; the data section is left empty."""
     config = ml_collections.ConfigDict()
@@ -146,6 +160,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.regression.training = _training()
     config.diffusion = _diffusion()
+    config.prior = _prior()
     config.lock()  # every field is here: setting one that is not raises, in files as on the command line
     return config
 
@@ -188,8 +203,9 @@ SMOKE_UNET = dict(model_channels=8, num_blocks=1, attn_resolutions=[])
 
 
 def set_stages(config: ml_collections.ConfigDict, *, unet: dict | None = None, training: dict | None = None):
-    """Give both stages (regression and diffusion) the same ``unet`` and ``training`` overrides."""
-    for stage in (config.regression, config.diffusion):
+    """Give every stage (regression, diffusion and the ZSSD prior) the same ``unet`` and
+    ``training`` overrides."""
+    for stage in (config.regression, config.diffusion, config.prior):
         stage.model.unet.update(unet or {})
         stage.training.update(training or {})
     return config
@@ -198,7 +214,7 @@ def set_stages(config: ml_collections.ConfigDict, *, unet: dict | None = None, t
 def shrink_to_smoke(
     config: ml_collections.ConfigDict, steps: int, *, batch_size: int = 4, unet: dict | None = None, **training
 ):
-    """Both stages at ``SMOKE_UNET`` widths (updated by ``unet``), ``steps`` steps of
+    """Every stage at ``SMOKE_UNET`` widths (updated by ``unet``), ``steps`` steps of
     ``batch_size``, and the ``training`` overrides: a run of minutes on a CPU."""
     return set_stages(
         config,

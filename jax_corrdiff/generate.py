@@ -8,6 +8,10 @@ fine-grid truth file coarsened exactly as in training (its truth is kept for sco
 Output: CF NetCDF (or Zarr when OUT ends in .zarr), written as it goes; a rerun skips
 finished times, and is refused when its settings (seed, sampler, model, input, members) differ
 from the file's, unless ``--overwrite`` starts the file anew.
+
+With ``--guidance=dps|ucg`` DIR holds a ZSSD prior (DIR/prior/model) instead, sampled with
+posterior guidance toward FILE (``jax_corrdiff.inference.zssd``); with ``--coarsen`` FILE is fine
+truth block-averaged by ``--obs_factor``.
 """
 
 import dataclasses
@@ -18,6 +22,8 @@ from jax_corrdiff import distributed
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
+from jax_corrdiff.diffusion.guidance import SCHEDULES, GuidanceSchedule
+from jax_corrdiff.inference import zssd
 from jax_corrdiff.inference.generate import (
     SAMPLER_NAMES,
     CorrDiffModel,
@@ -63,6 +69,16 @@ _CACHE = flags.DEFINE_string(
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing output (a rerun otherwise finishes it, with the same settings only)."
 )
+_GUIDANCE = flags.DEFINE_enum(
+    "guidance", None, zssd.GUIDANCE, "ZSSD: sample the prior in WORKDIR/prior with this guidance."
+)
+_OBS_FACTOR = flags.DEFINE_integer(
+    "obs_factor", 8, "ZSSD: block-average factor of --coarsen, and the unified grid (fine cells) of ucg."
+)
+_SCHEDULE = flags.DEFINE_enum("guidance_schedule", "sda", SCHEDULES, "ZSSD: guidance step (diffusion.guidance).")
+_GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "ZSSD: guidance scale (0 = the unguided prior).")
+_SIGMA_Y = flags.DEFINE_float("sigma_y", 0.05, "ZSSD sda: observation noise, normalized units.")
+_GAMMA = flags.DEFINE_float("gamma", 1.0, "ZSSD sda: weight of sigma^2 in the likelihood variance.")
 flags.mark_flags_as_required(["input", "output"])
 flags.mark_flags_as_mutual_exclusive(["workdir", "model"], required=True)
 
@@ -84,6 +100,51 @@ def _load_model():
     }
 
 
+def _make_sampler(model, defaults: dict):
+    """The sampler the flags ask for; a package's settings fill the flags left unset."""
+    name = defaults.get("sampler", _SAMPLER.value)
+    if name == "ddim":
+        return make_ddim_sampler(model, steps=_STEPS.value, eta=_ETA.value, x0_clip=_X0_CLIP.value)
+    sampler = make_sampler(
+        name,
+        steps=defaults.get("steps", _STEPS.value),
+        sigma_min=defaults.get("sigma_min", _SIGMA_MIN.value),
+        sigma_max=defaults.get("sigma_max", _SIGMA_MAX.value),
+        churn=_CHURN.value,
+        s_min=_S_MIN.value,
+        s_max=_S_MAX.value,
+        s_noise=_S_NOISE.value,
+    )
+    if "solver" in defaults and not _SAMPLER.present:  # the package's Euler / Heun
+        sampler = dataclasses.replace(sampler, solver=defaults["solver"])
+    return sampler
+
+
+def generate_zssd(sampler) -> None:
+    model = zssd.PriorModel.load(_WORKDIR.value)
+    inputs = zssd.open_inputs(
+        model,
+        _INPUT.value,
+        coarsen=_COARSEN.value,
+        obs_factor=_OBS_FACTOR.value,
+        period=_TIMES.value,
+        times=_TIME.value,
+    )
+    zssd.generate_guided(
+        model,
+        inputs,
+        _OUTPUT.value,
+        sampler,
+        guidance=_GUIDANCE.value,
+        obs_factor=_OBS_FACTOR.value,
+        schedule=GuidanceSchedule(_SCHEDULE.value, _GUIDANCE_SCALE.value, sigma_y=_SIGMA_Y.value, gamma=_GAMMA.value),
+        members=_MEMBERS.value,
+        seed=_SEED.value,
+        batch_size=_BATCH.value,
+        member_batch_size=_MEMBER_BATCH.value or None,
+    )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -100,6 +161,12 @@ def main(argv):
     # A package directory is not written to: its cache only where --compilation_cache says.
     enable_compilation_cache(cache_dir(_CACHE.value or ("off" if _MODEL.value else ""), _WORKDIR.value))
 
+    if _GUIDANCE.value:
+        if not _WORKDIR.value or _SAMPLER.value == "ddim":
+            raise app.UsageError("--guidance samples a ZSSD prior: it needs --workdir and an EDM sampler")
+        generate_zssd(_make_sampler(None, {}))
+        print(f"wrote {_OUTPUT.value}")
+        return
     model, defaults = _load_model()
     inputs = InferenceInputs.open(
         model.data_config,
@@ -111,23 +178,7 @@ def main(argv):
         times=_TIME.value,
         lead_time=_LEAD_TIME.value,
     )
-    sampler_name = defaults.get("sampler", _SAMPLER.value)
-    sampler = (
-        make_ddim_sampler(model, steps=_STEPS.value, eta=_ETA.value, x0_clip=_X0_CLIP.value)
-        if sampler_name == "ddim"
-        else make_sampler(
-            sampler_name,
-            steps=defaults.get("steps", _STEPS.value),
-            sigma_min=defaults.get("sigma_min", _SIGMA_MIN.value),
-            sigma_max=defaults.get("sigma_max", _SIGMA_MAX.value),
-            churn=_CHURN.value,
-            s_min=_S_MIN.value,
-            s_max=_S_MAX.value,
-            s_noise=_S_NOISE.value,
-        )
-    )
-    if "solver" in defaults and not _SAMPLER.present:  # the package's Euler / Heun
-        sampler = dataclasses.replace(sampler, solver=defaults["solver"])
+    sampler = _make_sampler(model, defaults)
     generate(
         model,
         inputs,

@@ -1,7 +1,8 @@
 """Train CorrDiff: ``python -m jax_corrdiff.train --config=configs/NAME.py --workdir=DIR``.
 
 ``config.stage`` picks "regression", "diffusion" (reads the regression model named in
-``config.diffusion.regression_model``, default DIR/regression/model) or "all". Rerunning
+``config.diffusion.regression_model``, default DIR/regression/model), "all" or "prior"
+(the ZSSD prior, ``configs/zssd_era5_uk.py``). Rerunning
 the same command resumes from the latest checkpoint. Several processes (one per GPU/host):
 see ``jax_corrdiff.distributed`` and ``launch/``.
 """

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_corrdiff.data.calendar import cyclic_time_features
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout, PatchSettings
 
 PATCH = PatchSettings(height=8, width=8, num_patches=2, overlap=2, boundary=1)
@@ -56,3 +57,16 @@ def test_json_round_trip():
     assert d["channels"] == list(layout.channels)
     assert ConditioningLayout.from_dict(d) == layout
     assert ConditioningLayout.from_dict(ConditioningLayout(("t",), ("t",)).to_dict()).patch is None
+
+
+def test_cyclic_time_follows_the_static_fields():
+    layout = ConditioningLayout(("t2m",), (), ("orog",), cyclic_time=True)
+    assert layout.channels[1:3] == ("time:hour_sin", "time:hour_cos") and layout.cond_channels == 5
+    features = cyclic_time_features(np.array(["2019-03-22T06", "2019-01-01T00"], "datetime64[ns]"))
+    np.testing.assert_allclose(features[0, :2], [1.0, 0.0], atol=1e-6)  # 06:00: a quarter of the day
+    np.testing.assert_allclose(features[1], [0.0, 1.0, 0.0, 1.0], atol=1e-6)  # midnight, 1 January
+    cond = layout.assemble(jnp.ones((2, 3, 4, 1)), time_features=jnp.asarray(features))
+    np.testing.assert_allclose(cond[1, 2, 3], [1.0, 0.0, 1.0, 0.0, 1.0], atol=1e-6)
+    assert ConditioningLayout.from_dict(layout.to_dict()) == layout
+    with pytest.raises(ValueError, match="cyclic time"):
+        layout.assemble(jnp.ones((2, 3, 4, 1)))

@@ -4,6 +4,7 @@ Samples are dicts of float32 NumPy arrays, normalized, NHWC:
     target      (H, W, C_out)
     img_lr      (H, W, C_in + C_static)   [inputs | static], the conditioning image
     time_index  int64, index into the prepared store's time axis (to find the time again)
+    time_features (4,)  cyclic (valid) time, ``data.calendar.cyclic_time_features``
 Batches add a leading batch axis; eval batches also carry ``mask`` (B,) bool.
 
 Training iterator = one global sample order, range(N) -> shuffle(seed) -> repeat (a new
@@ -31,6 +32,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+from jax_corrdiff.data.calendar import TIME_FEATURES, cyclic_time_features
 from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.store import PreparedStore
@@ -61,6 +63,7 @@ class DownscalingSource:
                 )
         self.indices = store.split_indices(split)
         self.times = store.times[self.indices]
+        self._time_features = cyclic_time_features(store.times)
         self.lat, self.lon = store.lat, store.lon
         self.data_config = store.config
         self.target_channels = store.target_channels
@@ -85,6 +88,7 @@ class DownscalingSource:
             "target": self._normalizer.normalize_target(target[0]).astype(np.float32),
             "img_lr": self._normalizer.img_lr(inputs[0], self._static),
             "time_index": np.int64(t),
+            "time_features": self._time_features[t],
         }
         if self.lead_time_labels is not None:
             sample["lead_time_label"] = np.int32(self.lead_time_labels[i])
@@ -179,6 +183,7 @@ def make_eval_iterator(
         "target": np.zeros((h, w, len(source.target_channels)), np.float32),
         "img_lr": np.zeros((h, w, len(source.img_lr_channels)), np.float32),
         "time_index": np.int64(-1),
+        "time_features": np.zeros(len(TIME_FEATURES), np.float32),
         "mask": np.bool_(False),
     }
     if source.lead_time_labels is not None:

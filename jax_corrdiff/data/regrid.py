@@ -148,3 +148,35 @@ class LatLonBilinear:
             (1 - wx) * f[..., y1, x0, :] + wx * f[..., y1, x1, :]
         )
         return out.astype(field.dtype)
+
+
+def cell_edges(centres: np.ndarray) -> np.ndarray:
+    """Edges (n + 1) of cells around increasing ``centres``: midpoints, the outer edges half a
+    spacing beyond the outermost centres."""
+    c = np.asarray(centres, np.float64)
+    if len(c) < 2 or np.any(np.diff(c) <= 0):
+        raise ValueError(f"cell centres must be at least two, strictly increasing; got {c[:5]}...")
+    mid = 0.5 * (c[1:] + c[:-1])
+    return np.concatenate([[2 * c[0] - mid[0]], mid, [2 * c[-1] - mid[-1]]])
+
+
+def area_weights_1d(
+    fine: np.ndarray, coarse: np.ndarray, *, latitude: bool, min_coverage: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Area-weighted averaging from fine to coarse cells along one axis of a regular lat/lon grid.
+
+    Row a of the matrix is the overlap of each fine cell with coarse cell a, measured in
+    sin(lat) for latitude (a cell's area is R^2 (sin phi_1 - sin phi_0)(lambda_1 - lambda_0), so
+    the 2-D weights are the product of one row per axis), normalised to sum 1. Coarse cells less
+    than ``min_coverage`` covered by the fine grid are dropped (a GCM cell mostly outside the
+    domain would be compared with the mean of a corner of it). Returns (matrix (n_kept, n_fine),
+    indices of the kept coarse cells).
+    """
+    fe, ce = cell_edges(fine), cell_edges(coarse)
+    measure = (lambda e: np.sin(np.deg2rad(e))) if latitude else (lambda e: e)
+    lo = np.maximum(fe[None, :-1], ce[:-1, None])
+    hi = np.minimum(fe[None, 1:], ce[1:, None])
+    overlap = np.where(hi > lo, measure(np.maximum(hi, lo)) - measure(lo), 0.0)
+    coverage = overlap.sum(1) / (measure(ce[1:]) - measure(ce[:-1]))
+    kept = np.flatnonzero(coverage >= min_coverage)
+    return overlap[kept] / overlap[kept].sum(1, keepdims=True), kept

@@ -265,7 +265,10 @@ def run_settings(model: CorrDiffModel, inputs: InferenceInputs, sampler: EDMSamp
     """What defines a generation run, kept in its output so a rerun that differs is refused:
     the model (workdir, and its exported files' sizes and times), the input file (likewise, and
     whether it is coarsened truth), the sampler with all its settings, the seed and the members."""
-    model_dirs = [os.path.join(model.workdir, stage, "model") for stage in ("regression", "diffusion")]
+    # A workdir's exported models (a regression-free DDPM or a ZSSD prior has fewer), or the
+    # files of an Earth2Studio package directory.
+    stage_dirs = [os.path.join(model.workdir, stage, "model") for stage in ("regression", "diffusion", "prior")]
+    model_dirs = [path for path in stage_dirs if os.path.isdir(path)] or [model.workdir]
     return {
         "model": os.path.abspath(model.workdir),
         "model_files": files_fingerprint(model_dirs),

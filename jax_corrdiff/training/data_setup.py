@@ -15,7 +15,7 @@ from jax_corrdiff.data.prepare import ensure_prepared
 from jax_corrdiff.data.store import PREPARED_DIR
 
 # Batch entries the steps consume (time_index stays on the host).
-STEP_KEYS = ("target", "img_lr", "lead_time_label", "mask")
+STEP_KEYS = ("target", "img_lr", "lead_time_label", "time_features", "mask")
 
 
 def step_batch(batch: dict) -> dict:

@@ -141,7 +141,7 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData) -> str:
 
     Args:
         config: the run config.
-        stage: "regression" or "diffusion".
+        stage: "regression", "diffusion" or "prior".
         workdir: the run's work directory (the stage writes WORKDIR/<stage>).
         data: the opened training data.
 
@@ -164,7 +164,8 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData) -> str:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, str]:
-    """Prepare the data, then train ``config.stage``: "regression", "diffusion" or "all" (both, in order).
+    """Prepare the data, then train ``config.stage``: "regression", "diffusion", "all" (both, in
+    order) or "prior" (the ZSSD prior, alone).
 
     Args:
         config: the run config (``jax_corrdiff.config.base_config`` and a file of ``configs/``).

@@ -26,6 +26,7 @@ from jax_corrdiff.training.steps import (
     PerSampleLoss,
     ddpm_per_sample_loss,
     diffusion_per_sample_loss,
+    prior_per_sample_loss,
     regression_per_sample_loss,
 )
 
@@ -34,8 +35,13 @@ MODEL_DIR = "model"  # WORKDIR/<stage>/model: the exported model directory
 
 def conditioning_layout(config, stage: str, data: TrainingData) -> ConditioningLayout:
     """What the ``stage`` network is conditioned on: the data's channels and lead times, and for
-    the diffusion stage the regression mean and patch settings of ``config.diffusion``."""
+    the diffusion stage the regression mean and patch settings of ``config.diffusion``. The ZSSD
+    prior takes the static fields and cyclic time only (no coarse input)."""
     norm, unet = data.normalizer, config[stage].model.unet
+    if stage == "prior":
+        if unet.lead_time_channels:
+            raise ValueError("prior.model.unet.lead_time_channels must be 0: the prior takes no forecast inputs")
+        return ConditioningLayout(norm.target_channels, (), norm.static_channels, cyclic_time=True)
     if unet.lead_time_channels and not data.lead_time_steps:
         raise ValueError(f"{stage}.model.unet.lead_time_channels > 0 needs forecast inputs (data.lead_times)")
     common = dict(
@@ -61,7 +67,7 @@ def model_config(config, stage: str, layout: ConditioningLayout, grid_shape: tup
     shape, channels and lead-time steps from the data through ``layout``."""
     model = config[stage].model
     common = dict(
-        kind=stage,
+        kind="diffusion" if stage == "prior" else stage,
         img_resolution=list(grid_shape),
         out_channels=len(layout.target_channels),
         cond_channels=layout.cond_channels,
@@ -122,7 +128,7 @@ def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: M
 
 
 def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
-    """Build the ``stage`` ("regression" or "diffusion") of ``config`` on ``data``.
+    """Build the ``stage`` ("regression", "diffusion" or "prior") of ``config`` on ``data``.
 
     Args:
         config: the run config.
@@ -139,6 +145,13 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
     model = build_model(net_config)
     if stage == "regression":
         loss_fn, frozen = regression_per_sample_loss(model), {}
+    elif stage == "prior":
+        loss = config.prior.loss
+        static = slice(len(data.normalizer.input_channels), None)  # img_lr = [coarse input | static]
+        loss_fn = prior_per_sample_loss(
+            model, layout, static, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=config.prior.model.sigma_data
+        )
+        frozen = {}
     else:
         regression, frozen = _frozen_regression(config, workdir, layout, mesh, data)
         loss_fn = _diffusion_loss(config, model, regression, layout)

@@ -120,6 +120,32 @@ def _residual_per_sample_loss(model, regression_model, layout: ConditioningLayou
     return loss
 
 
+def prior_per_sample_loss(
+    model, layout: ConditioningLayout, static: slice, *, p_mean: float, p_std: float, sigma_data: float
+) -> PerSampleLoss:
+    """EDM loss of the ZSSD prior: the denoising loss on the fine field itself (``residual_loss``
+    with a zero mean), conditioned as ``layout`` says on the static channels of ``img_lr``
+    (``static``: the data's coarse inputs are skipped) and the sample's cyclic time."""
+
+    def loss(params, constants, batch, rng, frozen, train):
+        del frozen
+        dropout_rng, noise_rng = jax.random.split(rng)
+        cond = layout.assemble(batch["img_lr"][..., static], time_features=batch["time_features"])
+
+        def denoise(x, sigma):
+            return model.apply(
+                {"params": params, **constants}, x, cond, sigma, train=train, rngs={"dropout": dropout_rng}
+            )
+
+        target = batch["target"]
+        per_pixel = residual_loss(
+            denoise, noise_rng, target, jnp.zeros_like(target), p_mean=p_mean, p_std=p_std, sigma_data=sigma_data
+        )
+        return _pixel_mean(per_pixel)
+
+    return loss
+
+
 def _split_microbatches(batch: dict, n: int) -> dict:
     """(B, ...) -> (n, B / n, ...) taking every n-th sample, so each micro-batch still
     spans all devices of the data axis (B is sharded in contiguous blocks)."""

@@ -1,0 +1,208 @@
+"""ZSSD generation: a trained prior sampled with posterior guidance toward a coarse field.
+
+The prior (``config.stage = "prior"``) knows the fine field's climatology given the static
+fields and the time; guidance (``diffusion.guidance``) makes each sample agree with the coarse
+observation, at whatever scale factor it comes:
+
+- ``dps``: the observation on its own grid, A = block average by ``obs_factor`` (coarsened truth)
+  or area-weighted averaging onto the observation's lat/lon grid (a coarse file), each coarse
+  cell weighted by its size.
+- ``ucg``: unified coordinate guidance. The observation, bilinearly interpolated to the fine
+  grid, and the sample are both mapped to the unified grid of ``obs_factor`` fine cells and
+  projected back (``guidance.unified_operator``), then compared with cos(lat) weights.
+
+The output is the CorrDiff file layout (``inference.writer``), so ``score`` reads it unchanged:
+``NAME`` the guided members, ``NAME_regression`` their ensemble mean (there is no regression
+stage), ``NAME_interpolated`` the observation interpolated bilinearly, ``NAME_truth``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jax_corrdiff.data.calendar import cyclic_time_features
+from jax_corrdiff.data.inference_inputs import InferenceInputs
+from jax_corrdiff.data.normalization import Normalizer
+from jax_corrdiff.data.regrid import block_average
+from jax_corrdiff.data.sources import FieldSource
+from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+from jax_corrdiff.diffusion.guidance import (
+    GuidanceSchedule,
+    Observation,
+    area_weighted_operator,
+    block_average_operator,
+    cell_count_weights,
+    cos_lat_weights,
+    guided_denoiser,
+    unified_operator,
+)
+from jax_corrdiff.diffusion.samplers import EDMSampler, sample_ensemble
+from jax_corrdiff.inference.generate import (
+    _log_batch,
+    _mesh_and_batch,
+    _open_writer,
+    _padded,
+    _time_keys,
+    _unfinished_batches,
+)
+from jax_corrdiff.mesh import batch_sharded, replicated, shard_batch, shard_keys
+from jax_corrdiff.model_dir import load_model
+from jax_corrdiff.models.factory import build_model
+
+log = logging.getLogger("jax_corrdiff")
+
+GUIDANCE = ("dps", "ucg")
+
+
+@dataclasses.dataclass
+class PriorModel:
+    """A trained ZSSD prior (WORKDIR/prior/model) and what is needed to feed it."""
+
+    network: Any
+    variables: Any
+    conditioning: ConditioningLayout
+    matmul_precision: str
+    normalizer: Normalizer
+    data_config: dict
+    lat: np.ndarray
+    lon: np.ndarray
+    workdir: str
+
+    @classmethod
+    def load(cls, workdir: str) -> PriorModel:
+        path = os.path.join(workdir, "prior", "model")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{workdir} has no prior/model: train it first (config.stage = 'prior')")
+        saved = load_model(path)
+        if saved.conditioning is None or not saved.conditioning.cyclic_time or saved.grid is None:
+            raise ValueError(f"{path} is not a ZSSD prior (no cyclic-time conditioning layout or grid)")
+        norm = Normalizer.from_dict(saved.source["normalization"])
+        if tuple(norm.input_channels) != tuple(norm.target_channels):
+            raise ValueError(
+                f"{path}: guidance compares the coarse inputs {list(norm.input_channels)} with the targets "
+                f"{list(norm.target_channels)}; they must be the same variables"
+            )
+        return cls(
+            build_model(saved.config),
+            saved.variables,
+            saved.conditioning,
+            saved.matmul_precision,
+            norm,
+            saved.source["data"],
+            *saved.grid,
+            workdir,
+        )
+
+
+def open_inputs(model: PriorModel, path: str, *, coarsen: bool, obs_factor: int, period=None, times=None):
+    """The observations of ``path``: with ``coarsen``, fine truth block-averaged by ``obs_factor``
+    (the interpolated input made by that factor); otherwise a coarse file on its own grid."""
+    config = {**model.data_config, "coarsen_factor": int(obs_factor)}
+    return InferenceInputs.open(config, path, coarsen=coarsen, lat=model.lat, lon=model.lon, period=period, times=times)
+
+
+# values(raw interpolated inputs (B, H, W, C), truth or None, times (B,)) -> normalized y (B, ...)
+ObservationValues = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
+
+
+def make_observation(
+    model: PriorModel, inputs: InferenceInputs, guidance: str, obs_factor: int
+) -> tuple[Observation, ObservationValues]:
+    """The observation operator and weights of ``guidance`` (a template with zero values), and
+    the function that gives each batch's observation values in normalized units."""
+    norm, shape = model.normalizer, model.lat.shape
+    if guidance == "ucg":
+        op = unified_operator(obs_factor, shape)
+        template = Observation(op, jnp.zeros((*shape, 1)), cos_lat_weights(model.lat), shape)
+        return template, lambda raw, truth, times: np.asarray(op(norm.normalize_target(raw)))
+    if guidance != "dps":
+        raise ValueError(f"--guidance must be one of {GUIDANCE}, got {guidance!r}")
+    if inputs.has_truth:
+        op = block_average_operator(obs_factor, shape)
+        values = lambda raw, truth, times: norm.normalize_target(block_average(truth, obs_factor))  # noqa: E731
+    else:
+        source = FieldSource([inputs.path], model.data_config["input_variables"], "observations")
+        if source.regular is None:
+            raise ValueError(f"{inputs.path}: dps guidance from a coarse file needs a regular 1-D lat/lon grid")
+        op, (lat_idx, lon_idx) = area_weighted_operator(model.lat, model.lon, *source.regular)
+
+        def values(raw, truth, times):
+            coarse = source.read(np.searchsorted(source.times, times))[:, lat_idx][:, :, lon_idx]
+            return norm.normalize_target(coarse)
+
+    return Observation(op, jnp.zeros((*op.shape, 1)), cell_count_weights(op), shape), values
+
+
+def make_guided_fn(
+    model: PriorModel, sampler: EDMSampler, observation: Observation, schedule: GuidanceSchedule, members, mbs, mesh
+):
+    """jit(variables, static (H, W, C_s), time features (B, 4), y (B, ...), keys (B,)) -> samples
+    (B, M, H, W, C), normalized units; member m of input b uses fold_in(keys[b], m)."""
+    layout = model.conditioning
+    shape = (*model.lat.shape, len(layout.target_channels))
+
+    def generate(variables, static, time_features, values, keys):
+        def one(features, y, key):
+            cond = layout.assemble(static[None], time_features=features[None])
+            denoise = lambda x, sigma: model.network.apply(variables, x[None], cond, sigma[None])[0]  # noqa: E731
+            guided = guided_denoiser(denoise, dataclasses.replace(observation, values=y), schedule)
+            return sample_ensemble(sampler, guided, shape, key, jnp.arange(members), mbs)
+
+        return jax.vmap(one)(time_features, values, keys)
+
+    repl, sharded = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
+
+
+def generate_guided(
+    model: PriorModel,
+    inputs: InferenceInputs,
+    output: str,
+    sampler: EDMSampler,
+    *,
+    guidance: str,
+    obs_factor: int,
+    schedule: GuidanceSchedule,
+    members: int,
+    seed: int,
+    batch_size: int = 0,
+    member_batch_size: int | None = None,
+    num_devices: int = 0,
+) -> str:
+    """Sample ``members`` guided members for every time of ``inputs`` into ``output`` (skipping
+    times an earlier run finished), at the prior's matmul precision; returns ``output``."""
+    observation, values = make_observation(model, inputs, guidance, obs_factor)
+    mesh, batch_size = _mesh_and_batch(model, num_devices, 1, batch_size)
+    writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite=False)
+    starts = _unfinished_batches(writer, len(inputs), batch_size)
+    log.info("generate (%s guidance, x%d): %d times, %d members", guidance, obs_factor, len(inputs), members)
+    norm = model.normalizer
+    static = jax.device_put(norm.normalize_static(inputs.static).astype(np.float32), replicated(mesh))
+    with jax.default_matmul_precision(model.matmul_precision):
+        fn = make_guided_fn(model, sampler, observation, schedule, members, member_batch_size, mesh)
+        variables = jax.device_put(model.variables, replicated(mesh))
+        t0 = time.time()
+        for n, start in enumerate(starts):
+            raw, truth = inputs.read(start, min(start + batch_size, len(inputs)))
+            times = inputs.times[start : start + len(raw)]
+            args = [
+                _padded(a, batch_size)
+                for a in (cyclic_time_features(times), values(raw, truth, times).astype(np.float32))
+            ]
+            keys = shard_keys(_time_keys(seed, _padded(times, batch_size)), mesh)
+            samples = fn(variables, static, *(shard_batch(a, mesh) for a in args), keys)
+            samples = norm.denormalize_target(multihost_utils.process_allgather(samples, tiled=True)[: len(raw)])
+            if writer is not None:
+                writer.write(start, samples, samples.mean(axis=1), raw, truth)
+            _log_batch(times, n, len(starts), t0)
+    return output
