@@ -1,0 +1,200 @@
+"""jax_corrdiff against PhysicsNeMo, side by side: the same rows as ``speed.py`` on the same shapes.
+
+    python benchmarks/speed_physicsnemo.py [--physicsnemo-python /work/pnemo-venv/bin/python]
+        [--grid 64] [--width full] [--batch 2] [--only regression_step,diffusion_step,...]
+        [--repeats 5] --out benchmarks/results/vs_physicsnemo_cpu.json
+
+For every row it runs our measurement (a ``speed.py`` worker) and then PhysicsNeMo's (this
+script as a worker under the PhysicsNeMo environment's Python: torch never enters a jax_corrdiff
+process), each in a fresh process after the machine has been idle (``harness.run_worker``), and
+prints ours / theirs. PhysicsNeMo 2.2.2 on torch's CPU build is installed as
+``tests/fixtures/README.md`` describes; it is never a package dependency.
+
+PhysicsNeMo's side is what its CorrDiff training and generation run: ``RegressionLoss`` /
+``ResidualLoss`` (hr-mean conditioning, frozen regression UNet) with Adam and an EMA copy, in
+train mode (dropout 0.13); one sample is the regression forward plus ``stochastic_sampler``
+(18-step Heun, sigma_max 800) or ``deterministic_sampler`` (8-step Euler, sigma_max 80), in
+float32 with all cores (``torch.set_num_threads``). The architectures are the fixture script's
+Taiwan recipes (``regression_unet_posembd_sin4``, ``edm_posembd_sin4_hrmean``) at our width and grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
+import speed  # noqa: E402
+
+ROWS = ("regression_step", "diffusion_step", "sample_heun18", "sample_euler8")
+FIXTURES = os.path.join(os.path.dirname(HERE), "tests", "fixtures")
+
+
+def _torch_models(args):
+    """(regression UNet, EDM denoiser, physicsnemo namespace) at ``args``' grid and width."""
+    sys.path.insert(0, FIXTURES)
+    import make_physicsnemo_fixtures as fixtures
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    pn = fixtures.import_physicsnemo()
+    profile = fixtures.profile_config("taiwan")
+    height, width = harness.parse_grid(args.grid)
+    profile.update(img_resolution=[height, width], model_channels=harness.parse_width(args.width))
+    profile["attn_resolutions"] = [height >> (len(profile["channel_mult"]) - 1)]
+    recipes = fixtures.model_recipes(profile)
+    torch.manual_seed(0)
+    regression = pn["CorrDiffRegressionUNet"](**recipes["regression_unet_posembd_sin4"]["kwargs"])
+    diffusion = pn["EDMPrecondSuperResolution"](**recipes["edm_posembd_sin4_hrmean"]["kwargs"])
+    return regression, diffusion, pn
+
+
+def _torch_train_step(args, stage: str):
+    """A closure running one PhysicsNeMo training step (loss, backward, Adam, EMA)."""
+    import copy
+
+    regression, diffusion, _ = _torch_models(args)  # first: it makes torchvision importable
+    import torch
+    from physicsnemo.diffusion.metrics import RegressionLoss, ResidualLoss
+
+    height, width = harness.parse_grid(args.grid)
+    img_clean = torch.randn(args.batch, speed.OUT_CHANNELS, height, width)
+    img_lr = torch.randn(args.batch, speed.IN_CHANNELS, height, width)
+    if stage == "regression":
+        net, loss_fn = regression, RegressionLoss()
+    else:
+        regression.eval().requires_grad_(False)
+        net, loss_fn = diffusion, ResidualLoss(regression, hr_mean_conditioning=True)
+    net.train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.9, 0.999), eps=1e-8)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(net, img_clean, img_lr).sum() / args.batch
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1e-3)
+
+    return step
+
+
+def _torch_sample(args, solver: str):
+    """A closure drawing one CorrDiff sample (regression mean + residual) at batch 1."""
+    import torch
+
+    regression, diffusion, pn = _torch_models(args)
+    regression.eval(), diffusion.eval()
+    height, width = harness.parse_grid(args.grid)
+    img_lr = torch.randn(1, speed.IN_CHANNELS, height, width)
+
+    @torch.no_grad()
+    def sample():
+        mean = regression(torch.zeros(1, speed.OUT_CHANNELS, height, width), img_lr)
+        latents = torch.randn(1, speed.OUT_CHANNELS, height, width)
+        if solver == "heun":
+            residual = pn["stochastic_sampler"](diffusion, latents, img_lr, mean_hr=mean, num_steps=18)
+        else:
+            residual = pn["deterministic_sampler"](
+                diffusion, latents, img_lr, mean_hr=mean, num_steps=8, sigma_max=80.0, solver="euler"
+            )
+        return mean + residual
+
+    return sample
+
+
+def torch_worker(args) -> None:
+    import torch
+
+    if args.worker in ("regression_step", "diffusion_step"):
+        run = _torch_train_step(args, args.worker.split("_")[0])
+        batch = args.batch
+    else:
+        run = _torch_sample(args, "heun" if args.worker == "sample_heun18" else "euler")
+        batch = 1
+    timing = harness.timed_repeats(run, args.warmup, args.repeats)
+    harness.emit(
+        {
+            **timing,
+            "samples_per_s": batch / timing["median_s"],
+            "peak_rss_bytes": harness.peak_rss_bytes(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
+    )
+
+
+def _ratio(ours: dict, theirs: dict, key: str) -> float | None:
+    if key in ours and key in theirs:
+        return ours[key] / theirs[key]
+    return None
+
+
+def compare(args) -> dict:
+    """Every row: ours, then theirs, then the ratios (ours / theirs; below 1 = we are faster)."""
+    ours_args = speed.parse_args(["--grid", args.grid, "--width", args.width, "--batch", str(args.batch)])
+    ours_args.repeats, ours_args.warmup = args.repeats, args.warmup
+    theirs_command = [args.physicsnemo_python, os.path.abspath(__file__), "--grid", args.grid, "--width", args.width]
+    theirs_command += ["--batch", str(args.batch), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    rows = {}
+    for row in args.only.split(","):
+        print(f"measuring {row} ...", flush=True)
+        ours = harness.run_worker(speed._worker_command(ours_args, row), args.timeout)
+        theirs = harness.run_worker([*theirs_command, "--worker", row], args.timeout)
+        ratios = {key: _ratio(ours, theirs, key) for key in ("median_s", "min_s")}
+        rows[row] = {"ours": ours, "physicsnemo": theirs, "ours_over_theirs": ratios}
+        print(
+            f"{row:16s} ours {ours.get('median_s', float('nan')):8.3f} s  physicsnemo "
+            f"{theirs.get('median_s', float('nan')):8.3f} s  ratio {ratios['median_s']}",
+            flush=True,
+        )
+        for side, result in (("ours", ours), ("physicsnemo", theirs)):
+            if "error" in result:
+                print(f"  {side} failed: {json.dumps(result)[:2000]}", flush=True)
+    return rows
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--physicsnemo-python", default=os.environ.get("PHYSICSNEMO_PYTHON", "/work/pnemo-venv/bin/python")
+    )
+    parser.add_argument("--grid", default="64")
+    parser.add_argument("--width", default="full")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+    parser.add_argument("--out", help="results JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"--only: unknown row(s) {unknown}; known: {ROWS}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return torch_worker(args)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    settings = {k: getattr(args, k) for k in ("grid", "width", "batch", "repeats", "warmup")}
+    results = {"machine": harness.describe_machine(), "started": started, "settings": settings, "rows": compare(args)}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
