@@ -23,6 +23,7 @@ import logging
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("jax_corrdiff")
 
@@ -73,3 +74,26 @@ def initialize() -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
+
+
+_barrier_count = 0
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches this point (a no-op for one process).
+
+    First a barrier of the coordination service, which waits as long as ``timeout_s``: a device
+    collective alone (``multihost_utils.sync_global_devices``) builds its Gloo context on CPU
+    the first time and gives up when the processes arrive more than 30 s apart, as they do while
+    process 0 alone prepares data or writes a model. Then that collective, now with every
+    process present, so the Gloo context later collectives (Orbax's, the train step's) use
+    exists. Every process must pass the same barriers in the same order.
+    """
+    global _barrier_count
+    if jax.process_count() == 1:
+        return
+    _barrier_count += 1
+    from jax._src.distributed import global_state  # the client jax.distributed.initialize made
+
+    global_state.client.wait_at_barrier(f"jax_corrdiff {_barrier_count} {name}", int(timeout_s * 1000))
+    multihost_utils.sync_global_devices(f"jax_corrdiff {name}")

@@ -22,9 +22,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
+from jax_corrdiff.distributed import barrier
 
 CONFIG_FILE = "model_config.json"
 VARIABLES_DIR = "variables"
@@ -58,7 +58,7 @@ def save_model(directory: str, model: SavedModel) -> None:
     directory = os.path.abspath(directory)
     multiprocess = jax.process_count() > 1
     if multiprocess:  # e.g. process 0 removing an earlier export must happen before the check below
-        multihost_utils.sync_global_devices(f"jax_corrdiff save_model start {directory}")
+        barrier(f"save_model start {directory}")
     os.makedirs(directory, exist_ok=True)
     if os.path.exists(os.path.join(directory, VARIABLES_DIR)):
         raise FileExistsError(f"{directory} already holds a model; choose another output directory")
@@ -73,7 +73,7 @@ def save_model(directory: str, model: SavedModel) -> None:
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
             json.dump(meta, f, indent=2)
     if multiprocess:
-        multihost_utils.sync_global_devices(f"jax_corrdiff save_model done {directory}")
+        barrier(f"save_model done {directory}")
 
 
 def load_model(directory: str) -> SavedModel:
@@ -86,6 +86,7 @@ def load_model(directory: str) -> SavedModel:
         meta = json.load(f)
     if "matmul_precision" not in meta:
         raise ValueError(f"{directory} was written by an older jax_corrdiff (no matmul_precision); export it again")
+    barrier(f"load_model {directory}")  # Orbax's restore syncs with a collective: arrive together
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
     grid = None

@@ -106,7 +106,7 @@ def test_unknown_demo_variant_is_rejected():
 
 def test_unknown_stage_is_rejected_before_any_work(tmp_path):
     config = demo.get_config("smoke")
-    config.stage = "prior"
+    config.stage = "posterior"
     with pytest.raises(ValueError, match="config.stage"):
         train_and_evaluate(config, str(tmp_path))
     assert not os.listdir(tmp_path)

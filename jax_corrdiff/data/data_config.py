@@ -43,6 +43,8 @@ def _json(value):
 
 
 def _check_date(value, key: str) -> None:
+    if value == "":  # unset: a model read from an Earth2Studio package has no training periods
+        return
     try:
         parsed = pd.Timestamp(str(value))
     except ValueError as exc:  # pandas' DateParseError and OutOfBoundsDatetime included

@@ -7,12 +7,12 @@ import os
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, make_train_iterator
 from jax_corrdiff.data.prepare import ensure_prepared
 from jax_corrdiff.data.store import PREPARED_DIR
+from jax_corrdiff.distributed import barrier
 
 # Batch entries the steps consume (time_index stays on the host).
 STEP_KEYS = ("target", "img_lr", "lead_time_label", "time_features", "mask")
@@ -44,7 +44,7 @@ class TrainingData:
         cache = os.path.join(workdir, PREPARED_DIR)
         if jax.process_index() == 0:
             ensure_prepared(config.data, cache)
-        multihost_utils.sync_global_devices("jax_corrdiff: prepared data")
+        barrier("prepared data")
         store, normalizer = ensure_prepared(config.data, cache)
         train = DownscalingSource(store, "train", normalizer)
         return cls(
