@@ -85,13 +85,22 @@ class GroupNorm(nn.Module):
         groups = num_groups(channels)
         scale = self.param("scale", nn.initializers.ones, (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        xg = x.astype(jnp.float32).reshape(batch, height, width, groups, channels // groups)
-        mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+        # Two-pass moments per group, summed per channel over the pixels first and then over
+        # the channels of a group: the same statistics as reducing a (B, H, W, G, C/G) view, but
+        # contiguous reductions, which XLA:CPU runs 3-5x faster forward and backward.
+        x32 = x.astype(jnp.float32)
+        per_group = channels // groups
+        n = height * width * per_group
+
+        def group_mean(values):  # (B, H, W, C) -> (B, 1, 1, C): its group's mean for every channel
+            sums = values.sum(axis=(1, 2)).reshape(batch, groups, per_group).sum(axis=-1) / n
+            return jnp.repeat(sums, per_group, axis=-1)[:, None, None, :]
+
+        centered = x32 - group_mean(x32)
+        var = group_mean(jnp.square(centered))
         if self.unbiased_variance:
-            n = height * width * (channels // groups)
             var = var * (n / max(n - 1, 1))
-        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+        y = centered * jax.lax.rsqrt(var + self.eps)
         return (y * scale + bias).astype(self.dtype)
 
 
