@@ -356,8 +356,7 @@ def generate(
         batch_size: times per compiled call, sharded over every device (0 = one per device).
         member_batch_size: members vectorised at once (None = all).
         num_devices: devices of the mesh (0 = all).
-        tile_devices: devices that share one image's multi-diffusion tiles (patch-trained
-            models); the times are split over the remaining factor.
+        tile_devices: devices sharing one image's multi-diffusion tiles (patch-trained models).
         overwrite: replace an existing ``output`` (one of other settings is otherwise refused).
     """
     check_options(output, members=members, batch_size=batch_size, member_batch_size=member_batch_size)
