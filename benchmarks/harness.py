@@ -85,6 +85,14 @@ def run_worker(command: list[str], timeout: float, env: dict | None = None) -> d
     return result
 
 
+def write_results(path: str, results: dict) -> None:
+    """Write a benchmark's results as JSON (creating its folder) and say where."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+
+
 def emit(result: dict) -> None:
     """Print a worker's result for ``run_worker``."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -343,10 +343,7 @@ def main(argv=None) -> None:
         "rows": measure_rows(args, args.only.split(",")),
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+        harness.write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -190,10 +190,7 @@ def main(argv=None) -> None:
     settings = {k: getattr(args, k) for k in ("grid", "width", "batch", "repeats", "warmup")}
     results = {"machine": harness.describe_machine(), "started": started, "settings": settings, "rows": compare(args)}
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {args.out}")
+        harness.write_results(args.out, results)
 
 
 if __name__ == "__main__":
