@@ -98,3 +98,9 @@ def test_overlapping_periods_warn(tmp_path, era5_copy):
     shared = r"2 time step\(s\) \(2019-03-01T04:00:00 \.\. 2019-03-01T05:00:00\) are in both data\.train_period"
     with pytest.warns(UserWarning, match=shared):
         prepare_dataset(cfg, str(tmp_path / "prepared"))
+
+
+def test_a_fully_unset_period_is_accepted(era5_copy):
+    """Models read from Earth2Studio packages carry no data periods: ["", ""] means unset."""
+    cfg = data_config_dict(small_config(era5_copy, valid_period=["", ""]))
+    assert cfg["valid_period"] == ["", ""]

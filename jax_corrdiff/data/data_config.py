@@ -43,8 +43,6 @@ def _json(value):
 
 
 def _check_date(value, key: str) -> None:
-    if value == "":  # unset: a model read from an Earth2Studio package has no training periods
-        return
     try:
         parsed = pd.Timestamp(str(value))
     except ValueError as exc:  # pandas' DateParseError and OutOfBoundsDatetime included
@@ -72,6 +70,8 @@ def _check(cfg: dict) -> None:
     for key in ("train_period", "valid_period"):
         if len(cfg[key]) != 2:
             raise ValueError(f"data.{key} must be [start, end], got {cfg[key]!r}")
+        if list(cfg[key]) == ["", ""]:  # unset: a model read from an Earth2Studio package has no periods
+            continue
         for bound in cfg[key]:
             _check_date(bound, f"data.{key}")
     for key in ("target_paths", "target_variables", "input_variables"):
