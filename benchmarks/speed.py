@@ -91,7 +91,7 @@ def _device() -> dict:
 
 
 def _compiled_stats(compiled) -> dict:
-    """FLOPs and XLA's memory plan of one compiled program."""
+    """FLOPs, bytes accessed and XLA's memory plan of one compiled program."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     mem = compiled.memory_analysis()
@@ -106,7 +106,7 @@ def _compiled_stats(compiled) -> dict:
         plan["xla_peak_bytes"] = (
             plan["argument_bytes"] + plan["output_bytes"] + plan["temp_bytes"] - plan["alias_bytes"]
         )
-    return {"flops": float(cost.get("flops", 0.0)), **plan}
+    return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)), **plan}
 
 
 def _memory_in_use() -> dict:
@@ -183,8 +183,8 @@ def measure_train_step(args, stage: str) -> dict:
     }
 
 
-def _forward_flops(config) -> float:
-    """FLOPs of one network evaluation (batch 1), from the compiled forward."""
+def forward_cost(config) -> dict:
+    """``_compiled_stats`` of one network evaluation (batch 1): the compiled forward."""
     import jax
 
     from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
@@ -192,7 +192,7 @@ def _forward_flops(config) -> float:
     model, (args, kwargs) = build_model(config), example_inputs(config)
     variables = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
     compiled = jax.jit(lambda v, *a: model.apply(v, *a, **kwargs)).lower(variables, *args).compile()
-    return _compiled_stats(compiled)["flops"]
+    return _compiled_stats(compiled)
 
 
 def measure_sample(args, solver: str) -> dict:
@@ -232,7 +232,8 @@ def measure_sample(args, solver: str) -> dict:
     compile_s = time.perf_counter() - start
     timing = harness.timed_repeats(lambda: jax.block_until_ready(compiled(img_lr, keys)), args.warmup, args.repeats)
     # cost_analysis counts a loop body once, so count evaluations explicitly.
-    flops = _forward_flops(configs["regression"]) + sampler.network_evaluations * _forward_flops(configs["diffusion"])
+    flops = forward_cost(configs["regression"])["flops"]
+    flops += sampler.network_evaluations * forward_cost(configs["diffusion"])["flops"]
     return {
         **timing,
         "network_evaluations": sampler.network_evaluations + 1,

@@ -71,6 +71,9 @@ def get_config(variant: str = ""):
     config.regression.model.global_residual = True
     for stage in (config.regression, config.diffusion):
         stage.model.unet.lead_time_channels = 4  # one embedding per lead time of data.lead_times
+        # A GPU config: bf16 compute with float32 parameters, Adam state and loss, as the
+        # reference trains under bf16 autocast (base_config's float32 is the CPU default).
+        stage.model.compute_dtype = "bfloat16"
     # Widths are the reference's (SongUNet 128 x [1,2,2,2,2], 4 blocks, attention at 28 =
     # 448 >> 4, dropout 0.13; base_config). Patched diffusion as in PhysicsNeMo: a learnable
     # position grid of 100 channels over the whole grid, cropped per patch (at 1670 x 2500
@@ -102,6 +105,8 @@ def get_config(variant: str = ""):
             eval_batches=1,
         )
         diffusion.model.unet.num_grid_channels = 4
+        for stage in (config.regression, config.diffusion):
+            stage.model.compute_dtype = "float32"  # the smoke run is for CPUs
         diffusion.patch.height = diffusion.patch.width = 32
         diffusion.patch.num_patches = 2
     elif variant:

@@ -25,5 +25,9 @@ def get_config(variant: str = ""):
     data.input_variables = list(TAIWAN_ERA5_VARIABLES)
     data.train_period = ["2018-01-01T00", "2020-12-31T23"]  # the reference trains on all but 2021
     data.valid_period = ["2021-01-01T00", "2021-12-31T23"]
-    # base_config() already holds the Taiwan widths, optimiser and sample counts.
+    # base_config() already holds the Taiwan widths, optimiser and sample counts. A GPU config:
+    # bf16 compute with float32 parameters, Adam state and loss, as the reference trains under
+    # bf16 autocast (base_config's float32 is the CPU default).
+    for stage in (config.regression, config.diffusion):
+        stage.model.compute_dtype = "bfloat16"
     return config

@@ -46,4 +46,5 @@ def test_taiwan_config_reads_the_cwb_zarr_schema(tmp_path):
     model, variables = saved.config, saved.variables
     assert model["out_channels"] == 4 and model["cond_channels"] == 12
     assert model["unet"]["channel_mult"] == [1, 2, 2, 2, 2] and model["unet"]["dropout"] == 0.13
+    assert model["compute_dtype"] == "bfloat16"  # the GPU configs' default, saved with the model
     assert np.all(np.isfinite(variables["params"]["unet"]["out_conv"]["kernel"]))

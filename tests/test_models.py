@@ -7,7 +7,9 @@ import pytest
 from utils import redraw_params
 
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
-from jax_corrdiff.models.layers import GroupNorm
+import flax.linen as nn
+
+from jax_corrdiff.models.layers import GroupNorm, PointwiseConv, scaled_xavier_uniform
 
 TAIWAN_UNET = dict(
     model_channels=128,
@@ -219,3 +221,18 @@ def test_rematerialised_blocks_give_the_same_gradients(remat):
     for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(remat_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(plain)) > 0
+
+
+def test_pointwise_conv_is_a_1x1_conv_with_the_same_parameters():
+    """The matmul form of a 1x1 conv has nn.Conv's tree and initialisation, and its output and gradients."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6, 12))
+    init = scaled_xavier_uniform(0.7)
+    pointwise, reference = PointwiseConv(20, kernel_init=init), nn.Conv(20, (1, 1), kernel_init=init)
+    params = pointwise.init(jax.random.key(1), x)
+    expected = reference.init(jax.random.key(1), x)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
+    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
+    params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
+    np.testing.assert_allclose(pointwise.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (pointwise, reference)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)

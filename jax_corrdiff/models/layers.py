@@ -31,8 +31,15 @@ def scaled_xavier_uniform(scale: float = 1.0) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(scale**2, "fan_avg", "uniform")
 
 
-def conv(features: int, kernel: int, *, init_scale: float = 1.0, dtype: Dtype, name: str) -> nn.Conv:
-    """Square convolution with zero padding kernel // 2 (the reference's padding)."""
+def conv(features: int, kernel: int, *, init_scale: float = 1.0, dtype: Dtype, name: str) -> nn.Module:
+    """Square convolution with zero padding kernel // 2 (the reference's padding).
+
+    A 1x1 convolution is a matmul over channels and runs as one (``PointwiseConv``): XLA's
+    CPU kernel-gradient convolution for a 1x1 window over a 64x64 image is 3-6x slower than
+    the equivalent dot (benchmarks/results/conv_kernels_cpu.json).
+    """
+    if kernel == 1:
+        return PointwiseConv(features, kernel_init=scaled_xavier_uniform(init_scale), dtype=dtype, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -42,6 +49,25 @@ def conv(features: int, kernel: int, *, init_scale: float = 1.0, dtype: Dtype, n
         dtype=dtype,
         name=name,
     )
+
+
+class PointwiseConv(nn.Module):
+    """1x1 convolution as a channel matmul, with ``nn.Conv(features, (1, 1))``'s parameters.
+
+    The kernel keeps the (1, 1, C_in, C_out) shape so checkpoints, initialisation (fan-in
+    and fan-out) and PhysicsNeMo import/export see the same tree as for any other conv.
+    """
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.einsum("...i,io->...o", x, kernel[0, 0]) + bias
 
 
 def dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
