@@ -1,5 +1,6 @@
 """SongUNet, regression UNet and EDM denoiser: shapes, parameter counts, options."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,6 @@ import pytest
 from utils import redraw_params
 
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
-import flax.linen as nn
-
 from jax_corrdiff.models.layers import GroupNorm, PointwiseConv, scaled_xavier_uniform
 
 TAIWAN_UNET = dict(
