@@ -105,6 +105,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (after compiling, the runtime's footprint)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def timed_repeats(run, warmup: int, repeats: int) -> dict:
     """Median and min wall time of ``run()`` (which must block until done) after warm-up."""
     for _ in range(warmup):

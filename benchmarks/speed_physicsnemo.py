@@ -125,6 +125,7 @@ def torch_worker(args) -> None:
             **timing,
             "samples_per_s": batch / timing["median_s"],
             "peak_rss_bytes": harness.peak_rss_bytes(),
+            "rss_bytes": harness.current_rss_bytes(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
