@@ -54,7 +54,8 @@ def even_smoke_workdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def package(even_smoke_workdir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pkg") / "package")
-    write_package(even_smoke_workdir, path)
+    with pytest.warns(UserWarning, match="north to south"):
+        write_package(even_smoke_workdir, path)
     return path
 
 
@@ -86,11 +87,19 @@ def test_package_layout(package):
         meta = json.load(f)
     assert meta["input_variables"] == ["t2m"] and meta["output_variables"] == ["t2m"]
     assert meta["invariant_variables"] == ["orog", "land_frac"] and meta["hr_mean_conditioning"] is True
+    assert meta["latlon_res"] == pytest.approx(0.25 * 8)  # Earth2Studio builds its input grid from it
     with open(os.path.join(package, "stats.json")) as f:
         stats = json.load(f)
     assert set(stats) == {"input", "output", "invariants"} and set(stats["invariants"]) == {"orog", "land_frac"}
     with xr.open_dataset(os.path.join(package, OUTPUT_GRID)) as grid:
         assert grid["lat"].shape == (32,) and grid["lon"].shape == (48,)
+
+
+def test_a_north_to_south_grid_is_exported_with_a_warning(even_smoke_workdir, tmp_path):
+    with pytest.warns(UserWarning, match="Earth2Studio 0.19 refuses such a package"):
+        write_package(even_smoke_workdir, str(tmp_path / "package"))
+    lat = load_package(str(tmp_path / "package"))[0].lat
+    assert lat[0] > lat[-1]  # written as trained: our generate --model reads it
 
 
 def test_package_generates_what_the_workdir_generates(even_smoke_workdir, package, coarse_file, tmp_path):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -291,12 +292,20 @@ def _defaults(meta: dict) -> PackageDefaults:
     )
 
 
+def _regular_axes(lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """The 1-D latitude and longitude axes of a regular 2-D grid (rows of one latitude,
+    columns of one longitude), or None for a curvilinear grid."""
+    if np.all(lat == lat[:, :1]) and np.all(lon == lon[:1, :]):
+        return lat[:, 0], lon[0]
+    return None
+
+
 def _grid_dataset(lat: np.ndarray, lon: np.ndarray, fields: dict[str, np.ndarray] | None = None) -> xr.Dataset:
-    """lat/lon as 1-D coordinates when the grid is regular (rows of one latitude, columns of
-    one longitude), else 2-D (y, x) variables; ``fields`` (H, W) on it."""
-    regular = np.all(lat == lat[:, :1]) and np.all(lon == lon[:1, :])
-    if regular:
-        coords = {"lat": ("lat", lat[:, 0]), "lon": ("lon", lon[0])}
+    """lat/lon as 1-D coordinates when the grid is regular, else 2-D (y, x) variables;
+    ``fields`` (H, W) on it."""
+    axes = _regular_axes(lat, lon)
+    if axes is not None:
+        coords = {"lat": ("lat", axes[0]), "lon": ("lon", axes[1])}
         dims = ("lat", "lon")
     else:
         coords = {"lat": (("y", "x"), lat), "lon": (("y", "x"), lon)}
@@ -320,6 +329,32 @@ def _refuse_for_package(workdir: str, reg: Any, diff: Any) -> None:
         raise ValueError(f"{workdir}: lead-time (forecast-input) models do not fit Earth2Studio's CorrDiff")
     if reg.conditioning is not None and reg.conditioning.img_lr_channels != layout.img_lr_channels:
         raise ValueError(f"{workdir}: the regression and diffusion models are conditioned on different channels")
+
+
+# Earth2Studio's default input: ERA5's 0.25 degree grid (the reference's coarse input).
+ERA5_RESOLUTION = 0.25
+
+
+def _input_resolution(lat: np.ndarray, lon: np.ndarray, coarsen_factor: int) -> float:
+    """``latlon_res``: the regular lat/lon input grid Earth2Studio builds around the output grid
+    (and without which it refuses a package that has no input_latlon_grid.nc).
+
+    A 1-D output grid was trained on its own cells coarsened ``coarsen_factor`` times, so the
+    input resolution is that; a curvilinear output grid takes ERA5's 0.25 degree grid.
+    Earth2Studio 0.19 also requires 1-D latitudes to increase (south to north); a package of a
+    model trained north to south loads here but not there, so say so.
+    """
+    axes = _regular_axes(lat, lon)
+    if axes is None:
+        return ERA5_RESOLUTION
+    lat = axes[0]
+    if lat[0] > lat[-1]:
+        warnings.warn(
+            "the model's latitudes run north to south: Earth2Studio 0.19 refuses such a package "
+            "(its 1-D grids must increase); jax_corrdiff.generate --model reads it",
+            stacklevel=3,
+        )
+    return float(abs(lat[1] - lat[0]) * coarsen_factor)
 
 
 def write_package(workdir: str, output: str) -> None:
@@ -349,6 +384,7 @@ def write_package(workdir: str, output: str) -> None:
         "hr_mean_conditioning": diff.conditioning.regression_mean,
         "sigma_min": 0.002,
         "sigma_max": 800.0,
+        "latlon_res": _input_resolution(lat, lon, int(data["coarsen_factor"])),
         EXPORT_KEY: {"coarsen_factor": int(data["coarsen_factor"]), "workdir": os.path.abspath(workdir)},
     }
     stats = {
