@@ -253,7 +253,8 @@ def measure_sample(args, solver: str) -> dict:
 
 
 def measure_compile(args) -> dict:
-    """Lower + compile of the diffusion training step with the persistent cache in ``args.cache``."""
+    """Lower + compile of the diffusion training step with the persistent cache in ``args.cache``,
+    and the compiled step's memory plan (how ``--remat`` trades memory at a grid too large to run)."""
     import jax
 
     from jax_corrdiff.compilation_cache import enable_compilation_cache
@@ -261,9 +262,10 @@ def measure_compile(args) -> dict:
     enable_compilation_cache(args.cache)
     step, state, batch, frozen = _train_step(args, "diffusion")
     start = time.perf_counter()
-    step.lower(state, batch, frozen).compile()
+    compiled = step.lower(state, batch, frozen).compile()
     return {
         "compile_s": time.perf_counter() - start,
+        **_compiled_stats(compiled),
         "cache_entries": len(os.listdir(args.cache)),
         "jax": jax.__version__,
     }
