@@ -164,6 +164,7 @@ def main(argv):
             "machine": describe_machine(),
             "workdir": os.path.abspath(_WORKDIR.value),
             "times": [times[0], times[-1], len(times)],
+            "every_hours": _EVERY.value,
             "members": _MEMBERS.value,
             "field": field,
             "reference": {"solver": REFERENCE[0], "steps": REFERENCE[1], "crps": reference_crps},
