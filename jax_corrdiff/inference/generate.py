@@ -196,6 +196,24 @@ def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
         )
 
 
+def _step_maker(model: CorrDiffModel, inputs: InferenceInputs, sampler, members: int, member_batch_size: int | None):
+    """``make_step(mesh)`` for ``write_ensembles``: a batch's regression mean and members, compiled."""
+    norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
+    labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
+
+    def make_step(mesh):
+        fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
+        variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
+
+        def step(batch: Batch):
+            img_lr = batch.sharded(norm.img_lr(batch.raw_inputs, static))
+            return fn(*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
+
+        return step
+
+    return make_step
+
+
 def generate(
     model: CorrDiffModel,
     inputs: InferenceInputs,
@@ -229,25 +247,12 @@ def generate(
     check_options(output, members=members, batch_size=batch_size, member_batch_size=member_batch_size)
     _check_inputs(model, inputs)
     _check_sampler(model, sampler)
-    norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
-    labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
-
-    def make_step(mesh):
-        fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
-        variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
-
-        def step(batch: Batch):
-            img_lr = batch.sharded(norm.img_lr(batch.raw_inputs, static))
-            return fn(*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
-
-        return step
-
     return write_ensembles(
         model,
         inputs,
         output,
         sampler,
-        make_step,
+        _step_maker(model, inputs, sampler, members, member_batch_size),
         members=members,
         seed=seed,
         batch_size=batch_size,
