@@ -8,21 +8,12 @@ u10/v10 are grid-relative, as HRRR stores them.
     python -m jax_corrdiff.train --config=configs/hrrr_idaho.py --workdir=/tmp/hrrr
 """
 
-from jax_corrdiff.config import base_config, set_stages, shrink_to_smoke
-from jax_corrdiff.data import demo_data_path
+from jax_corrdiff.config import base_config, set_hrrr_idaho_data, set_stages, shrink_to_smoke
 
 
 def get_config(variant: str = ""):
     config = base_config()
-    data = config.data
-    data.target_paths = [demo_data_path("hrrr_3km_idaho_rme_sfc.nc")]
-    data.target_variables = ["t2m", "u10", "v10"]
-    data.input_variables = ["t2m", "u10", "v10"]
-    data.coarsen_factor = 8
-    data.static_path = demo_data_path("static_hrrr_3km_idaho_rme.nc")
-    data.static_variables = ["orog", "lsm"]
-    data.train_period = ["2018-07-22T01", "2018-07-23T00"]
-    data.valid_period = ["2018-07-23T01", "2018-07-23T07"]
+    set_hrrr_idaho_data(config, ["t2m", "u10", "v10"], ["t2m", "u10", "v10"])
 
     # 78 x 41 grid: three levels (padded to 80 x 44), attention at the coarsest (78 >> 2 = 19).
     set_stages(

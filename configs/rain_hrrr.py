@@ -12,21 +12,13 @@ Caveat of the data: the shipped HRRR window is a dry July period, so ``prate`` i
     python -m jax_corrdiff.train --config=configs/rain_hrrr.py --workdir=/tmp/rain_hrrr
 """
 
-from jax_corrdiff.config import base_config, set_stages, shrink_to_smoke
-from jax_corrdiff.data import demo_data_path
+from jax_corrdiff.config import base_config, set_hrrr_idaho_data, set_stages, shrink_to_smoke
 
 
 def get_config(variant: str = ""):
     config = base_config()
+    set_hrrr_idaho_data(config, ["prate"], ["t2m", "q2m", "u10", "v10"])
     data = config.data
-    data.target_paths = [demo_data_path("hrrr_3km_idaho_rme_sfc.nc")]
-    data.target_variables = ["prate"]
-    data.input_variables = ["t2m", "q2m", "u10", "v10"]
-    data.coarsen_factor = 8
-    data.static_path = demo_data_path("static_hrrr_3km_idaho_rme.nc")
-    data.static_variables = ["orog", "lsm"]
-    data.train_period = ["2018-07-22T01", "2018-07-23T00"]
-    data.valid_period = ["2018-07-23T01", "2018-07-23T07"]
     data.transforms = {"prate": {"kind": "log1p", "scale": 0.1, "min": 0.0}}
     config.diffusion.parameterization = "ddpm"
     config.diffusion.mean = "regression"

@@ -5,13 +5,16 @@ stages the same widths and schedule; ``shrink_to_smoke`` makes a minutes-long va
 ``--config.a.b=v`` on the command line overrides further, and a key that does not exist is an
 error. Fields that default to "unset" use ``placeholder`` so they can still be set from the
 command line. Config files are loaded by path and cannot import each other: shared helpers
-live here.
+live here, with the data blocks of the shipped files (``set_uk_demo_data`` for the demo and
+ZSSD, ``set_hrrr_idaho_data`` for the HRRR configs).
 """
 
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
+
+from jax_corrdiff.data import demo_data_path
 
 STAGES = ("regression", "diffusion", "all", "prior")
 
@@ -221,3 +224,53 @@ def shrink_to_smoke(
         unet={**SMOKE_UNET, **(unet or {})},
         training={"batch_size": batch_size, "total_samples": batch_size * steps, **training},
     )
+
+
+def set_uk_demo_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The shipped ERA5 0.25 deg UK 2 m temperature (data_files/README.md) as ``config.data``:
+    the input is the target area-averaged 8x (2 deg), orography and land fraction are static;
+    1-18 March 2019 train, 19-24 March validate. The demo's and ZSSD's, so one prepared store
+    and its statistics serve both."""
+    data = config.data
+    data.target_paths = [demo_data_path("era5_t2m_uk_0p25deg.nc")]
+    data.target_variables = ["t2m"]
+    data.input_variables = ["t2m"]
+    data.coarsen_factor = 8
+    data.static_path = demo_data_path("static_era5_uk_0p25deg.nc")
+    data.static_variables = ["orog", "land_frac"]
+    data.train_period = ["2019-03-01T00", "2019-03-18T23"]
+    data.valid_period = ["2019-03-19T00", "2019-03-24T05"]
+    return config
+
+
+def shrink_uk_demo_to_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The UK demo's smoke variant (demo and ZSSD): 60 steps on two levels, schedules to match."""
+    return shrink_to_smoke(
+        config,
+        60,
+        unet=dict(channel_mult=[1, 2]),
+        lr_rampup_samples=40,
+        ema_halflife_samples=40,
+        log_every_steps=10,
+        eval_every_steps=30,
+        checkpoint_every_steps=30,
+        eval_batches=2,
+    )
+
+
+def set_hrrr_idaho_data(
+    config: ml_collections.ConfigDict, target_variables: list[str], input_variables: list[str]
+) -> ml_collections.ConfigDict:
+    """The shipped HRRR 3 km south-west Idaho surface fields (data_files/README.md) as
+    ``config.data``: inputs area-averaged 8x (24 km), orography and land-sea mask static; 31
+    hourly +1 h forecasts, the first 24 train and the last 7 validate."""
+    data = config.data
+    data.target_paths = [demo_data_path("hrrr_3km_idaho_rme_sfc.nc")]
+    data.target_variables = list(target_variables)
+    data.input_variables = list(input_variables)
+    data.coarsen_factor = 8
+    data.static_path = demo_data_path("static_hrrr_3km_idaho_rme.nc")
+    data.static_variables = ["orog", "lsm"]
+    data.train_period = ["2018-07-22T01", "2018-07-23T00"]
+    data.valid_period = ["2018-07-23T01", "2018-07-23T07"]
+    return config

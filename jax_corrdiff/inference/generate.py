@@ -1,52 +1,32 @@
 """Batch generation: a trained CorrDiff (regression + diffusion) over many times, to CF files.
 
 One compiled function per batch shape runs the regression mean and the whole diffusion
-sampling loop for a batch of times and all ensemble members; the batch is sharded over
-every device of every process, and process 0 writes.
-
-Randomness: member m of the time t uses fold_in(fold_in(key(seed), minutes(t)), m), so a
-sample depends only on (seed, time, member), not on batching or device count.
+sampling loop for a batch of times and all ensemble members; ``inference.batch_loop`` shards
+the batches over every device of every process, seeds them and has process 0 write them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
-import shutil
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from jax_corrdiff.data.data_config import files_fingerprint
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
-from jax_corrdiff.data.sources import FieldSpec, expand_paths, open_dataset, time_str
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.ddpm import DDIMSampler
 from jax_corrdiff.diffusion.residual_mean import InterpolationMean
 from jax_corrdiff.diffusion.samplers import EDMSampler
+from jax_corrdiff.inference.batch_loop import Batch, write_ensembles
 from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
-from jax_corrdiff.inference.writer import EnsembleWriter
-from jax_corrdiff.mesh import (
-    DATA_AXIS,
-    batch_sharded,
-    data_size,
-    make_mesh,
-    replicated,
-    shard_batch,
-    shard_keys,
-    tile_sharding,
-)
+from jax_corrdiff.mesh import DATA_AXIS, batch_sharded, replicated, tile_sharding
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.corrdiff import EpsilonUNet
 from jax_corrdiff.models.factory import build_model
-
-log = logging.getLogger("jax_corrdiff")
 
 SAMPLER_PRESETS = {
     # The reference's "stochastic" sampler: Heun, 18 steps, sigma 800 -> 0.002 (churn off).
@@ -154,30 +134,6 @@ def _stage_dir(workdir: str, stage: str) -> str:
     return path
 
 
-def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
-    """units / long_name / standard_name of each target variable, from the first file that has it."""
-    names = list(dict.fromkeys(FieldSpec.parse(c).name for c in channels))
-    attrs: dict[str, dict] = {}
-    for path in paths:
-        if not os.path.exists(path):
-            continue
-        with open_dataset(path) as ds:
-            for name in names:
-                if name in ds and name not in attrs:
-                    attrs[name] = {
-                        k: str(ds[name].attrs[k])
-                        for k in ("units", "long_name", "standard_name")
-                        if k in ds[name].attrs
-                    }
-    return attrs
-
-
-def _time_keys(seed: int, times: np.ndarray) -> jax.Array:
-    minutes = times.astype("datetime64[m]").astype(np.int64).astype(np.uint32)
-    base = jax.random.key(seed)
-    return jax.vmap(lambda m: jax.random.fold_in(base, m))(jnp.asarray(minutes))
-
-
 def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, member_batch_size: int | None, mesh):
     """jit(reg_vars, diff_vars, img_lr (B, H, W, C), keys (B,), lead-time labels (B,)) -> (mean, samples),
     normalized units. Patch-trained diffusion models sample by multi-diffusion over tiles of
@@ -227,61 +183,6 @@ def check_options(output: str, *, members: int, batch_size: int, member_batch_si
         raise ValueError(f"output={output}: the directory {directory} does not exist")
 
 
-def _open_writer(
-    model: CorrDiffModel, inputs: InferenceInputs, output: str, sampler: EDMSampler, members, seed, overwrite: bool
-):
-    """Process 0's output file, laid out for every time of ``inputs``: opened as it is when it
-    exists (and holds a run with the same settings), or created anew (``overwrite`` removes it
-    first). None on the other processes."""
-    if jax.process_index() != 0:
-        return None
-    if overwrite and os.path.exists(output):
-        shutil.rmtree(output) if os.path.isdir(output) else os.remove(output)
-    norm = model.normalizer
-    attr_paths = [inputs.path, *expand_paths(model.data_config["target_paths"], "target")]
-    return EnsembleWriter(
-        output,
-        times=inputs.times,
-        members=members,
-        lat=model.lat,
-        lon=model.lon,
-        target_channels=list(norm.target_channels),
-        input_channels=list(norm.input_channels),
-        has_truth=inputs.has_truth,
-        variable_attrs=variable_attrs(attr_paths, list(norm.target_channels)),
-        init_times=inputs.init_times,
-        global_attrs={
-            "title": "CorrDiff downscaling ensemble",
-            "source": f"jax_corrdiff, model {model.workdir}",
-            "input": inputs.path,
-            "sampler": repr(sampler),
-            "seed": seed,
-        },
-        run_settings=run_settings(model, inputs, sampler, members, seed),
-    )
-
-
-def run_settings(model: CorrDiffModel, inputs: InferenceInputs, sampler: EDMSampler, members: int, seed: int) -> dict:
-    """What defines a generation run, kept in its output so a rerun that differs is refused:
-    the model (workdir, and its exported files' sizes and times), the input file (likewise, and
-    whether it is coarsened truth), the sampler with all its settings, the seed and the members."""
-    # A workdir's exported models (a regression-free DDPM or a ZSSD prior has fewer), or the
-    # files of an Earth2Studio package directory.
-    stage_dirs = [os.path.join(model.workdir, stage, "model") for stage in ("regression", "diffusion", "prior")]
-    model_dirs = [path for path in stage_dirs if os.path.isdir(path)] or [model.workdir]
-    return {
-        "model": os.path.abspath(model.workdir),
-        "model_files": files_fingerprint(model_dirs),
-        "input": os.path.abspath(inputs.path),
-        "input_files": files_fingerprint([inputs.path]),
-        "coarsened_truth": inputs.has_truth,
-        "sampler": type(sampler).__name__,
-        **{f"sampler.{k}": v for k, v in dataclasses.asdict(sampler).items()},
-        "seed": int(seed),
-        "members": int(members),
-    }
-
-
 def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
     if tuple(inputs.input_channels) != tuple(model.normalizer.input_channels):
         raise ValueError(
@@ -295,38 +196,22 @@ def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
         )
 
 
-def _mesh_and_batch(model: CorrDiffModel, num_devices: int, tile_devices: int, batch_size: int):
-    """The device mesh and the number of times per compiled call (0 = one per data-parallel device)."""
-    if tile_devices > 1 and model.conditioning.patch is None:
-        raise ValueError("tile_devices > 1 needs a patch-trained model (it splits multi-diffusion tiles)")
-    mesh = make_mesh(num_devices, tile_devices)
-    batch_size = batch_size or data_size(mesh)
-    if batch_size % data_size(mesh):
-        raise ValueError(f"batch_size {batch_size} must be a multiple of the {data_size(mesh)} data-parallel devices")
-    log.info("generate: %d times per batch on %d devices", batch_size, mesh.size)
-    return mesh, batch_size
+def _step_maker(model: CorrDiffModel, inputs: InferenceInputs, sampler, members: int, member_batch_size: int | None):
+    """``make_step(mesh)`` for ``write_ensembles``: a batch's regression mean and members, compiled."""
+    norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
+    labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
 
+    def make_step(mesh):
+        fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
+        variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
 
-def _unfinished_batches(writer: EnsembleWriter | None, n_times: int, batch_size: int) -> list[int]:
-    """Start rows of the batches not completely written yet, from process 0's writer."""
-    done = multihost_utils.broadcast_one_to_all(writer.completed if writer else np.zeros(n_times, bool))
-    log.info("generate: %d times, %d already written", n_times, int(done.sum()))
-    return [s for s in range(0, n_times, batch_size) if not done[s : s + batch_size].all()]
+        def step(batch: Batch):
+            img_lr = batch.sharded(norm.img_lr(batch.raw_inputs, static))
+            return fn(*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
 
+        return step
 
-def _padded(values: np.ndarray, size: int) -> np.ndarray:
-    """Repeat the last row up to ``size`` rows, so every batch has one compiled shape."""
-    return np.concatenate([values, np.repeat(values[-1:], size - len(values), axis=0)])
-
-
-def _read_batch(inputs: InferenceInputs, norm: Normalizer, static, labels, start: int, batch_size: int, seed, mesh):
-    """Times start.. of ``inputs`` as the compiled function's sharded (img_lr, keys, labels),
-    padded to ``batch_size``; with the raw inputs and the truth that the writer keeps."""
-    stop = min(start + batch_size, len(inputs))
-    raw_inputs, truth = inputs.read(start, stop)
-    img_lr = shard_batch(_padded(norm.img_lr(raw_inputs, static), batch_size), mesh)
-    keys = shard_keys(_time_keys(seed, _padded(inputs.times[start:stop], batch_size)), mesh)
-    return (img_lr, keys, shard_batch(_padded(labels[start:stop], batch_size), mesh)), raw_inputs, truth
+    return make_step
 
 
 def generate(
@@ -362,29 +247,16 @@ def generate(
     check_options(output, members=members, batch_size=batch_size, member_batch_size=member_batch_size)
     _check_inputs(model, inputs)
     _check_sampler(model, sampler)
-    mesh, batch_size = _mesh_and_batch(model, num_devices, tile_devices, batch_size)
-    writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite)
-    starts = _unfinished_batches(writer, len(inputs), batch_size)
-    norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
-    labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
-    with jax.default_matmul_precision(model.matmul_precision):
-        fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
-        variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
-        t0 = time.time()
-        for n, start in enumerate(starts):
-            args, raw_inputs, truth = _read_batch(inputs, norm, static, labels, start, batch_size, seed, mesh)
-            rows = len(raw_inputs)
-            mean, samples = (multihost_utils.process_allgather(a, tiled=True)[:rows] for a in fn(*variables, *args))
-            if writer is not None:
-                writer.write(start, norm.denormalize_target(samples), norm.denormalize_target(mean), raw_inputs, truth)
-            _log_batch(inputs.times[start : start + rows], n, len(starts), t0)
-    return output
-
-
-def _log_batch(times: np.ndarray, n: int, batches: int, t0: float) -> None:
-    per_batch = (time.time() - t0) / (n + 1)
-    eta = time.strftime("%H:%M:%S", time.gmtime(per_batch * (batches - n - 1)))
-    first, last = time_str(times[0]), time_str(times[-1])
-    log.info(
-        "generate: %s..%s done (%d/%d batches) | %.1f s/batch | ETA %s", first, last, n + 1, batches, per_batch, eta
+    return write_ensembles(
+        model,
+        inputs,
+        output,
+        sampler,
+        _step_maker(model, inputs, sampler, members, member_batch_size),
+        members=members,
+        seed=seed,
+        batch_size=batch_size,
+        num_devices=num_devices,
+        tile_devices=tile_devices,
+        overwrite=overwrite,
     )

@@ -21,14 +21,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jax_corrdiff.data.calendar import cyclic_time_features
 from jax_corrdiff.data.inference_inputs import InferenceInputs
@@ -47,15 +45,8 @@ from jax_corrdiff.diffusion.guidance import (
     unified_operator,
 )
 from jax_corrdiff.diffusion.samplers import EDMSampler, sample_ensemble
-from jax_corrdiff.inference.generate import (
-    _log_batch,
-    _mesh_and_batch,
-    _open_writer,
-    _padded,
-    _time_keys,
-    _unfinished_batches,
-)
-from jax_corrdiff.mesh import batch_sharded, replicated, shard_batch, shard_keys
+from jax_corrdiff.inference.batch_loop import Batch, write_ensembles
+from jax_corrdiff.mesh import batch_sharded, replicated
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
 
@@ -182,27 +173,28 @@ def generate_guided(
     """Sample ``members`` guided members for every time of ``inputs`` into ``output`` (skipping
     times an earlier run finished), at the prior's matmul precision; returns ``output``."""
     observation, values = make_observation(model, inputs, guidance, obs_factor)
-    mesh, batch_size = _mesh_and_batch(model, num_devices, 1, batch_size)
-    writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite=False)
-    starts = _unfinished_batches(writer, len(inputs), batch_size)
     log.info("generate (%s guidance, x%d): %d times, %d members", guidance, obs_factor, len(inputs), members)
-    norm = model.normalizer
-    static = jax.device_put(norm.normalize_static(inputs.static).astype(np.float32), replicated(mesh))
-    with jax.default_matmul_precision(model.matmul_precision):
+    static = model.normalizer.normalize_static(inputs.static).astype(np.float32)
+
+    def make_step(mesh):
         fn = make_guided_fn(model, sampler, observation, schedule, members, member_batch_size, mesh)
-        variables = jax.device_put(model.variables, replicated(mesh))
-        t0 = time.time()
-        for n, start in enumerate(starts):
-            raw, truth = inputs.read(start, min(start + batch_size, len(inputs)))
-            times = inputs.times[start : start + len(raw)]
-            args = [
-                _padded(a, batch_size)
-                for a in (cyclic_time_features(times), values(raw, truth, times).astype(np.float32))
-            ]
-            keys = shard_keys(_time_keys(seed, _padded(times, batch_size)), mesh)
-            samples = fn(variables, static, *(shard_batch(a, mesh) for a in args), keys)
-            samples = norm.denormalize_target(multihost_utils.process_allgather(samples, tiled=True)[: len(raw)])
-            if writer is not None:
-                writer.write(start, samples, samples.mean(axis=1), raw, truth)
-            _log_batch(times, n, len(starts), t0)
-    return output
+        variables, static_on_mesh = jax.device_put((model.variables, static), replicated(mesh))
+
+        def step(batch: Batch):
+            y = values(batch.raw_inputs, batch.truth, batch.times).astype(np.float32)
+            features = batch.sharded(cyclic_time_features(batch.times))
+            return None, fn(variables, static_on_mesh, features, batch.sharded(y), batch.keys)
+
+        return step
+
+    return write_ensembles(
+        model,
+        inputs,
+        output,
+        sampler,
+        make_step,
+        members=members,
+        seed=seed,
+        batch_size=batch_size,
+        num_devices=num_devices,
+    )
