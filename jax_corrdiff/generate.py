@@ -23,6 +23,7 @@ from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.console import log_progress_to_stdout
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.diffusion.guidance import SCHEDULES, GuidanceSchedule
+from jax_corrdiff.diffusion.samplers import SOLVERS
 from jax_corrdiff.inference import zssd
 from jax_corrdiff.inference.generate import (
     SAMPLER_NAMES,
@@ -49,6 +50,9 @@ _TIME = flags.DEFINE_multi_string("time", None, "A time to generate (repeatable)
 _LEAD_TIME = flags.DEFINE_float("lead_time", None, "Forecast inputs: the lead time (hours) to downscale.")
 _SAMPLER = flags.DEFINE_enum("sampler", "stochastic", SAMPLER_NAMES, "Sampler preset (ddim: DDPM models).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Sampler steps (0 = the preset's).")
+_SOLVER = flags.DEFINE_enum(
+    "solver", None, SOLVERS, "EDM solver instead of the preset's (dpmpp_2m: 8 evaluations match Heun-35 on the demo)."
+)
 _SIGMA_MIN = flags.DEFINE_float("sigma_min", 0.0, "Smallest noise level (0 = the preset's).")
 _SIGMA_MAX = flags.DEFINE_float("sigma_max", 0.0, "Largest noise level (0 = the preset's).")
 _CHURN = flags.DEFINE_float("churn", 0.0, "EDM S_churn (stochasticity; 0 = ODE from the initial noise).")
@@ -117,6 +121,8 @@ def _make_sampler(model, defaults: dict):
     )
     if "solver" in defaults and not _SAMPLER.present:  # the package's Euler / Heun
         sampler = dataclasses.replace(sampler, solver=defaults["solver"])
+    if _SOLVER.value:
+        sampler = dataclasses.replace(sampler, solver=_SOLVER.value)
     return sampler
 
 

@@ -40,6 +40,7 @@ def test_command_writes_cf_netcdf_in_physical_units(smoke_workdir, tmp_path):
             "--times=2019-03-22T00,2019-03-22T01",
             "--sampler=deterministic",
             "--steps=3",
+            "--solver=dpmpp_2m",
         ],
         capture_output=True,
         text=True,
@@ -54,6 +55,7 @@ def test_command_writes_cf_netcdf_in_physical_units(smoke_workdir, tmp_path):
         assert 250 < float(ds[name].mean()) < 300
     assert ds.lat.attrs["standard_name"] == "latitude" and ds.time.values[0] == np.datetime64("2019-03-22T00")
     assert ds.completed.values.tolist() == [1, 1]
+    assert "dpmpp_2m" in ds.attrs["sampler"]  # --solver replaces the preset's Euler
 
 
 def test_same_seed_same_output_whatever_the_batching(smoke_workdir, tmp_path):
