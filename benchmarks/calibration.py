@@ -7,9 +7,10 @@ histogram, CRPS and the fine-scale spectrum, plus the residual diagnostic.
 Each setting (``SETTINGS``: a sampler preset of ``jax_corrdiff.generate`` and its overrides)
 generates the validation period (``--period``, every ``--time_stride``-th hour) from the
 coarsened truth into FILES/<setting>_m<M>_stride<N>.nc (an existing file is finished, not redone), and
-``jax_corrdiff.evaluation.score_dataset`` scores it. The JSON (rewritten after every row) holds
-each row's CorrDiff scores, the regression and bilinear baselines, the generation time and the
-residual variances of ``jax_corrdiff.training.residuals`` on the training and validation periods.
+``jax_corrdiff.evaluation.score_dataset`` scores it. The JSON (rewritten after every row; rows of
+other workdirs and settings already in it are kept) holds each row's CorrDiff scores, the
+regression and bilinear baselines and the generation time, and per workdir the residual
+variances of ``jax_corrdiff.training.residuals`` on the training and validation periods.
 """
 
 import json
@@ -33,12 +34,22 @@ SETTINGS = {
     "demo": ("deterministic", {}),  # launch/demo.sh before this study: Euler, 8 steps, sigma 80
     "stochastic": ("stochastic", {}),  # the reference's Heun, 18 steps, sigma 800
     "euler16": ("deterministic", {"steps": 16}),
+    # gamma = min(churn / steps, sqrt(2) - 1): with 8 steps any churn >= 3.3 is the maximum.
+    "euler_churn2": ("deterministic", {"churn": 2.0}),
     "euler_churn10": ("deterministic", {"churn": 10.0}),
     "euler_churn40": ("deterministic", {"churn": 40.0}),
     "euler16_churn40": ("deterministic", {"steps": 16, "churn": 40.0}),
     "euler_snoise1.1_churn40": ("deterministic", {"churn": 40.0, "s_noise": 1.1}),
+    "euler_snoise1.3_churn40": ("deterministic", {"churn": 40.0, "s_noise": 1.3}),
+    "euler_snoise1.5_churn40": ("deterministic", {"churn": 40.0, "s_noise": 1.5}),
+    "euler_snoise1.7_churn40": ("deterministic", {"churn": 40.0, "s_noise": 1.7}),
     "euler_sigmamax800": ("deterministic", {"sigma_max": 800.0}),
     "heun_churn40": ("stochastic", {"churn": 40.0}),
+    "heun_churn40_snoise1.1": ("stochastic", {"churn": 40.0, "s_noise": 1.1}),
+    "heun_churn40_snoise1.2": ("stochastic", {"churn": 40.0, "s_noise": 1.2}),
+    # no churn below sigma 0.1 (the last three of the 18 levels): the finest scales are not inflated
+    "heun_churn40_snoise1.2_smin0.1": ("stochastic", {"churn": 40.0, "s_noise": 1.2, "s_min": 0.1}),
+    "heun32": ("stochastic", {"steps": 32}),
 }
 SCORES = ("mae", "rmse", "crps", "spread", "spread_skill_ratio", "outside_share", "outside_share_ideal")
 SCORES += ("fine_power_ratio", "p99_abs_error")
@@ -113,18 +124,20 @@ def main(argv):
         lon=model.lon,
         times=times,
     )
-    results = {"workdir": os.path.abspath(_WORKDIR.value), "period": _PERIOD.value, "time_stride": _STRIDE.value}
-    if os.path.exists(_OUTPUT.value):  # rows of earlier runs with other settings are kept
+    workdir = os.path.abspath(_WORKDIR.value)
+    results = {"period": _PERIOD.value, "rows": [], "residual_variance": {}}
+    if os.path.exists(_OUTPUT.value):  # rows of earlier runs (other settings, workdirs) are kept
         with open(_OUTPUT.value) as f:
-            results = {**json.load(f), **results}
+            results = {**results, **json.load(f), "period": _PERIOD.value}
     if _RESIDUALS.value:
-        results["residual_variance"] = residual_variances(_WORKDIR.value)
-        print("residual variance (normalized):", results["residual_variance"], flush=True)
-    rows = {(r["setting"], r["members"], r.get("time_stride")): r for r in results.get("rows", [])}
+        results["residual_variance"][workdir] = residual_variances(workdir)
+        print("residual variance (normalized):", results["residual_variance"][workdir], flush=True)
+    rows = {(r["workdir"], r["setting"], r["members"], r["time_stride"]): r for r in results["rows"]}
     for members in map(int, _MEMBERS.value):
         for name in _SETTINGS.value:
-            row = {**run_setting(model, inputs, name, members, files), "time_stride": _STRIDE.value}
-            rows[(name, members, _STRIDE.value)] = row
+            row = run_setting(model, inputs, name, members, files)
+            row = {"workdir": workdir, **row, "time_stride": _STRIDE.value}
+            rows[(workdir, name, members, _STRIDE.value)] = row
             results["rows"] = list(rows.values())
             write_json(results, _OUTPUT.value)
             print_row(row)
