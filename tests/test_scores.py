@@ -12,8 +12,8 @@ import pytest
 import scores.probability
 import xarray as xr
 
-from jax_corrdiff.evaluation import EvaluationInputError, metrics, score_dataset
-from jax_corrdiff.evaluation.spectra import radial_power_spectrum
+from jax_corrdiff.evaluation import EvaluationInputError, format_table, metrics, score_dataset
+from jax_corrdiff.evaluation.spectra import fine_scale_band, fine_scale_power_ratio, radial_power_spectrum
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -221,6 +221,78 @@ def test_spread_of_known_ensemble():
     assert metrics.spread_skill_ratio(1.0, 2.0, 2) == pytest.approx(np.sqrt(1.5) / 2)
 
 
+def test_outside_share_of_calibrated_ensemble_is_ideal_and_larger_when_underdispersed():
+    rng = np.random.default_rng(7)
+    m = 8
+    center = rng.normal(scale=3.0, size=40_000)
+    truth = center + rng.normal(size=center.size)
+    noise = rng.normal(size=(m, center.size))
+    calibrated = metrics.rank_histogram(ensemble(center + noise), field(truth), rng)
+    narrow = metrics.rank_histogram(ensemble(center + 0.5 * noise), field(truth), rng)
+    assert metrics.outside_share_ideal(m) == pytest.approx(2 / 9)
+    assert metrics.outside_share(calibrated) == pytest.approx(2 / 9, abs=0.01)
+    assert metrics.outside_share(narrow) > 0.4
+    assert metrics.outside_share([3, 0, 0, 1]) == pytest.approx(1.0)
+    assert metrics.outside_share([0, 2, 2, 0]) == 0.0
+
+
+def test_fine_scale_band_is_top_third_of_resolved_wavenumbers():
+    np.testing.assert_array_equal(fine_scale_band(33, 49), [11, 12, 13, 14, 15, 16])  # Nyquist 16
+    np.testing.assert_array_equal(fine_scale_band(12, 12), [5, 6])
+
+
+def test_fine_scale_power_ratio_of_damped_and_smoothed_fields():
+    rng = np.random.default_rng(8)
+    truth = rng.normal(size=(64, 33, 49))
+    _, truth_power, _ = radial_power_spectrum(truth)
+    same = radial_power_spectrum(rng.normal(size=truth.shape))[1]
+    assert fine_scale_power_ratio(same.mean(0), truth_power.mean(0), 33, 49) == pytest.approx(1.0, abs=0.05)
+    halved = radial_power_spectrum(0.5 * truth)[1]
+    assert fine_scale_power_ratio(halved.mean(0), truth_power.mean(0), 33, 49) == pytest.approx(0.25)
+    # A 3-point running mean along x damps wavelengths of 2-3 grid lengths by far more than 2x.
+    smoothed = (truth + np.roll(truth, 1, axis=-1) + np.roll(truth, -1, axis=-1)) / 3
+    smoothed_power = radial_power_spectrum(smoothed)[1]
+    assert fine_scale_power_ratio(smoothed_power.mean(0), truth_power.mean(0), 33, 49) < 0.3
+
+
+def _exchangeable_dataset(member_scale: float, n_members=8, n_time=4, ny=24, nx=24, seed=9) -> xr.Dataset:
+    """Truth and members drawn alike around a shared white-noise center: members scaled by
+    ``member_scale`` about the center (1 = calibrated)."""
+    rng = np.random.default_rng(seed)
+    center = rng.normal(scale=2.0, size=(n_time, 1, ny, nx))
+    truth = center[:, 0] + rng.normal(size=(n_time, ny, nx))
+    members = center + member_scale * rng.normal(size=(n_time, n_members, ny, nx))
+    coords = {"time": np.arange(n_time), "ensemble": np.arange(n_members)}
+    return xr.Dataset(
+        {
+            "t2m": (("time", "ensemble", "y", "x"), members, {"units": "K"}),
+            "t2m_truth": (("time", "y", "x"), truth, {"units": "K"}),
+            "t2m_regression": (("time", "y", "x"), center[:, 0], {"units": "K"}),
+        },
+        coords=coords,
+    )
+
+
+def test_score_dataset_calibration_of_exchangeable_and_underdispersed_ensembles():
+    calibrated = score_dataset(_exchangeable_dataset(1.0))
+    models = calibrated["fields"]["t2m"]["models"]
+    corrdiff = models["corrdiff"]["aggregate"]
+    assert corrdiff["spread_skill_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert corrdiff["outside_share_ideal"] == pytest.approx(2 / 9)
+    assert corrdiff["outside_share"] == pytest.approx(2 / 9, abs=0.03)
+    assert corrdiff["fine_power_ratio"] == pytest.approx(1.0, abs=0.1)
+    regression = models["regression"]["aggregate"]
+    assert regression["outside_share"] is None and regression["outside_share_ideal"] is None
+    # The regression center holds the truth's power minus its unit-variance noise: 4 / 5.
+    assert regression["fine_power_ratio"] == pytest.approx(0.8, abs=0.1)
+    narrow = score_dataset(_exchangeable_dataset(0.4))["fields"]["t2m"]["models"]["corrdiff"]["aggregate"]
+    assert narrow["spread_skill_ratio"] < 0.5
+    assert narrow["outside_share"] > 0.5
+    assert narrow["fine_power_ratio"] < 0.9
+    table = format_table(calibrated)
+    assert "outside" in table and "(ideal)" in table and "fine power" in table and "0.2222" in table
+
+
 def test_abs_error_quantile():
     errors = np.arange(101.0)
     assert metrics.abs_error_quantile(field(-errors), field(np.zeros(101))) == pytest.approx(99.0)
@@ -328,6 +400,9 @@ def test_cli_writes_table_json_csv_and_figures(tmp_path):
         for v, level in (("t2m", ""), ("t", "850"))
         for model in ("corrdiff", "regression", "bilinear")
     ]
+    with open(output / "scores.csv") as f:
+        first = next(csv.DictReader(f))
+    assert float(first["outside_share_ideal"]) == pytest.approx(2 / 5) and float(first["fine_power_ratio"]) > 0
     with open(output / "scores.json") as f:
         scores_json = json.load(f)
     assert set(scores_json["fields"]) == {"t2m", "t@850"}

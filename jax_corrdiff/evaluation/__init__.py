@@ -6,7 +6,9 @@
 
 Scores per variable (and level), per time and aggregated: MAE, RMSE, fair CRPS, spread,
 spread-skill ratio, p99 absolute error, rank histogram and power spectra for the CorrDiff
-ensemble, and the deterministic scores of the regression mean and the bilinear input.
+ensemble, and the deterministic scores of the regression mean and the bilinear input; over all
+times, the share of truth outside the ensemble (ideal 2 / (M + 1)) and each model's fine-scale
+power ratio to the truth.
 """
 
 from jax_corrdiff.evaluation.dataset import EvaluationInputError, score_dataset, score_field, target_variables

@@ -13,6 +13,9 @@ with any NaN is left out of that source's mean spectrum (``n_fields`` says how m
 Aggregates over times are point-weighted (MAE, CRPS: mean over all valid points of all
 times; RMSE and spread: square root of the pooled mean square / mean variance; p99: quantile
 of the pooled absolute errors); per-time values are the same scores for each time alone.
+Calibration (aggregate only): the spread-skill ratio with its ensemble-size correction, the
+share of truth outside the ensemble (rank-histogram end bins) with its ideal 2 / (M + 1), and
+the fine-scale power ratio (mean spectra over all times, top third of resolved wavenumbers).
 """
 
 from __future__ import annotations
@@ -23,12 +26,20 @@ import numpy as np
 import xarray as xr
 
 from jax_corrdiff.evaluation import metrics
-from jax_corrdiff.evaluation.spectra import nyquist_wavenumber, radial_bins, radial_power_spectrum
+from jax_corrdiff.evaluation.spectra import (
+    fine_scale_power_ratio,
+    nyquist_wavenumber,
+    radial_bins,
+    radial_power_spectrum,
+)
 
 TIME_DIM, LEVEL_DIM, SPATIAL_DIMS = "time", "level", ("y", "x")
 ENSEMBLE_MODEL = "corrdiff"
 BASELINE_SUFFIXES = {"regression": "_regression", "bilinear": "_interpolated"}
 SCORE_NAMES = ("mae", "rmse", "crps", "spread", "spread_skill_ratio", "p99_abs_error")
+# Aggregate-only calibration scores (over all times): rank-histogram end bins against their
+# ideal 2 / (M + 1) (ensemble only), and the fine-scale spectral power ratio to the truth.
+CALIBRATION_NAMES = ("outside_share", "outside_share_ideal", "fine_power_ratio")
 
 
 class EvaluationInputError(ValueError):
@@ -175,6 +186,14 @@ class _SpectrumAccumulator:
         if len(complete):
             self.sums[source] = self.sums.get(source, 0.0) + radial_power_spectrum(complete)[1].sum(axis=0)
 
+    def fine_power_ratio(self, source: str) -> float | None:
+        """``spectra.fine_scale_power_ratio`` of ``source``'s mean spectrum to the truth's;
+        None when either has no complete field."""
+        if source not in self.sums or "truth" not in self.sums:
+            return None
+        power, truth = (self.sums[s] / self.counts[s] for s in (source, "truth"))
+        return fine_scale_power_ratio(power, truth, *self.grid_shape)
+
     def result(self) -> dict:
         return {
             "wavenumber": np.arange(len(self.mode_count)).tolist(),
@@ -225,11 +244,18 @@ def score_field(
         for name, forecast in det.items():
             spectra.add(name, forecast.values)
 
+    models = {}
+    for name, acc in accumulators.items():
+        ensemble = name == ENSEMBLE_MODEL
+        calibration = {
+            "outside_share": metrics.outside_share(rank_counts) if ensemble else None,
+            "outside_share_ideal": metrics.outside_share_ideal(m) if ensemble else None,
+            "fine_power_ratio": spectra.fine_power_ratio(name),
+        }
+        models[name] = {"aggregate": {**acc.aggregate(), **calibration}, "per_time": acc.per_time}
     return {
         "n_points": accumulators[ENSEMBLE_MODEL].points,
-        "models": {
-            name: {"aggregate": acc.aggregate(), "per_time": acc.per_time} for name, acc in accumulators.items()
-        },
+        "models": models,
         "rank_histogram": rank_counts.tolist(),
         "spectra": spectra.result(),
     }

@@ -99,6 +99,22 @@ def rank_histogram(
     return np.bincount(ranks, minlength=m + 1)
 
 
+def outside_share(rank_counts) -> float:
+    """Share of the truth outside the ensemble's range: (n_0 + n_M) / sum_r n_r, the two end
+    bins of the rank histogram (``rank_histogram``). NaN when nothing was counted."""
+    counts = np.asarray(rank_counts, dtype=np.float64)
+    total = counts.sum()
+    return float((counts[0] + counts[-1]) / total) if total > 0 else float("nan")
+
+
+def outside_share_ideal(members_count: int) -> float:
+    """2 / (M + 1): for a calibrated M-member ensemble the truth is exchangeable with the
+    members, its rank is uniform on {0, ..., M}, and 2 of those M + 1 ranks lie outside the
+    members' range. A larger share is under-dispersion (a U-shaped histogram), a smaller one
+    over-dispersion."""
+    return 2.0 / (members_count + 1)
+
+
 def abs_error_quantile(forecast: xr.DataArray, truth: xr.DataArray, quantile: float = 0.99) -> float:
     """The ``quantile`` (default 0.99) of |f - y| over the finite points (numpy's linear
     interpolation between order statistics); the tail of the error that MAE/RMSE average away."""

@@ -10,7 +10,13 @@ import os
 import xarray as xr
 
 from jax_corrdiff.evaluation import plots
-from jax_corrdiff.evaluation.dataset import SCORE_NAMES, TIME_DIM, EvaluationInputError, completed_times
+from jax_corrdiff.evaluation.dataset import (
+    CALIBRATION_NAMES,
+    SCORE_NAMES,
+    TIME_DIM,
+    EvaluationInputError,
+    completed_times,
+)
 
 TABLE_COLUMNS = {
     "mae": "MAE",
@@ -19,8 +25,11 @@ TABLE_COLUMNS = {
     "spread": "spread",
     "spread_skill_ratio": "SSR",
     "p99_abs_error": "p99 abs err",
+    "outside_share": "outside",
+    "outside_share_ideal": "(ideal)",
+    "fine_power_ratio": "fine power",
 }
-CSV_COLUMNS = ("variable", "level", "model", "units", *SCORE_NAMES, "n_points", "n_times")
+CSV_COLUMNS = ("variable", "level", "model", "units", *SCORE_NAMES, *CALIBRATION_NAMES, "n_points", "n_times")
 
 
 def table_rows(scores: dict) -> list[dict]:
@@ -47,7 +56,9 @@ def _cell(value) -> str:
 
 
 def format_table(scores: dict) -> str:
-    """Fixed-width table: rows variable[@level] x model, columns MAE ... p99 abs err; a last line
+    """Fixed-width table: rows variable[@level] x model, columns MAE ... p99 abs err, the share
+    of truth outside the ensemble with its ideal 2 / (M + 1), and the fine-scale power ratio
+    to the truth (top third of resolved wavenumbers); a last line
     says so when the file is partly written (fewer times scored than it lays out)."""
     header = ["variable", "units", "model", *TABLE_COLUMNS.values()]
     lines = []

@@ -62,3 +62,23 @@ def radial_power_spectrum(fields: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 def nyquist_wavenumber(ny: int, nx: int) -> int:
     """Largest wavenumber whose shell is complete: min(nx, ny) // 2."""
     return min(nx, ny) // 2
+
+
+def fine_scale_band(ny: int, nx: int) -> np.ndarray:
+    """The top third of the resolved wavenumbers: bins k with 2/3 k_N < k <= k_N, k_N the
+    Nyquist wavenumber (wavelengths of 2 to 3 grid lengths), where a generative downscaler
+    must create the detail the coarse input lacks."""
+    k_nyquist = nyquist_wavenumber(ny, nx)
+    k = np.arange(k_nyquist + 1)
+    return k[3 * k > 2 * k_nyquist]
+
+
+def fine_scale_power_ratio(power: np.ndarray, truth_power: np.ndarray, ny: int, nx: int) -> float:
+    """Mean radial power of a prediction over ``fine_scale_band`` divided by the truth's
+    (spectra from ``radial_power_spectrum`` on the same ny x nx grid): 1 when the finest
+    resolved scales carry their true variance, < 1 when they are too smooth."""
+    band = fine_scale_band(ny, nx)
+    truth_band = float(np.mean(np.asarray(truth_power)[band]))
+    if not truth_band > 0:
+        return float("nan")
+    return float(np.mean(np.asarray(power)[band]) / truth_band)

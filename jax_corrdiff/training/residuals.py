@@ -1,0 +1,86 @@
+"""Residual diagnostic: does the regression mean fit its own training period better than new data?
+
+The diffusion stage learns the distribution of the residual r = y - mu(img_lr) over the
+training period (CorrDiff, Mardani et al. 2023, eq. 3). If the regression network mu has
+fitted its training targets better than it predicts unseen ones, E[r^2] over the training
+period is smaller than over new data, and a diffusion model trained on those residuals
+samples too little spread where it is used (an under-dispersed ensemble).
+
+    python -c "from jax_corrdiff.training.residuals import residual_variances; print(residual_variances('WORKDIR'))"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import jax
+import numpy as np
+
+from jax_corrdiff.data.normalization import load_stats
+from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator
+from jax_corrdiff.data.store import PREPARED_DIR, STATS_NAME, STORE_NAME
+from jax_corrdiff.model_dir import load_model
+from jax_corrdiff.models.factory import build_model
+
+MeanFn = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+
+
+def residual_moments(mean_fn: MeanFn, batches: Iterable[dict]) -> dict:
+    """Moments of r = target - mean_fn(img_lr, lead_time_label) per target channel, pooled
+    over the valid samples (``mask``, where present) and all pixels of ``batches`` (dicts of
+    NHWC ``target``, ``img_lr``, optional ``lead_time_label`` and ``mask``).
+
+    Returns {"mean_square": E[r^2], "variance": E[r^2] - E[r]^2, "samples": count}, both per
+    channel (lists), in the units of ``target``.
+    """
+    total, total_sq, pixels, samples = 0.0, 0.0, 0, 0
+    for batch in batches:
+        keep = np.asarray(batch.get("mask", np.ones(len(batch["target"]), bool)), bool)
+        if not keep.any():
+            continue
+        mean = np.asarray(mean_fn(batch["img_lr"], batch.get("lead_time_label")), np.float64)
+        r = (np.asarray(batch["target"], np.float64) - mean)[keep]
+        total = total + r.sum(axis=(0, 1, 2))
+        total_sq = total_sq + (r**2).sum(axis=(0, 1, 2))
+        pixels += r.shape[0] * r.shape[1] * r.shape[2]
+        samples += int(keep.sum())
+    if samples == 0:
+        raise ValueError("residual_moments: no valid samples in the batches")
+    mean_square = total_sq / pixels
+    return {
+        "mean_square": mean_square.tolist(),
+        "variance": (mean_square - (total / pixels) ** 2).tolist(),
+        "samples": samples,
+    }
+
+
+def residual_variances(workdir: str, batch_size: int = 8) -> dict:
+    """``residual_moments`` of the regression model WORKDIR/regression/model on the training and
+    validation periods of the prepared data WORKDIR/prepared, in normalized target units
+    (variance 1 = the target's own variance over the training period).
+
+    Returns {"target_channels", "train": moments, "valid": moments, "valid_over_train": the ratio
+    of the two variances per channel}; a ratio clearly above 1 says the regression fits its
+    training period better than new data.
+    """
+    prepared = os.path.join(workdir, PREPARED_DIR)
+    store, stats = os.path.join(prepared, STORE_NAME), os.path.join(prepared, STATS_NAME)
+    for path in (store, stats):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: {workdir} is not a trained workdir")
+    normalizer = load_stats(stats)
+    saved = load_model(os.path.join(workdir, "regression", "model"))
+    model = build_model(saved.config)
+
+    @jax.jit
+    def mean_fn(img_lr, lead_time_label):
+        with jax.default_matmul_precision(saved.matmul_precision):
+            return model.apply(saved.variables, img_lr, lead_time_label=lead_time_label)
+
+    result = {"target_channels": list(normalizer.target_channels)}
+    for split in ("train", "valid"):
+        source = DownscalingSource(store, split, normalizer)
+        result[split] = residual_moments(mean_fn, make_eval_iterator(source, batch_size=batch_size))
+    result["valid_over_train"] = (np.array(result["valid"]["variance"]) / result["train"]["variance"]).tolist()
+    return result
