@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -38,13 +37,12 @@ TIME = "2019-03-22T00"
 
 
 def _earth2studio(args, *worker_args) -> dict:
-    """Run this script as an Earth2Studio worker and return its RESULT (no idle wait: nothing is timed)."""
+    """Run this script as an Earth2Studio worker and return its result (no idle wait: nothing is timed)."""
     command = [args.earth2studio_python, os.path.abspath(__file__), "--worker", *worker_args]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(harness.RESULT_PREFIX)]
-    if proc.returncode or not lines:
-        raise SystemExit(f"Earth2Studio worker failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return json.loads(lines[-1][len(harness.RESULT_PREFIX) :])
+    result = harness.run_command(command, timeout=3600)
+    if "error" in result:
+        raise SystemExit(f"Earth2Studio worker failed: {json.dumps(result, indent=1)}")
+    return result
 
 
 def _load_e2s(package: str):

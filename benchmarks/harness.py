@@ -64,25 +64,27 @@ def describe_machine() -> dict:
 
 
 def run_worker(command: list[str], timeout: float, env: dict | None = None) -> dict:
-    """Run one measurement in a fresh process, after an idle machine, and return its result.
-
-    The worker prints ``RESULT {json}`` as its last such line; a failure becomes
-    ``{"error": ...}`` with the tail of its output, so one broken row does not stop a run.
-    """
+    """Run one measurement in a fresh process, after an idle machine, and return its result
+    (``run_command``'s) with how busy the machine was before it started."""
     load = wait_for_idle()
+    return {**run_command(command, timeout, env), "load": load}
+
+
+def run_command(command: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run a worker process and return its result: the worker prints ``RESULT {json}`` as its
+    last such line; a failure becomes ``{"error": ...}`` with the tail of its output, so one
+    broken row does not stop a run."""
     try:
         proc = subprocess.run(
             command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
         )
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s", "load": load}
+        return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode or not lines:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
-        return {"error": f"exit {proc.returncode}", "output": tail, "load": load}
-    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    result["load"] = load
-    return result
+        return {"error": f"exit {proc.returncode}", "output": tail}
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
 
 
 def write_results(path: str, results: dict) -> None:
