@@ -12,7 +12,7 @@ Caveat of the data: the shipped HRRR window is a dry July period, so ``prate`` i
     python -m jax_corrdiff.train --config=configs/rain_hrrr.py --workdir=/tmp/rain_hrrr
 """
 
-from jax_corrdiff.config import base_config, set_hrrr_idaho_data, set_stages, shrink_to_smoke
+from jax_corrdiff.config import base_config, set_hrrr_idaho_data, set_hrrr_idaho_stages, shrink_to_smoke
 
 
 def get_config(variant: str = ""):
@@ -23,21 +23,7 @@ def get_config(variant: str = ""):
     config.diffusion.parameterization = "ddpm"
     config.diffusion.mean = "regression"
 
-    set_stages(
-        config,
-        unet=dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[19], dropout=0.0),
-        training=dict(
-            batch_size=4,
-            lr=5e-4,
-            lr_rampup_samples=400,
-            ema_halflife_samples=200,
-            log_every_steps=25,
-            eval_every_steps=100,
-            checkpoint_every_steps=100,
-            eval_batches=2,
-            total_samples=4 * 400,
-        ),
-    )
+    set_hrrr_idaho_stages(config)
     if variant == "smoke":
         shrink_to_smoke(config, 10, log_every_steps=5)
     elif variant:

@@ -274,3 +274,23 @@ def set_hrrr_idaho_data(
     data.train_period = ["2018-07-22T01", "2018-07-23T00"]
     data.valid_period = ["2018-07-23T01", "2018-07-23T07"]
     return config
+
+
+def set_hrrr_idaho_stages(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every stage's widths and schedule on the 78 x 41 HRRR Idaho grid: three levels (padded
+    to 80 x 44), attention at the coarsest (78 >> 2 = 19), 400 steps of 4."""
+    return set_stages(
+        config,
+        unet=dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=2, attn_resolutions=[19], dropout=0.0),
+        training=dict(
+            batch_size=4,
+            lr=5e-4,
+            lr_rampup_samples=400,
+            ema_halflife_samples=200,
+            log_every_steps=25,
+            eval_every_steps=100,
+            checkpoint_every_steps=100,
+            eval_batches=2,
+            total_samples=4 * 400,
+        ),
+    )
