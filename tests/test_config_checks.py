@@ -1,5 +1,6 @@
 """Training configs are checked before any work: each bad number is an error naming its key."""
 
+import importlib.util
 import os
 
 import demo
@@ -35,3 +36,19 @@ def test_the_diffusion_stage_is_checked_too(tmp_path):
     config.diffusion.training.eval_every_steps = 0
     with pytest.raises(ValueError, match=r"diffusion\.training\.eval_every_steps must be > 0"):
         train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_typo_in_a_config_file_fails_where_it_is_set(tmp_path):
+    config_file = tmp_path / "typo.py"
+    config_file.write_text(
+        "from jax_corrdiff.config import base_config\n"
+        "def get_config():\n"
+        "    config = base_config()\n"
+        "    config.regression.training.learning_rate = 5.0  # the key is `lr`\n"
+        "    return config\n"
+    )
+    spec = importlib.util.spec_from_file_location("typo", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(AttributeError, match="learning_rate"):
+        module.get_config()

@@ -244,21 +244,23 @@ def score_field(
         for name, forecast in det.items():
             spectra.add(name, forecast.values)
 
-    models = {}
-    for name, acc in accumulators.items():
-        ensemble = name == ENSEMBLE_MODEL
-        calibration = {
-            "outside_share": metrics.outside_share(rank_counts) if ensemble else None,
-            "outside_share_ideal": metrics.outside_share_ideal(m) if ensemble else None,
-            "fine_power_ratio": spectra.fine_power_ratio(name),
-        }
-        models[name] = {"aggregate": {**acc.aggregate(), **calibration}, "per_time": acc.per_time}
     return {
         "n_points": accumulators[ENSEMBLE_MODEL].points,
-        "models": models,
+        "models": {name: _model_summary(name, acc, rank_counts, spectra) for name, acc in accumulators.items()},
         "rank_histogram": rank_counts.tolist(),
         "spectra": spectra.result(),
     }
+
+
+def _model_summary(name: str, acc: _ModelAccumulator, rank_counts: np.ndarray, spectra: _SpectrumAccumulator):
+    """Aggregate and per-time scores of one model; calibration figures for the ensemble only."""
+    ensemble = name == ENSEMBLE_MODEL
+    calibration = {
+        "outside_share": metrics.outside_share(rank_counts) if ensemble else None,
+        "outside_share_ideal": metrics.outside_share_ideal(len(rank_counts) - 1) if ensemble else None,
+        "fine_power_ratio": spectra.fine_power_ratio(name),
+    }
+    return {"aggregate": {**acc.aggregate(), **calibration}, "per_time": acc.per_time}
 
 
 def score_dataset(ds: xr.Dataset, variables=None, seed: int = 0) -> dict:

@@ -188,6 +188,16 @@ def _unet_config(class_name: str, given: dict, path: str) -> tuple[dict, int]:
     return unet, extra
 
 
+def _diffusion_kind(name: str, given: dict, args: _Args) -> dict:
+    """Kind and EDM settings of a diffusion wrapper class."""
+    # Only the deprecated EDMPrecondSR scales its conditioning input.
+    legacy = given.get("scale_cond_input", True) if name == "EDMPrecondSR" else False
+    if type(legacy) is not bool:
+        raise args.bad("scale_cond_input", f"must be a bool, got {short_repr(legacy)}")
+    sigma_data = args.number("sigma_data", 1e-30, 1e30) if "sigma_data" in given else 0.5
+    return dict(kind="diffusion", sigma_data=sigma_data, legacy_scale_conditioning=legacy)
+
+
 def model_config_from_args(archive: MdlusArchive) -> dict:
     """Translate ``args.json`` into a jax_corrdiff model config."""
     name, given = archive.args.get("__name__"), archive.args.get("__args__", {})
@@ -216,15 +226,8 @@ def model_config_from_args(archive: MdlusArchive) -> dict:
             unet=unet,
         )
         in_key = "img_in_channels"
-        if name in REGRESSION_CLASSES:
-            config = dict(kind="regression", **config)
-        else:
-            # Only the deprecated EDMPrecondSR scales its conditioning input.
-            legacy = given.get("scale_cond_input", True) if name == "EDMPrecondSR" else False
-            if type(legacy) is not bool:
-                raise args.bad("scale_cond_input", f"must be a bool, got {short_repr(legacy)}")
-            sigma_data = args.number("sigma_data", 1e-30, 1e30) if "sigma_data" in given else 0.5
-            config = dict(kind="diffusion", sigma_data=sigma_data, legacy_scale_conditioning=legacy, **config)
+        kind = dict(kind="regression") if name in REGRESSION_CLASSES else _diffusion_kind(name, given, args)
+        config = dict(**kind, **config)
     else:
         raise UnsupportedCheckpointError(
             archive.path,
