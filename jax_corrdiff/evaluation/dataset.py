@@ -2,7 +2,7 @@
 
 Layout read: for each target NAME, ``NAME`` (time, ensemble, [level,] y, x) CorrDiff members,
 ``NAME_truth`` (time, [level,] y, x), and the deterministic baselines ``NAME_regression``
-(stage-1 mean) and ``NAME_interpolated`` (bilinear coarse input) where present. Each
+(stage-1 mean), ``NAME_interpolated`` (bilinear coarse input) and ``NAME_bcsd`` where present. Each
 (variable, level) is scored one time step at a time, so memory holds one time's members.
 
 Masking: at each time, a point counts only where the truth, every member and every baseline
@@ -35,7 +35,7 @@ from jax_corrdiff.evaluation.spectra import (
 
 TIME_DIM, LEVEL_DIM, SPATIAL_DIMS = "time", "level", ("y", "x")
 ENSEMBLE_MODEL = "corrdiff"
-BASELINE_SUFFIXES = {"regression": "_regression", "bilinear": "_interpolated"}
+BASELINE_SUFFIXES = {"regression": "_regression", "bilinear": "_interpolated", "bcsd": "_bcsd"}
 SCORE_NAMES = ("mae", "rmse", "crps", "spread", "spread_skill_ratio", "p99_abs_error")
 # Aggregate-only calibration scores (over all times): rank-histogram end bins against their
 # ideal 2 / (M + 1) (ensemble only), and the fine-scale spectral power ratio to the truth.

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -56,6 +56,8 @@ class Batch:
 # step(batch) -> (ensemble mean (size, H, W, C) or None = the members' mean, samples
 # (size, M, H, W, C)), normalized units, sharded over the data axis.
 BatchStep = Callable[[Batch], tuple[jax.Array | None, jax.Array]]
+# baseline(batch) -> its fields (stop - start, H, W, C), physical units (numpy, on the host).
+Baseline = Callable[[Batch], np.ndarray]
 
 
 def write_ensembles(
@@ -71,6 +73,7 @@ def write_ensembles(
     num_devices: int = 0,
     tile_devices: int = 1,
     overwrite: bool = False,
+    baselines: Mapping[str, Baseline] | None = None,
 ) -> str:
     """Sample every time of ``inputs`` not yet finished in ``output`` with the step that
     ``make_step(mesh)`` builds (under the model's matmul precision), and write the members,
@@ -79,10 +82,12 @@ def write_ensembles(
     ``model`` is a ``CorrDiffModel`` or a ``PriorModel`` (its normalizer, grid, data config,
     conditioning, matmul precision and workdir are read); ``sampler`` is recorded in the run
     settings. ``batch_size`` is times per compiled call (0 = one per data-parallel device),
-    ``tile_devices`` the devices sharing one image's tiles, ``overwrite`` starts ``output`` anew.
+    ``tile_devices`` the devices sharing one image's tiles, ``overwrite`` starts ``output`` anew,
+    ``baselines`` ({name: Baseline}, names of ``writer.BASELINE_COMMENTS``) are written beside.
     """
+    baselines = dict(baselines or {})
     mesh, batch_size = _mesh_and_batch(model, num_devices, tile_devices, batch_size)
-    writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite)
+    writer = _open_writer(model, inputs, output, sampler, members, seed, overwrite, tuple(baselines))
     starts = _unfinished_batches(writer, len(inputs), batch_size)
     norm = model.normalizer
     with jax.default_matmul_precision(model.matmul_precision):
@@ -97,7 +102,7 @@ def write_ensembles(
             samples = norm.denormalize_target(_gathered(samples, len(raw)))
             mean = samples.mean(axis=1) if mean is None else norm.denormalize_target(_gathered(mean, len(raw)))
             if writer is not None:
-                writer.write(start, samples, mean, raw, truth)
+                writer.write(start, samples, mean, raw, truth, {name: fn(batch) for name, fn in baselines.items()})
             _log_batch(times, n, len(starts), t0)
     return output
 
@@ -106,7 +111,9 @@ def _gathered(array: jax.Array, rows: int) -> np.ndarray:
     return multihost_utils.process_allgather(array, tiled=True)[:rows]
 
 
-def run_settings(model: Any, inputs: InferenceInputs, sampler: Any, members: int, seed: int) -> dict:
+def run_settings(
+    model: Any, inputs: InferenceInputs, sampler: Any, members: int, seed: int, baselines: tuple[str, ...] = ()
+) -> dict:
     """What defines a generation run, kept in its output so a rerun that differs is refused:
     the model (workdir, and its exported files' sizes and times), the input file (likewise, and
     whether it is coarsened truth), the sampler with all its settings, the seed and the members."""
@@ -124,6 +131,7 @@ def run_settings(model: Any, inputs: InferenceInputs, sampler: Any, members: int
         **{f"sampler.{k}": v for k, v in dataclasses.asdict(sampler).items()},
         "seed": int(seed),
         "members": int(members),
+        **({"baselines": list(baselines)} if baselines else {}),
     }
 
 
@@ -145,7 +153,9 @@ def variable_attrs(paths: list[str], channels: list[str]) -> dict[str, dict]:
     return attrs
 
 
-def _open_writer(model, inputs: InferenceInputs, output: str, sampler, members: int, seed: int, overwrite: bool):
+def _open_writer(
+    model, inputs: InferenceInputs, output: str, sampler, members: int, seed: int, overwrite: bool, baselines
+):
     """Process 0's output file, laid out for every time of ``inputs``: opened as it is when it
     exists (and holds a run with the same settings), or created anew (``overwrite`` removes it
     first). None on the other processes."""
@@ -173,7 +183,8 @@ def _open_writer(model, inputs: InferenceInputs, output: str, sampler, members: 
             "sampler": repr(sampler),
             "seed": seed,
         },
-        run_settings=run_settings(model, inputs, sampler, members, seed),
+        run_settings=run_settings(model, inputs, sampler, members, seed, baselines),
+        baselines=baselines,
     )
 
 

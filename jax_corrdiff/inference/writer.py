@@ -11,6 +11,7 @@ Variables, in physical units, for each target field NAME (levelled fields share 
     NAME_regression    (time, [level,] y, x)             the regression (stage 1) mean
     NAME_interpolated  (time, [level,] y, x)             coarse input, bilinear on the fine grid (if an input)
     NAME_truth         (time, [level,] y, x)             truth (coarsened-truth mode)
+    NAME_bcsd          (time, [level,] y, x)             extra baselines, where the generator gives them
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from jax_corrdiff.data.sources import FieldSpec, is_zarr
 
 TIME_UNITS = "hours since 1970-01-01 00:00:00"
 RUN_SETTINGS = "run_settings"  # global attribute: JSON of what defines the run
+# Deterministic baselines a generator may add beside the regression mean and the interpolation.
+BASELINE_COMMENTS = {"bcsd": "BCSD baseline: quantile-mapped coarse field, disaggregated with the fine climatology"}
 
 
 class RunMismatchError(ValueError):
@@ -85,8 +88,13 @@ class EnsembleWriter:
         global_attrs: dict,
         run_settings: dict,
         init_times: np.ndarray | None = None,
+        baselines: Sequence[str] = (),
     ):
+        unknown = set(baselines) - set(BASELINE_COMMENTS)
+        if unknown:
+            raise ValueError(f"unknown baselines {sorted(unknown)} (known: {sorted(BASELINE_COMMENTS)})")
         self.path = path
+        self.baselines = tuple(baselines)
         self.fields, self.levels = group_channels(target_channels)
         self.interpolated = {
             f.name: [list(input_channels).index(c) for c in self._names(f, target_channels)]
@@ -124,6 +132,12 @@ class EnsembleWriter:
                 )
             if self.has_truth:
                 yield f"{f.name}_truth", ("time", *dims, "y", "x"), {**attrs, "comment": "truth"}
+            for baseline in self.baselines:
+                yield (
+                    f"{f.name}_{baseline}",
+                    ("time", *dims, "y", "x"),
+                    {**attrs, "comment": BASELINE_COMMENTS[baseline]},
+                )
 
     def _coordinates(self, hours, members, lat, lon, init_times) -> list[tuple]:
         """(name, dims, values, attrs) of every coordinate-like variable, ``completed`` included."""
@@ -201,9 +215,10 @@ class EnsembleWriter:
             return np.asarray(nc[name][...])
 
     # ------------------------------------------------------------------ write
-    def write(self, start: int, prediction, regression, inputs, truth) -> None:
+    def write(self, start: int, prediction, regression, inputs, truth, baselines: dict | None = None) -> None:
         """Rows start..start+B: prediction (B, M, H, W, C), regression (B, H, W, C),
-        inputs (B, H, W, C_in) interpolated coarse input, truth (B, H, W, C) or None."""
+        inputs (B, H, W, C_in) interpolated coarse input, truth (B, H, W, C) or None, and each of
+        the writer's ``baselines`` as {name: (B, H, W, C)}."""
         rows = slice(start, start + len(regression))
         values = {}
         for f in self.fields:
@@ -215,6 +230,8 @@ class EnsembleWriter:
                 values[f"{f.name}_interpolated"] = self._arrange(inputs[..., self.interpolated[f.name]], f, levelled)
             if self.has_truth:
                 values[f"{f.name}_truth"] = self._arrange(truth[..., idx], f, levelled)
+            for baseline in self.baselines:
+                values[f"{f.name}_{baseline}"] = self._arrange(baselines[baseline][..., idx], f, levelled)
         done = np.ones(rows.stop - rows.start, np.int8)
         if self.zarr:
             root = zarr.open_group(self.path, mode="r+")

@@ -13,7 +13,8 @@ observation, at whatever scale factor it comes:
 
 The output is the CorrDiff file layout (``inference.writer``), so ``score`` reads it unchanged:
 ``NAME`` the guided members, ``NAME_regression`` their ensemble mean (there is no regression
-stage), ``NAME_interpolated`` the observation interpolated bilinearly, ``NAME_truth``.
+stage), ``NAME_interpolated`` the observation interpolated bilinearly, ``NAME_bcsd`` the BCSD
+baseline of the same observation (``inference.bcsd``) and ``NAME_truth``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from jax_corrdiff.data.calendar import cyclic_time_features
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.regrid import block_average
-from jax_corrdiff.data.sources import FieldSource
+from jax_corrdiff.data.sources import EmptyTimeRangeError, FieldSource
+from jax_corrdiff.data.store import STORE_NAME, PreparedStore
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.guidance import (
     GuidanceSchedule,
@@ -45,7 +47,8 @@ from jax_corrdiff.diffusion.guidance import (
     unified_operator,
 )
 from jax_corrdiff.diffusion.samplers import EDMSampler, sample_ensemble
-from jax_corrdiff.inference.batch_loop import Batch, write_ensembles
+from jax_corrdiff.inference.batch_loop import Baseline, Batch, write_ensembles
+from jax_corrdiff.inference.bcsd import BCSD, ShortClimatologyError
 from jax_corrdiff.mesh import batch_sharded, replicated
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
@@ -102,6 +105,25 @@ def open_inputs(model: PriorModel, path: str, *, coarsen: bool, obs_factor: int,
     return InferenceInputs.open(config, path, coarsen=coarsen, lat=model.lat, lon=model.lon, period=period, times=times)
 
 
+def coarse_observation(model: PriorModel, inputs: InferenceInputs, obs_factor: int):
+    """(A, raw_values): the operator from the fine grid to the observation's own grid, and
+    raw_values(raw, truth, times) -> the observations on it (B, A, B', C), physical units.
+    Coarsened truth: block average by ``obs_factor`` of the truth. A coarse file: area-weighted
+    averaging onto its regular lat/lon grid, and the file's values in the cells A keeps."""
+    shape = model.lat.shape
+    if inputs.has_truth:
+        return block_average_operator(obs_factor, shape), lambda raw, truth, times: block_average(truth, obs_factor)
+    source = FieldSource([inputs.path], model.data_config["input_variables"], "observations")
+    if source.regular is None:
+        raise ValueError(f"{inputs.path}: guidance from a coarse file needs a regular 1-D lat/lon grid")
+    op, (lat_idx, lon_idx) = area_weighted_operator(model.lat, model.lon, *source.regular)
+
+    def raw_values(raw, truth, times):
+        return source.read(np.searchsorted(source.times, times))[:, lat_idx][:, :, lon_idx]
+
+    return op, raw_values
+
+
 # values(raw interpolated inputs (B, H, W, C), truth or None, times (B,)) -> normalized y (B, ...)
 ObservationValues = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
 
@@ -118,20 +140,36 @@ def make_observation(
         return template, lambda raw, truth, times: np.asarray(op(norm.normalize_target(raw)))
     if guidance != "dps":
         raise ValueError(f"--guidance must be one of {GUIDANCE}, got {guidance!r}")
-    if inputs.has_truth:
-        op = block_average_operator(obs_factor, shape)
-        values = lambda raw, truth, times: norm.normalize_target(block_average(truth, obs_factor))  # noqa: E731
-    else:
-        source = FieldSource([inputs.path], model.data_config["input_variables"], "observations")
-        if source.regular is None:
-            raise ValueError(f"{inputs.path}: dps guidance from a coarse file needs a regular 1-D lat/lon grid")
-        op, (lat_idx, lon_idx) = area_weighted_operator(model.lat, model.lon, *source.regular)
-
-        def values(raw, truth, times):
-            coarse = source.read(np.searchsorted(source.times, times))[:, lat_idx][:, :, lon_idx]
-            return norm.normalize_target(coarse)
-
+    op, raw_values = coarse_observation(model, inputs, obs_factor)
+    values = lambda raw, truth, times: norm.normalize_target(raw_values(raw, truth, times))  # noqa: E731
     return Observation(op, jnp.zeros((*op.shape, 1)), cell_count_weights(op), shape), values
+
+
+def bcsd_baseline(model: PriorModel, inputs: InferenceInputs, obs_factor: int) -> Baseline | None:
+    """The BCSD baseline of these observations (``inference.bcsd``): the reference climatology is
+    the training period of the prior's prepared store; the bias correction maps from the
+    observation file's own record over that period (the historical overlap, as in the original
+    method). None, with a warning, when the workdir has no prepared store or the file does not
+    cover enough of the training period."""
+    store_path = os.path.join(model.workdir, "prepared", STORE_NAME)
+    if not os.path.isdir(store_path):
+        log.warning("no prepared store at %s: the output has no BCSD baseline", store_path)
+        return None
+    store = PreparedStore(store_path)
+    train = store.split_indices("train")
+    operator, raw_values = coarse_observation(model, inputs, obs_factor)
+    try:
+        overlap = open_inputs(
+            model, inputs.path, coarsen=inputs.has_truth, obs_factor=obs_factor, period=store.config["train_period"]
+        )
+        record, record_times = raw_values(*overlap.read(0, len(overlap)), overlap.times), overlap.times
+        bcsd = BCSD.fit(operator, store.read(train)[0], store.times[train])
+        bcsd(record[:1], record_times[:1], record, record_times)  # checks the record's climatology
+    except (EmptyTimeRangeError, ShortClimatologyError) as error:
+        log.warning("no BCSD baseline (it needs the observation source over the training period): %s", error)
+        return None
+    log.info("BCSD: climatology of %d training times, record of %d observation times", len(train), len(record))
+    return lambda batch: bcsd(raw_values(batch.raw_inputs, batch.truth, batch.times), batch.times, record, record_times)
 
 
 def make_guided_fn(
@@ -187,6 +225,7 @@ def generate_guided(
 
         return step
 
+    bcsd = bcsd_baseline(model, inputs, obs_factor)
     return write_ensembles(
         model,
         inputs,
@@ -197,4 +236,5 @@ def generate_guided(
         seed=seed,
         batch_size=batch_size,
         num_devices=num_devices,
+        baselines={"bcsd": bcsd} if bcsd else None,
     )
