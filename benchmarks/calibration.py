@@ -17,8 +17,8 @@ import json
 import os
 import time
 
-import numpy as np
 from absl import app, flags
+from harness import hourly_times
 
 from jax_corrdiff.data import demo_data_path
 from jax_corrdiff.data.inference_inputs import InferenceInputs
@@ -66,11 +66,6 @@ _BATCH = flags.DEFINE_integer("batch_size", 6, "Times per compiled call.")
 _RESIDUALS = flags.DEFINE_bool("residuals", True, "Also the residual variances (training vs validation).")
 
 
-def validation_times(period: list[str], stride: int) -> list[str]:
-    start, end = (np.datetime64(t, "h") for t in period)
-    return [str(t) for t in np.arange(start, end + np.timedelta64(1, "h"), np.timedelta64(stride, "h"))]
-
-
 def run_setting(model: CorrDiffModel, inputs: InferenceInputs, name: str, members: int, files: str) -> dict:
     """Generate (or finish) FILES/<name>_m<members>.nc and score it; one JSON row."""
     preset, overrides = SETTINGS[name]
@@ -115,7 +110,7 @@ def main(argv):
     os.makedirs(files, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
     model = CorrDiffModel.load(_WORKDIR.value)
-    times = validation_times(_PERIOD.value, _STRIDE.value)
+    times = hourly_times(_PERIOD.value, _STRIDE.value)
     inputs = InferenceInputs.open(
         model.data_config,
         demo_data_path("era5_t2m_uk_0p25deg.nc"),

@@ -1,5 +1,5 @@
-"""What the speed benchmarks share: the machine's description, waiting for an idle machine,
-and running one measurement in its own subprocess.
+"""What the benchmarks share: the machine's description, waiting for an idle machine, running
+one measurement in its own subprocess, and the hourly times a skill benchmark scores.
 
 These machines are shared: a second busy process slows both sides of a comparison by large
 factors, so every measurement waits until the CPUs have been idle for a few seconds and
@@ -14,6 +14,8 @@ import platform
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 RESULT_PREFIX = "RESULT "  # a worker prints its result as one line: RESULT {json}
 
@@ -146,3 +148,9 @@ def parse_width(text: str) -> int:
     if not text.isdigit() or int(text) % 32:
         raise SystemExit(f"--width {text!r}: full, tiny or a multiple of 32")
     return int(text)
+
+
+def hourly_times(period: list[str], stride: int = 1) -> list[str]:
+    """Every ``stride``-th hour from period[0] to period[1] (inclusive), as ISO strings."""
+    start, end = (np.datetime64(t, "h") for t in period)
+    return [str(t) for t in np.arange(start, end + np.timedelta64(1, "h"), np.timedelta64(stride, "h"))]

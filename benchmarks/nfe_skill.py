@@ -28,7 +28,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
-from harness import describe_machine, write_results  # noqa: E402
+from harness import (  # noqa: E402
+    describe_machine,
+    hourly_times,  # noqa: E402
+    write_results,
+)
 
 from jax_corrdiff.compilation_cache import enable_compilation_cache  # noqa: E402
 from jax_corrdiff.console import log_progress_to_stdout  # noqa: E402
@@ -60,11 +64,6 @@ def steps_for(solver: str, evaluations: int) -> int:
 
 def sampler_for(solver: str, steps: int):
     return dataclasses.replace(make_sampler("stochastic", steps=steps), solver=solver)
-
-
-def validation_times(every_hours: int) -> list[str]:
-    hours = np.arange(np.datetime64(PERIOD[0]), np.datetime64(PERIOD[1]) + 1, every_hours)
-    return [str(t) for t in hours]
 
 
 def run_one(model, inputs, solver: str, steps: int, scratch: str) -> dict:
@@ -146,7 +145,7 @@ def main(argv):
     os.makedirs(scratch, exist_ok=True)
     enable_compilation_cache(os.path.join(scratch, "compilation_cache"))
     model = CorrDiffModel.load(_WORKDIR.value)
-    times = validation_times(_EVERY.value)
+    times = hourly_times(PERIOD, _EVERY.value)
     era5 = demo_data_path("era5_t2m_uk_0p25deg.nc")
     inputs = InferenceInputs.open(model.data_config, era5, coarsen=True, lat=model.lat, lon=model.lon, times=times)
     configs = [REFERENCE] + [

@@ -5,10 +5,11 @@ One prior (``configs/zssd_era5_uk.py``) downscales the validation period's truth
 by each factor; every row is scored against the truth with ``jax_corrdiff.evaluation``:
 
     python benchmarks/zssd_table.py --workdir=/tmp/zssd --output=/tmp/zssd_table \\
-        [--factors=4,6,8,10] [--scales=1,3] [--period=2019-03-19T00,2019-03-24T05] [--time_stride=6] \\
+        [--factors=4,6,8,10] [--dps_scales=1] [--ucg_scales=3] [--period=2019-03-19T00,2019-03-24T05] \\
+        [--time_stride=7] \\
         [--members=4] [--steps=8] [--corrdiff_workdir=/tmp/demo]
 
-Writes OUTPUT/{dps,ucg}_x{K}_s{scale}.nc (an existing file is finished, not redone),
+Writes OUTPUT/{dps,ucg}_x{K}_s{scale}.nc, OUTPUT/corrdiff_x{K}.nc (an existing file is finished, not redone),
 OUTPUT/table.json (rewritten after every file) and prints a Markdown table: the ensemble mean's
 MAE, RMSE and p99 absolute error, CRPS (fair, of the ensemble; the error itself for a single
 field) and the fine-scale power ratio (top third of wavenumbers, 1 = the truth's), in K.
@@ -19,7 +20,7 @@ import os
 import time
 
 from absl import app, flags
-from calibration import validation_times
+from harness import hourly_times
 
 from jax_corrdiff.data import demo_data_path
 from jax_corrdiff.data.inference_inputs import InferenceInputs
@@ -32,9 +33,12 @@ from jax_corrdiff.inference.zssd import GUIDANCE, PriorModel, generate_guided, o
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding prior/model.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the generated files and table.json.", required=True)
 _FACTORS = flags.DEFINE_list("factors", ["4", "6", "8", "10"], "Scale factors.")
-_SCALES = flags.DEFINE_list("scales", ["1", "3"], "sda guidance scales (each method at each).")
+_SCALES = {
+    "dps": flags.DEFINE_list("dps_scales", ["1"], "sda guidance scales of DPS (block-average operator)."),
+    "ucg": flags.DEFINE_list("ucg_scales", ["3"], "sda guidance scales of unified coordinate guidance."),
+}
 _PERIOD = flags.DEFINE_list("period", ["2019-03-19T00", "2019-03-24T05"], "START,END of the scored times.")
-_STRIDE = flags.DEFINE_integer("time_stride", 6, "Score every N-th hour of the period.")
+_STRIDE = flags.DEFINE_integer("time_stride", 7, "Score every N-th hour of the period (7: every hour of day).")
 _MEMBERS = flags.DEFINE_integer("members", 4, "Ensemble members.")
 _STEPS = flags.DEFINE_integer("steps", 8, "Heun steps (from sigma 80).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Times per compiled call (0 = one per device).")
@@ -72,14 +76,13 @@ def main(argv):
     os.makedirs(_OUTPUT.value, exist_ok=True)
     model = PriorModel.load(_WORKDIR.value)
     sampler = make_sampler("stochastic", steps=_STEPS.value, sigma_max=80.0)
-    times = validation_times(_PERIOD.value, _STRIDE.value)
+    times = hourly_times(_PERIOD.value, _STRIDE.value)
     settings = {"sampler": repr(sampler), "members": _MEMBERS.value, "times": times}
     rows = [corrdiff_row(times)] if _CORRDIFF.value else []
     for factor in (int(f) for f in _FACTORS.value):
         inputs = open_inputs(model, ERA5, coarsen=True, obs_factor=factor, times=times)
-        for scale in (float(s) for s in _SCALES.value):
-            schedule = GuidanceSchedule("sda", scale, sigma_y=0.05, gamma=1.0)
-            for guidance in GUIDANCE:
+        for guidance in GUIDANCE:
+            for scale in (float(s) for s in _SCALES[guidance].value):
                 out = os.path.join(_OUTPUT.value, f"{guidance}_x{factor}_s{scale:g}.nc")
                 start = time.perf_counter()
                 generate_guided(
@@ -89,13 +92,13 @@ def main(argv):
                     sampler,
                     guidance=guidance,
                     obs_factor=factor,
-                    schedule=schedule,
+                    schedule=GuidanceSchedule("sda", scale, sigma_y=0.05, gamma=1.0),
                     members=_MEMBERS.value,
                     seed=0,
                     batch_size=_BATCH.value,
                 )
                 scores = scored(out)
-                if scale == float(_SCALES.value[0]) and guidance == GUIDANCE[0]:
+                if not any(r["factor"] == factor and r["method"] == "bilinear" for r in rows):
                     rows += [row(scores, "bilinear", factor, "bilinear"), row(scores, "bcsd", factor, "BCSD")]
                 method = f"{'DPS' if guidance == 'dps' else 'UCG'} (scale {scale:g})"
                 rows.append(row(scores, "corrdiff", factor, method, time.perf_counter() - start))

@@ -11,33 +11,38 @@ patches and samples by multi-diffusion. 27 two-minute frames: the first 21 train
 
     python -m jax_corrdiff.train --config=configs/rain_mrms.py --workdir=/tmp/rain
     python -m jax_corrdiff.train --config=configs/rain_mrms.py:corrdiff --workdir=/tmp/rain_corrdiff
+    python -m jax_corrdiff.train --config=configs/rain_mrms.py:greatlakes --workdir=/tmp/rain_gl
 
-Variants: smoke (< 2 minutes), corrdiff (regression + EDM residual, the CorrDiff comparison),
-corrdiff_smoke.
+Variants, words joined by "_" in any order: smoke (< 2 minutes), corrdiff (regression + EDM
+residual, the CorrDiff comparison), greatlakes (the second shared window, stratiform rain over
+the Great Lakes, instead of the convective Florida coast). One prepared store holds one grid, so
+a model trains on one window; the two windows are two models.
 """
 
 from jax_corrdiff.config import base_config, set_stages, shrink_to_smoke
 
 DATA_DIR = "/work/shared/data"
-VARIANTS = ("smoke", "corrdiff", "corrdiff_smoke")
+VARIANT_WORDS = ("smoke", "corrdiff", "greatlakes")
 
 
 def get_config(variant: str = ""):
-    if variant and variant not in VARIANTS:
-        raise ValueError(f"unknown rain_mrms variant {variant!r} (known: {', '.join(VARIANTS)})")
+    words = set(variant.split("_")) - {""}
+    if words - set(VARIANT_WORDS):
+        raise ValueError(f"unknown rain_mrms variant {variant!r} (words: {', '.join(VARIANT_WORDS)}, joined by '_')")
+    window = "greatlakes" if "greatlakes" in words else "southeast"
     config = base_config()
     data = config.data
-    data.target_paths = [f"{DATA_DIR}/mrms_preciprate_southeast_0p01deg.nc"]
+    data.target_paths = [f"{DATA_DIR}/mrms_preciprate_{window}_0p01deg.nc"]
     data.target_variables = ["precip_rate"]
     data.input_variables = ["precip_rate"]
     data.coarsen_factor = 25
-    data.static_path = f"{DATA_DIR}/static_mrms_southeast_0p01deg.nc"
+    data.static_path = f"{DATA_DIR}/static_mrms_{window}_0p01deg.nc"
     data.static_variables = ["land_frac"]
     data.train_period = ["2019-06-10T00:00", "2019-06-10T00:40"]
     data.valid_period = ["2019-06-10T00:42", "2019-06-10T00:52"]
     data.transforms = {"precip_rate": {"kind": "log1p", "scale": 0.1, "min": 0.0, "max": 300.0}}
 
-    if variant.startswith("corrdiff"):
+    if "corrdiff" in words:
         config.regression.model.global_residual = True
     else:
         config.diffusion.parameterization = "ddpm"
@@ -59,6 +64,6 @@ def get_config(variant: str = ""):
         ),
     )
     config.regression.training.total_samples = 2 * 60
-    if variant.endswith("smoke"):
+    if "smoke" in words:
         shrink_to_smoke(config, 4, batch_size=2, log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=4)
     return config

@@ -13,16 +13,22 @@ import rain_hrrr  # noqa: E402
 import rain_mrms  # noqa: E402
 
 
-@pytest.mark.parametrize("module,variant", [(rain_mrms, ""), (rain_mrms, "corrdiff_smoke"), (rain_hrrr, "smoke")])
+@pytest.mark.parametrize(
+    "module,variant",
+    [(rain_mrms, ""), (rain_mrms, "corrdiff_smoke"), (rain_mrms, "greatlakes_corrdiff"), (rain_hrrr, "smoke")],
+)
 def test_configs_are_valid(module, variant):
     config = module.get_config(variant)
     cfg = data_config_dict(config.data)
     assert cfg["transforms"][cfg["target_variables"][0]]["kind"] == "log1p"
-    assert config.diffusion.parameterization == ("edm" if variant.startswith("corrdiff") else "ddpm")
+    assert config.diffusion.parameterization == ("edm" if "corrdiff" in variant else "ddpm")
+    if module is rain_mrms:
+        window = "greatlakes" if "greatlakes" in variant else "southeast"
+        assert all(window in path for path in (*cfg["target_paths"], cfg["static_path"]))
 
 
 def test_unknown_variant_is_named():
-    with pytest.raises(ValueError, match="corrdiff_smoke"):
+    with pytest.raises(ValueError, match="words: smoke, corrdiff, greatlakes"):
         rain_mrms.get_config("tiny")
 
 
