@@ -63,6 +63,9 @@ def get_config(variant: str = ""):
             total_samples=2 * 150,
         ),
     )
+    # The regression sees the whole 512 x 512 window: five levels put 32 x 32 = 1024 tokens in
+    # SongUNet's bottleneck attention (three levels: 16384 tokens, a 10 GB training step).
+    config.regression.model.unet.channel_mult = [1, 2, 2, 2, 2]
     config.regression.training.total_samples = 2 * 60
     if "smoke" in words:
         shrink_to_smoke(config, 4, batch_size=2, log_every_steps=2, eval_every_steps=4, checkpoint_every_steps=4)

@@ -1,5 +1,7 @@
 """SongUNet, regression UNet and EDM denoiser: shapes, parameter counts, options."""
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -235,3 +237,15 @@ def test_pointwise_conv_is_a_1x1_conv_with_the_same_parameters():
     np.testing.assert_allclose(pointwise.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (pointwise, reference)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+def test_a_huge_bottleneck_attention_is_warned_about(caplog):
+    unet = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    config = dict(kind="unet", img_resolution=[256, 256], out_channels=1, cond_channels=1, unet=unet)
+    with caplog.at_level(logging.WARNING, logger="jax_corrdiff"):
+        build_model(config)
+    assert "attends over 16384 tokens" in caplog.text and "1.00 GiB" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jax_corrdiff"):
+        build_model(dict(config, unet=dict(unet, channel_mult=[1, 2, 2, 2])))  # 32 x 32 tokens
+    assert "tokens" not in caplog.text
