@@ -6,7 +6,8 @@ member sampled at once.
         [--members 8] [--out benchmarks/results/guidance_memory_cpu.json]
 
 For each member batch size the whole guided sampler (8 Heun steps, unified coordinate guidance
-by 8, the ZSSD prior's architecture of ``configs/zssd_era5_uk.py`` at ``--width``) is compiled
+by 8, the ZSSD prior's blocks of ``configs/zssd_era5_uk.py`` at ``--width`` and ``--channel_mult``
+levels, attention only in the bottleneck) is compiled
 (not run) and XLA's memory plan read (``compiled.memory_analysis()``: temporaries, arguments,
 outputs), with the guided and the unguided sampler side by side. On a GPU the same plan is what
 the device must hold; this is the figure to size ``--member_batch_size`` by.
@@ -42,11 +43,11 @@ from jax_corrdiff.models.factory import build_model, init_variables  # noqa: E40
 FACTOR = 8
 
 
-def prior(height: int, width: int, channels: int) -> PriorModel:
+def prior(height: int, width: int, channels: int, channel_mult: list[int]) -> PriorModel:
     """An untrained prior of the ZSSD architecture on a regular (height, width) grid."""
     layout = ConditioningLayout(("t2m",), (), ("orog", "land_frac"), cyclic_time=True)
     unet = zssd_era5_uk.get_config().prior.model.unet.to_dict()
-    unet.update(model_channels=channels)
+    unet.update(model_channels=channels, channel_mult=channel_mult, attn_resolutions=[])
     config = dict(
         kind="diffusion",
         img_resolution=[height, width],
@@ -103,12 +104,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", default="448", help="H or HxW")
     parser.add_argument("--width", type=int, default=32, help="model_channels")
+    parser.add_argument("--channel_mult", default="1,2,2,2,2", help="levels (5: a 28 x 28 bottleneck at 448)")
     parser.add_argument("--members", type=int, default=8)
     parser.add_argument("--member_batch_sizes", default="1,2,4,8")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     height, width = harness.parse_grid(args.grid)
-    model = prior(height, width, args.width)
+    channel_mult = [int(m) for m in args.channel_mult.split(",")]
+    model = prior(height, width, args.width, channel_mult)
     rows = []
     for mbs in (int(b) for b in args.member_batch_sizes.split(",")):
         for guided in (False, True):
@@ -119,6 +122,7 @@ def main() -> None:
         "machine": harness.describe_machine(),
         "grid": [height, width],
         "width": args.width,
+        "channel_mult": channel_mult,
         "members": args.members,
         "rows": rows,
     }

@@ -242,10 +242,12 @@ def test_pointwise_conv_is_a_1x1_conv_with_the_same_parameters():
 def test_a_huge_bottleneck_attention_is_warned_about(caplog):
     unet = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
     config = dict(kind="unet", img_resolution=[256, 256], out_channels=1, cond_channels=1, unet=unet)
+    model, (args, _) = build_model(config), example_inputs(config)
     with caplog.at_level(logging.WARNING, logger="jax_corrdiff"):
-        build_model(config)
+        jax.eval_shape(model.init, jax.random.key(0), *args)
     assert "attends over 16384 tokens" in caplog.text and "1.00 GiB" in caplog.text
     caplog.clear()
+    deeper = dict(config, unet=dict(unet, channel_mult=[1, 2, 2, 2]))  # 32 x 32 tokens
     with caplog.at_level(logging.WARNING, logger="jax_corrdiff"):
-        build_model(dict(config, unet=dict(unet, channel_mult=[1, 2, 2, 2])))  # 32 x 32 tokens
+        jax.eval_shape(build_model(deeper).init, jax.random.key(0), *example_inputs(deeper)[0])
     assert "tokens" not in caplog.text

@@ -18,7 +18,6 @@ that trained them. Its keys:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,11 +56,6 @@ KIND_KEYS = {
     "unet": frozenset(),
 }
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# SongUNet always attends at its coarsest level (the decoder's first block); above this many
-# tokens one attention matrix takes over 256 MiB per sample and head in float32.
-BOTTLENECK_TOKEN_WARNING = 8192
-
-log = logging.getLogger("jax_corrdiff")
 
 
 def _as_dict(config: Any) -> dict:
@@ -88,7 +82,6 @@ def build_model(config: Any) -> RegressionUNet | EDMPrecondSR | EpsilonUNet | So
     for key in ("channel_mult", "attn_resolutions", "prob_channels"):
         if key in unet_cfg:
             unet_cfg[key] = tuple(unet_cfg[key])
-    _warn_on_large_bottleneck(cfg["img_resolution"], unet_cfg.get("channel_mult", SongUNet.channel_mult))
     unet = SongUNet(
         img_resolution=tuple(cfg["img_resolution"]),
         out_channels=int(cfg["out_channels"]),
@@ -107,23 +100,6 @@ def build_model(config: Any) -> RegressionUNet | EDMPrecondSR | EpsilonUNet | So
         sigma_data=float(cfg.get("sigma_data", 0.5)),
         legacy_scale_conditioning=bool(cfg.get("legacy_scale_conditioning", False)),
     )
-
-
-def _warn_on_large_bottleneck(img_resolution, channel_mult) -> None:
-    """Attention memory grows with the square of the coarsest level's pixel count
-    (H W / 4^(levels - 1)): a 512 x 512 image through 3 levels attends over 16384 tokens, a
-    1 GiB matrix per sample and head (the regression step then planned 10 GB on a CPU)."""
-    shrink = 2 ** (len(channel_mult) - 1)
-    tokens = (int(img_resolution[0]) // shrink) * (int(img_resolution[1]) // shrink)
-    if tokens > BOTTLENECK_TOKEN_WARNING:
-        log.warning(
-            "UNet on %s with %d levels attends over %d tokens at its coarsest level: %.2f GiB per attention "
-            "matrix per sample and head in float32; add levels to channel_mult or train on patches",
-            list(img_resolution),
-            len(channel_mult),
-            tokens,
-            tokens**2 * 4 / 2**30,
-        )
 
 
 def example_inputs(config: Any, batch: int = 1) -> tuple[tuple, dict]:

@@ -8,6 +8,7 @@ multiple of 2^(levels - 1) the encoder needs, and the output is cropped back.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -20,6 +21,12 @@ from jax_corrdiff.models.embeddings import (
     sinusoidal_position_grid,
 )
 from jax_corrdiff.models.layers import Dtype, GroupNorm, UNetBlock, conv, dense
+
+# SongUNet always attends at its coarsest level (the decoder's first block); above this many
+# tokens one attention matrix takes over 256 MiB per sample and head in float32.
+BOTTLENECK_TOKEN_WARNING = 8192
+
+log = logging.getLogger("jax_corrdiff")
 
 EMBEDDING_TYPES = ("positional", "fourier", "zero")
 POSITION_GRIDS = ("none", "sinusoidal", "learnable")
@@ -99,6 +106,7 @@ class SongUNet(nn.Module):
         """
         self.setup_checks()
         batch, height, width, _ = x.shape
+        _warn_on_large_bottleneck(height, width, self.channel_mult)
         extra = self._extra_channels(batch, height, width, lead_time_label, patch_origin, grid_margin)
         x = jnp.concatenate([x, *extra], axis=-1)
         emb = self._noise_embedding(noise_labels, batch)
@@ -229,3 +237,21 @@ class SongUNet(nn.Module):
 
         x = nn.silu(GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name="out_norm")(x))
         return conv(self.out_channels, 3, init_scale=1e-5, dtype=self.dtype, name="out_conv")(x)
+
+
+def _warn_on_large_bottleneck(height: int, width: int, channel_mult: Sequence[int]) -> None:
+    """Attention memory grows with the square of the coarsest level's pixel count
+    (H W / 4^(levels - 1)) of the input actually seen (a patch, for patch-trained models): a
+    512 x 512 image through 3 levels attends over 16384 tokens, a 1 GiB matrix per sample and
+    head (the regression step then planned 10 GB on a CPU). Logged when a call is traced."""
+    shrink = 2 ** (len(channel_mult) - 1)
+    tokens = (height // shrink) * (width // shrink)
+    if tokens > BOTTLENECK_TOKEN_WARNING:
+        log.warning(
+            "UNet on %s with %d levels attends over %d tokens at its coarsest level: %.2f GiB per attention "
+            "matrix per sample and head in float32; add levels to channel_mult or train on patches",
+            [height, width],
+            len(channel_mult),
+            tokens,
+            tokens**2 * 4 / 2**30,
+        )
