@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jax_corrdiff.data import relocate_shipped_paths
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.distributed import barrier
 
@@ -89,6 +90,9 @@ def load_model(directory: str) -> SavedModel:
     barrier(f"load_model {directory}")  # Orbax's restore syncs with a collective: arrive together
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
+    source = meta["source"]
+    if "data" in source:
+        source = {**source, "data": relocate_shipped_paths(source["data"])}
     grid = None
     if os.path.exists(os.path.join(directory, GRID_FILE)):
         with np.load(os.path.join(directory, GRID_FILE)) as npz:
@@ -98,6 +102,6 @@ def load_model(directory: str) -> SavedModel:
         variables=jax.tree_util.tree_map(np.asarray, variables),
         matmul_precision=meta["matmul_precision"],
         conditioning=ConditioningLayout.from_dict(meta["conditioning"]) if "conditioning" in meta else None,
-        source=meta["source"],
+        source=source,
         grid=grid,
     )

@@ -16,6 +16,8 @@ from jax_corrdiff.config import set_stages
 from jax_corrdiff.data import demo_data_path
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.inference.generate import CorrDiffModel, generate, make_sampler
+from jax_corrdiff.model_dir import SavedModel, load_model, save_model
+from jax_corrdiff.models import init_variables
 from jax_corrdiff.training.loop import train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,3 +75,20 @@ def test_layout_and_precision_round_trip_and_govern_training_and_generation(tmp_
     )
     generate(model, inputs, str(tmp_path / "out.nc"), make_sampler("deterministic", steps=2), members=1, seed=0)
     assert seen_generation == [PRECISION]
+
+
+def test_paths_to_shipped_demo_files_follow_the_installation(tmp_path):
+    gone = "/nowhere/old-checkout/jax_corrdiff/data_files"
+    kept = str(tmp_path / "mine.nc")  # a user's own file that is missing too: left as recorded
+    data = {
+        "target_paths": [f"{gone}/era5_t2m_uk_0p25deg.nc", kept],
+        "input_paths": [],
+        "static_path": f"{gone}/static_era5_uk_0p25deg.nc",
+    }
+    unet = dict(model_channels=8, channel_mult=[1], num_blocks=1, attn_resolutions=[])
+    config = dict(kind="regression", img_resolution=[8, 8], out_channels=1, cond_channels=1, unet=unet)
+    variables = init_variables(config, jax.random.key(0))
+    save_model(str(tmp_path / "model"), SavedModel(config, variables, "highest", source={"data": data}))
+    loaded = load_model(str(tmp_path / "model")).source["data"]
+    assert loaded["target_paths"] == [demo_data_path("era5_t2m_uk_0p25deg.nc"), kept]
+    assert loaded["static_path"] == demo_data_path("static_era5_uk_0p25deg.nc")

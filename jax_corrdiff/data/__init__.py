@@ -9,6 +9,7 @@ Never imports ``models/``, ``diffusion/`` or ``training/``. Typical use:
 """
 
 import importlib.resources
+import os
 
 from jax_corrdiff.data.errors import (
     DataError,
@@ -94,3 +95,30 @@ __all__ = [
     "write_china3km_dataset",
     "write_cwb_zarr",
 ]
+
+
+def relocate_shipped_paths(data_config: dict) -> dict:
+    """``data_config`` with every recorded path to a shipped demo file
+    (``.../jax_corrdiff/data_files/NAME``) that no longer exists re-pointed at this
+    installation's copy: a model trained on the demo data keeps generating after the package
+    is reinstalled elsewhere or the checkout that trained it is gone. Other paths are kept."""
+
+    def relocated(path: str) -> str:
+        parent = os.path.dirname(path)
+        shipped = (
+            os.path.basename(parent) == "data_files" and os.path.basename(os.path.dirname(parent)) == "jax_corrdiff"
+        )
+        if not path or os.path.exists(path) or not shipped:
+            return path
+        try:
+            return demo_data_path(os.path.basename(path))
+        except FileNotFoundError:
+            return path
+
+    out = dict(data_config)
+    for key in ("target_paths", "input_paths"):
+        if key in out:
+            out[key] = [relocated(p) for p in out[key]]
+    if "static_path" in out:
+        out["static_path"] = relocated(out["static_path"])
+    return out
