@@ -34,7 +34,7 @@ from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.data.regrid import block_average
 from jax_corrdiff.data.sources import EmptyTimeRangeError, FieldSource
-from jax_corrdiff.data.store import STORE_NAME, PreparedStore
+from jax_corrdiff.data.store import PREPARED_DIR, STORE_NAME, PreparedStore
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.guidance import (
     GuidanceSchedule,
@@ -151,7 +151,7 @@ def bcsd_baseline(model: PriorModel, inputs: InferenceInputs, obs_factor: int) -
     observation file's own record over that period (the historical overlap, as in the original
     method). None, with a warning, when the workdir has no prepared store or the file does not
     cover enough of the training period."""
-    store_path = os.path.join(model.workdir, "prepared", STORE_NAME)
+    store_path = os.path.join(model.workdir, PREPARED_DIR, STORE_NAME)
     if not os.path.isdir(store_path):
         log.warning("no prepared store at %s: the output has no BCSD baseline", store_path)
         return None
