@@ -29,7 +29,8 @@ def test_block_interpolation_matches_the_paired_synthetic_interpolation(shape):
     rng = np.random.default_rng(1)
     factor = 4
     training = rng.normal(size=(10, *shape, 2))
-    bcsd = BCSD.fit(block_average_operator(factor, shape), training, np.repeat(HOURLY[:1], len(training)))
+    operator, times = block_average_operator(factor, shape), np.repeat(HOURLY[:1], len(training))
+    bcsd = BCSD.fit(operator, training, times, coarse_fields(operator, training), times)
     coarse = rng.normal(size=(2, *block_average(training[:1], factor).shape[1:]))
     got = np.einsum("ha,tabc,wb->thwc", bcsd.rows, coarse, bcsd.cols)
     np.testing.assert_allclose(got, interpolate_blocks(coarse, factor, shape), atol=1e-12)
@@ -38,7 +39,8 @@ def test_block_interpolation_matches_the_paired_synthetic_interpolation(shape):
 def test_interpolation_from_an_unaligned_grid_in_either_order_keeps_linear_fields():
     fine_lat, fine_lon = np.linspace(60.0, 50.0, 41), np.linspace(-5.0, 5.0, 41)  # north to south
     operator, _ = area_weighted_operator(fine_lat, fine_lon, np.arange(49.0, 62.0, 1.3), np.arange(-6.0, 6.0, 1.7))
-    bcsd = BCSD.fit(operator, np.zeros((10, 41, 41, 1)), np.repeat(HOURLY[:1], 10))
+    training, times = np.zeros((10, 41, 41, 1)), np.repeat(HOURLY[:1], 10)
+    bcsd = BCSD.fit(operator, training, times, coarse_fields(operator, training), times)
     lat2d, lon2d = np.meshgrid(fine_lat, fine_lon, indexing="ij")
     linear = (0.5 * lat2d - 0.2 * lon2d)[None, ..., None]
     back = np.einsum("ha,tabc,wb->thwc", bcsd.rows, coarse_fields(operator, linear), bcsd.cols)
@@ -59,9 +61,9 @@ def test_bcsd_recovers_the_hourly_fine_climatology_plus_a_large_scale_anomaly_wh
     fields = diurnal[:, None, None, None] * pattern + rng.normal(scale=2.0, size=(n, 1, 1, 1))
     train, test = slice(0, 400), slice(400, n)
     operator = block_average_operator(factor, shape)
-    bcsd = BCSD.fit(operator, fields[train], HOURLY[train])
     record = coarse_fields(operator, fields)  # the observing model's whole file
-    got = bcsd(record[test], HOURLY[test], record, HOURLY)
+    bcsd = BCSD.fit(operator, fields[train], HOURLY[train], record, HOURLY)
+    got = bcsd(record[test], HOURLY[test])
     bilinear = interpolate_blocks(record[test], factor, shape)
     bcsd_error, bilinear_error = np.abs(got - fields[test]).mean(), np.abs(bilinear - fields[test]).mean()
     assert bcsd_error < 0.3 * bilinear_error, (bcsd_error, bilinear_error)  # 0.35 vs 1.48 K
@@ -76,7 +78,6 @@ def test_hours_missing_from_a_climatology_use_the_nearest_hour_it_holds():
 def test_too_short_climatologies_are_refused():
     operator = block_average_operator(2, (4, 4))
     with pytest.raises(ShortClimatologyError, match=r"training period at each hour of day it holds; it has \{0: 9\}"):
-        BCSD.fit(operator, np.zeros((9, 4, 4, 1)), np.repeat(HOURLY[:1], 9))
-    bcsd = BCSD.fit(operator, np.zeros((10, 4, 4, 1)), np.repeat(HOURLY[:1], 10))
+        BCSD.fit(operator, np.zeros((9, 4, 4, 1)), np.repeat(HOURLY[:1], 9), np.zeros((10, 2, 2, 1)), HOURLY[:10])
     with pytest.raises(ShortClimatologyError, match="observation's record"):
-        bcsd(np.zeros((1, 2, 2, 1)), HOURLY[:1], np.zeros((3, 2, 2, 1)), HOURLY[:3])
+        BCSD.fit(operator, np.zeros((10, 4, 4, 1)), np.repeat(HOURLY[:1], 10), np.zeros((3, 2, 2, 1)), HOURLY[:3])

@@ -105,42 +105,42 @@ def _by_hour(fields: np.ndarray, times, name: str) -> dict[int, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class BCSD:
-    """The fitted baseline: ``bcsd(observations, times, record, record_times)`` -> fine fields
-    (T, H, W, C). Climatologies (the quantiles, both means) are taken per hour of day: the
-    fine-scale pattern of 2 m temperature turns with the diurnal cycle (land-sea contrast), as
-    monthly climatologies serve daily data in the original method. A time whose hour the
-    training or the record lacks uses the nearest hour they hold."""
+    """The fitted baseline: ``bcsd(observations, times)`` -> fine fields (T, H, W, C).
+    Climatologies (the quantiles, both means) are taken per hour of day: the fine-scale pattern
+    of 2 m temperature turns with the diurnal cycle (land-sea contrast), as monthly climatologies
+    serve daily data in the original method. A time whose hour the training or the record lacks
+    uses the nearest hour they hold."""
 
-    operator: SeparableOperator
     reference: dict[int, np.ndarray]  # hour -> (N_h, A, B, C): the training fields seen through A
     fine_mean: dict[int, np.ndarray]  # hour -> (H, W, C): mean of the training fields
+    record: dict[int, np.ndarray]  # hour -> (M_h, A, B, C): the observing source's own climatology
     rows: np.ndarray  # (H, A) interpolation back to the fine rows
     cols: np.ndarray  # (W, B) and columns
 
     @classmethod
-    def fit(cls, operator: SeparableOperator, training_fields: np.ndarray, times) -> BCSD:
-        """From the training period's fine fields (N, H, W, C), physical units, at ``times`` (N,)."""
+    def fit(cls, operator: SeparableOperator, training_fields: np.ndarray, times, record: np.ndarray, record_times):
+        """From the training period's fine fields (N, H, W, C), physical units, at ``times`` (N,),
+        and the observing source's ``record`` (M, A, B, C) on the operator's coarse grid at
+        ``record_times`` (M,), which the bias correction maps from."""
         groups = _by_hour(np.asarray(training_fields, np.float64), times, "training period")
         return cls(
-            operator,
             {h: coarse_fields(operator, g) for h, g in groups.items()},
             {h: g.mean(axis=0) for h, g in groups.items()},
+            _by_hour(np.asarray(record, np.float64), record_times, "observation's record"),
             _interpolation_matrix(operator.rows),
             _interpolation_matrix(operator.cols),
         )
 
-    def __call__(self, observations: np.ndarray, times, record: np.ndarray, record_times) -> np.ndarray:
-        """``observations`` (T, A, B, C) on the operator's coarse grid at ``times``; ``record``
-        (M, A, B, C) at ``record_times``: the observing model's climatology, mapped from."""
-        record_groups = _by_hour(np.asarray(record, np.float64), record_times, "observation's record")
+    def __call__(self, observations: np.ndarray, times) -> np.ndarray:
+        """``observations`` (T, A, B, C) on the operator's coarse grid at ``times`` (T,)."""
         hours = hour_of_day(times)
         fine = np.empty((len(observations), len(self.rows), len(self.cols), observations.shape[-1]), np.float32)
         for hour in np.unique(hours):
             at = hours == hour
             train_hour = nearest_hour(np.array(list(self.reference)), hour)
-            record_hour = nearest_hour(np.array(list(record_groups)), hour)
+            record_hour = nearest_hour(np.array(list(self.record)), hour)
             reference = self.reference[train_hour]
-            corrected = quantile_map(np.asarray(observations[at], np.float64), record_groups[record_hour], reference)
+            corrected = quantile_map(np.asarray(observations[at], np.float64), self.record[record_hour], reference)
             anomaly = corrected - reference.mean(axis=0)
             fine[at] = np.einsum("ha,tabc,wb->thwc", self.rows, anomaly, self.cols) + self.fine_mean[train_hour]
         return fine

@@ -162,14 +162,13 @@ def bcsd_baseline(model: PriorModel, inputs: InferenceInputs, obs_factor: int) -
         overlap = open_inputs(
             model, inputs.path, coarsen=inputs.has_truth, obs_factor=obs_factor, period=store.config["train_period"]
         )
-        record, record_times = raw_values(*overlap.read(0, len(overlap)), overlap.times), overlap.times
-        bcsd = BCSD.fit(operator, store.read(train)[0], store.times[train])
-        bcsd(record[:1], record_times[:1], record, record_times)  # checks the record's climatology
+        record = raw_values(*overlap.read(0, len(overlap)), overlap.times)
+        bcsd = BCSD.fit(operator, store.read(train)[0], store.times[train], record, overlap.times)
     except (EmptyTimeRangeError, ShortClimatologyError) as error:
         log.warning("no BCSD baseline (it needs the observation source over the training period): %s", error)
         return None
     log.info("BCSD: climatology of %d training times, record of %d observation times", len(train), len(record))
-    return lambda batch: bcsd(raw_values(batch.raw_inputs, batch.truth, batch.times), batch.times, record, record_times)
+    return lambda batch: bcsd(raw_values(batch.raw_inputs, batch.truth, batch.times), batch.times)
 
 
 def make_guided_fn(
