@@ -125,6 +125,10 @@ def _diffusion() -> ml_collections.ConfigDict:
     # Regression model directory the diffusion stage conditions on; unset = this
     # workdir's regression stage.
     diffusion.regression_model = config_dict.placeholder(str)
+    # Cross-fitting (training.cross_fit): folds = K >= 2 also trains K regression fold models,
+    # fold k without the training blocks b (block_hours long) with b mod K = k, and the
+    # diffusion stage learns each sample's residual to the fold model that did not see it.
+    diffusion.cross_fit = ml_collections.ConfigDict(dict(folds=0, block_hours=24.0))
     return diffusion
 
 

@@ -16,9 +16,9 @@ def test_residual_moments_pool_pixels_and_skip_masked_samples():
     residual = rng.normal(loc=[0.5, -1.0], scale=[1.0, 3.0], size=(6, 4, 5, 2))
     target = img_lr + residual
 
-    def mean_fn(x, lead_time_label):
-        assert lead_time_label is None
-        return x
+    def mean_fn(batch):
+        assert "lead_time_label" not in batch
+        return batch["img_lr"]
 
     mask = np.array([True, True, True, True, False, False])
     target[~mask] = 1e6  # padding slots must not count
@@ -33,4 +33,4 @@ def test_residual_moments_pool_pixels_and_skip_masked_samples():
 def test_residual_moments_without_valid_samples_is_an_error():
     batch = _batch(np.zeros((2, 3, 3, 1)), np.zeros((2, 3, 3, 1)), [False, False])
     with pytest.raises(ValueError, match="no valid samples"):
-        residual_moments(lambda x, label: x, [batch])
+        residual_moments(lambda b: b["img_lr"], [batch])

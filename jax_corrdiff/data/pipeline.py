@@ -5,6 +5,7 @@ Samples are dicts of float32 NumPy arrays, normalized, NHWC:
     img_lr      (H, W, C_in + C_static)   [inputs | static], the conditioning image
     time_index  int64, index into the prepared store's time axis (to find the time again)
     time_features (4,)  cyclic (valid) time, ``data.calendar.cyclic_time_features``
+    fold        int32, the sample's cross-fitting fold (only on sources ``with_folds``)
 Batches add a leading batch axis; eval batches also carry ``mask`` (B,) bool.
 
 Training iterator = one global sample order, range(N) -> shuffle(seed) -> repeat (a new
@@ -28,6 +29,8 @@ The handler writes ``process_<i>-of-<n>.json`` per process (i, n from ``jax.proc
 """
 
 from __future__ import annotations
+
+import copy
 
 import grain
 import numpy as np
@@ -73,6 +76,27 @@ class DownscalingSource:
         # Forecast inputs: the lead-time label of each sample (None for analysis inputs).
         self.lead_times = store.lead_times
         self.lead_time_labels = None if store.lead_time_labels is None else store.lead_time_labels[self.indices]
+        self.folds = None  # cross-fitting fold of each sample (``with_folds``)
+
+    def with_folds(self, folds: np.ndarray) -> DownscalingSource:
+        """A copy whose samples carry ``fold`` (one int per sample, in this source's order)."""
+        folds = np.asarray(folds, np.int32)
+        if folds.shape != (len(self),):
+            raise ValueError(f"{self!r}: {folds.shape[0]} fold labels for {len(self)} samples")
+        labelled = copy.copy(self)
+        labelled.folds = folds
+        return labelled
+
+    def without_fold(self, fold: int) -> DownscalingSource:
+        """A copy without the samples of ``fold`` (the training data of that fold's model)."""
+        if self.folds is None:
+            raise ValueError(f"{self!r} has no fold labels (with_folds)")
+        keep = self.folds != fold
+        subset = copy.copy(self)
+        subset.indices, subset.times, subset.folds = self.indices[keep], self.times[keep], self.folds[keep]
+        if self.lead_time_labels is not None:
+            subset.lead_time_labels = self.lead_time_labels[keep]
+        return subset
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -92,6 +116,8 @@ class DownscalingSource:
         }
         if self.lead_time_labels is not None:
             sample["lead_time_label"] = np.int32(self.lead_time_labels[i])
+        if self.folds is not None:
+            sample["fold"] = self.folds[i]
         return sample
 
     def __repr__(self) -> str:
@@ -188,5 +214,7 @@ def make_eval_iterator(
     }
     if source.lead_time_labels is not None:
         blank["lead_time_label"] = np.int32(0)  # a valid label; the slot is masked out
+    if source.folds is not None:
+        blank["fold"] = np.int32(0)
     ds = grain.MapDataset.range(n_batches * batch_size).map(_PadToLength(shard, blank)).batch(batch_size)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))

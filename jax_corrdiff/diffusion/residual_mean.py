@@ -9,8 +9,10 @@ to the same interpolated field.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_corrdiff.data.normalization import Normalizer
@@ -51,3 +53,17 @@ class InterpolationMean:
         del variables, lead_time_label
         scale, shift = (np.asarray(v, np.float32) for v in (self.scale, self.shift))
         return img_lr[..., list(self.input_index)] * scale + shift
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossFitMean:
+    """mu(img_lr) of each sample from the regression fold model that did not train on it
+    (``training.cross_fit``): ``variables`` stacks the K fold models' variables on a leading
+    axis, every fold model runs on the batch (K regression forwards per step, no weights
+    gathered per sample) and sample b keeps fold[b]'s mean."""
+
+    network: Any  # the regression network all fold models share
+
+    def apply(self, variables, img_lr: jax.Array, *, lead_time_label: jax.Array | None = None, fold: jax.Array):
+        means = jax.vmap(lambda v: self.network.apply(v, img_lr, lead_time_label=lead_time_label))(variables)
+        return means[fold, jnp.arange(img_lr.shape[0])]

@@ -13,9 +13,10 @@ from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator, ma
 from jax_corrdiff.data.prepare import ensure_prepared
 from jax_corrdiff.data.store import PREPARED_DIR
 from jax_corrdiff.distributed import barrier
+from jax_corrdiff.training.cross_fit import CrossFit
 
 # Batch entries the steps consume (time_index stays on the host).
-STEP_KEYS = ("target", "img_lr", "lead_time_label", "time_features", "mask")
+STEP_KEYS = ("target", "img_lr", "lead_time_label", "time_features", "mask", "fold")
 
 
 def step_batch(batch: dict) -> dict:
@@ -39,21 +40,23 @@ class TrainingData:
             config: the run config (its ``data`` section is used).
             workdir: the run's work directory.
 
-        Process 0 prepares; the others wait for it, then open the same store.
+        Process 0 prepares; the others wait for it, then open the same store. With
+        ``diffusion.cross_fit`` on, every sample carries its cross-fitting fold.
         """
         cache = os.path.join(workdir, PREPARED_DIR)
         if jax.process_index() == 0:
             ensure_prepared(config.data, cache)
         barrier("prepared data")
         store, normalizer = ensure_prepared(config.data, cache)
-        train = DownscalingSource(store, "train", normalizer)
-        return cls(
-            normalizer,
-            train,
-            DownscalingSource(store, "valid", normalizer),
-            data_config=train.data_config,
-            worker_count=int(config.data.worker_count),
-        )
+        train, valid = DownscalingSource(store, "train", normalizer), DownscalingSource(store, "valid", normalizer)
+        cross_fit = CrossFit.from_config(config)
+        if cross_fit is not None and len(train):
+            train, valid = cross_fit.label(train, valid)
+        return cls(normalizer, train, valid, data_config=train.data_config, worker_count=int(config.data.worker_count))
+
+    def without_fold(self, fold: int) -> TrainingData:
+        """This data with the training samples of cross-fitting ``fold`` left out (validation kept)."""
+        return dataclasses.replace(self, train_source=self.train_source.without_fold(fold))
 
     @property
     def grid(self) -> tuple[np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ from jax_corrdiff.mesh import local_batch_size, to_global
 from jax_corrdiff.model_dir import SavedModel, save_model
 from jax_corrdiff.models.factory import example_inputs
 from jax_corrdiff.training.checkpointing import TrainingCheckpoints
+from jax_corrdiff.training.cross_fit import CrossFit
 from jax_corrdiff.training.data_setup import TrainingData, step_batch
 from jax_corrdiff.training.progress import Progress
 from jax_corrdiff.training.stage import MODEL_DIR, Stage, build_stage
@@ -132,7 +133,7 @@ def export(stage: Stage, state: TrainState, data: TrainingData) -> str:
     return path
 
 
-def train_stage(config, stage: str, workdir: str, data: TrainingData) -> str:
+def train_stage(config, stage: str, workdir: str, data: TrainingData, fold: int | None = None) -> str:
     """Train one stage to ``training.total_samples`` (resuming from the latest checkpoint) and
     export its EMA weights, all at ``config.matmul_precision``.
 
@@ -141,12 +142,14 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData) -> str:
         stage: "regression", "diffusion" or "prior".
         workdir: the run's work directory (the stage writes WORKDIR/<stage>).
         data: the opened training data.
+        fold: a cross-fitting fold model of the regression stage to train instead (``data``
+            without that fold's samples).
 
     Returns:
         The exported model directory.
     """
     with jax.default_matmul_precision(config.matmul_precision):
-        built = build_stage(config, stage, workdir, data)
+        built = build_stage(config, stage, workdir, data, fold)
         iterator = data.train_iterator(local_batch_size(built.global_batch, built.mesh), seed=built.seed)
         checkpoints = TrainingCheckpoints(os.path.join(built.directory, "checkpoints"), built.training.keep_checkpoints)
         meta = {
@@ -162,7 +165,8 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData) -> str:
 
 def train_and_evaluate(config, workdir: str) -> dict[str, str]:
     """Prepare the data, then train ``config.stage``: "regression", "diffusion", "all" (both, in
-    order) or "prior" (the ZSSD prior, alone).
+    order) or "prior" (the ZSSD prior, alone). With ``diffusion.cross_fit`` on, the regression
+    stage also trains its fold models (``training.cross_fit``), exported as regression_fold<k>.
 
     Args:
         config: the run config (``jax_corrdiff.config.base_config`` and a file of ``configs/``).
@@ -174,4 +178,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, str]:
     stages = check_training_config(config)
     enable_compilation_cache(cache_dir(config.compilation_cache_dir, workdir))
     data = TrainingData.open(config, workdir)
-    return {stage: train_stage(config, stage, workdir, data) for stage in stages}
+    cross_fit = CrossFit.from_config(config)
+    exported = {}
+    for stage in stages:
+        exported[stage] = train_stage(config, stage, workdir, data)
+        if stage == "regression" and cross_fit is not None:
+            for fold in range(cross_fit.folds):
+                exported[f"regression_fold{fold}"] = train_stage(config, stage, workdir, data.without_fold(fold), fold)
+    return exported

@@ -22,14 +22,15 @@ from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator
 from jax_corrdiff.data.store import PREPARED_DIR, STATS_NAME, STORE_NAME
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
+from jax_corrdiff.training.cross_fit import FOLDS_DIR, CrossFit, fold_mean, load_fold_models
 
-MeanFn = Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+MeanFn = Callable[[dict], np.ndarray]  # batch -> the mean of its samples
 
 
 def residual_moments(mean_fn: MeanFn, batches: Iterable[dict]) -> dict:
-    """Moments of r = target - mean_fn(img_lr, lead_time_label) per target channel, pooled
-    over the valid samples (``mask``, where present) and all pixels of ``batches`` (dicts of
-    NHWC ``target``, ``img_lr``, optional ``lead_time_label`` and ``mask``).
+    """Moments of r = target - mean_fn(batch) per target channel, pooled over the valid samples
+    (``mask``, where present) and all pixels of ``batches`` (dicts of NHWC ``target``,
+    ``img_lr``, optional ``lead_time_label``, ``fold`` and ``mask``).
 
     Returns {"mean_square": E[r^2], "variance": E[r^2] - E[r]^2, "samples": count}, both per
     channel (lists), in the units of ``target``.
@@ -39,7 +40,7 @@ def residual_moments(mean_fn: MeanFn, batches: Iterable[dict]) -> dict:
         keep = np.asarray(batch.get("mask", np.ones(len(batch["target"]), bool)), bool)
         if not keep.any():
             continue
-        mean = np.asarray(mean_fn(batch["img_lr"], batch.get("lead_time_label")), np.float64)
+        mean = np.asarray(mean_fn(batch), np.float64)
         r = (np.asarray(batch["target"], np.float64) - mean)[keep]
         total = total + r.sum(axis=(0, 1, 2))
         total_sq = total_sq + (r**2).sum(axis=(0, 1, 2))
@@ -62,7 +63,10 @@ def residual_variances(workdir: str, batch_size: int = 8) -> dict:
 
     Returns {"target_channels", "train": moments, "valid": moments, "valid_over_train": the ratio
     of the two variances per channel}; a ratio clearly above 1 says the regression fits its
-    training period better than new data.
+    training period better than new data. A workdir with cross-fitting fold models
+    (``training.cross_fit``) adds "train_out_of_fold": the training residuals to the fold model
+    that did not see each sample, the residuals its diffusion stage learned, and
+    "valid_over_out_of_fold".
     """
     prepared = os.path.join(workdir, PREPARED_DIR)
     store, stats = os.path.join(prepared, STORE_NAME), os.path.join(prepared, STATS_NAME)
@@ -70,17 +74,36 @@ def residual_variances(workdir: str, batch_size: int = 8) -> dict:
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} does not exist: {workdir} is not a trained workdir")
     normalizer = load_stats(stats)
+    train, valid = (DownscalingSource(store, split, normalizer) for split in ("train", "valid"))
     saved = load_model(os.path.join(workdir, "regression", "model"))
-    model = build_model(saved.config)
+    full = _jitted_mean(build_model(saved.config), saved.variables, saved.matmul_precision, with_fold=False)
+    result = {"target_channels": list(normalizer.target_channels)}
+    for split, source in (("train", train), ("valid", valid)):
+        result[split] = residual_moments(full, make_eval_iterator(source, batch_size=batch_size))
+    result["valid_over_train"] = _ratio(result["valid"], result["train"])
+    if os.path.isdir(os.path.join(workdir, "regression", FOLDS_DIR)):
+        folds = load_fold_models(workdir)
+        settings = folds[0].source["cross_fit"]
+        labelled, _ = CrossFit(int(settings["folds"]), float(settings["block_hours"])).label(train, valid)
+        mean, stacked = fold_mean(folds)
+        out_of_fold = _jitted_mean(mean, stacked, saved.matmul_precision, with_fold=True)
+        result["train_out_of_fold"] = residual_moments(out_of_fold, make_eval_iterator(labelled, batch_size=batch_size))
+        result["valid_over_out_of_fold"] = _ratio(result["valid"], result["train_out_of_fold"])
+    return result
+
+
+def _ratio(numerator: dict, denominator: dict) -> list[float]:
+    return (np.array(numerator["variance"]) / denominator["variance"]).tolist()
+
+
+def _jitted_mean(model, variables, matmul_precision: str, *, with_fold: bool) -> MeanFn:
+    """batch -> the mean of ``model`` (a regression network or a ``CrossFitMean``, which also
+    takes the batch's folds), compiled."""
 
     @jax.jit
-    def mean_fn(img_lr, lead_time_label):
-        with jax.default_matmul_precision(saved.matmul_precision):
-            return model.apply(saved.variables, img_lr, lead_time_label=lead_time_label)
+    def apply(img_lr, lead_time_label, fold):
+        with jax.default_matmul_precision(matmul_precision):
+            folds = {"fold": fold} if with_fold else {}
+            return model.apply(variables, img_lr, lead_time_label=lead_time_label, **folds)
 
-    result = {"target_channels": list(normalizer.target_channels)}
-    for split in ("train", "valid"):
-        source = DownscalingSource(store, split, normalizer)
-        result[split] = residual_moments(mean_fn, make_eval_iterator(source, batch_size=batch_size))
-    result["valid_over_train"] = (np.array(result["valid"]["variance"]) / result["train"]["variance"]).tolist()
-    return result
+    return lambda batch: apply(batch["img_lr"], batch.get("lead_time_label"), batch.get("fold"))

@@ -20,6 +20,7 @@ from jax_corrdiff.diffusion.residual_mean import RESIDUAL_MEANS, InterpolationMe
 from jax_corrdiff.mesh import make_mesh, replicated
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
+from jax_corrdiff.training.cross_fit import CrossFit, fold_directory, fold_mean, load_fold_models
 from jax_corrdiff.training.data_setup import TrainingData
 from jax_corrdiff.training.optimizer import make_optimizer
 from jax_corrdiff.training.steps import (
@@ -112,22 +113,36 @@ class Stage:
 
 def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any]:
     """The residual's mean (``diffusion.mean``): the trained regression network the diffusion
-    stage conditions on (variables replicated), or the interpolated coarse input (no variables)."""
+    stage conditions on (variables replicated), its cross-fitted fold models (variables stacked,
+    ``diffusion.cross_fit``), or the interpolated coarse input (no variables)."""
     if config.diffusion.mean not in RESIDUAL_MEANS:
         raise ValueError(f"diffusion.mean must be one of {RESIDUAL_MEANS}, got {config.diffusion.mean!r}")
     if config.diffusion.mean == "interpolation":
         return InterpolationMean.from_data(layout, data.normalizer), {}
-    path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
-    saved = load_model(path)
+    cross_fit = CrossFit.from_config(config)
+    if cross_fit is None:
+        path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
+        saved = load_model(path)
+        _check_conditioning(saved, path, layout)
+        return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh))
+    folds = load_fold_models(workdir)
+    if len(folds) != cross_fit.folds:
+        raise ValueError(f"{workdir}: {len(folds)} regression fold models, diffusion.cross_fit.folds={cross_fit.folds}")
+    for k, fold in enumerate(folds):
+        _check_conditioning(fold, fold_directory(workdir, k), layout)
+    mean, stacked = fold_mean(folds)
+    return mean, jax.device_put(stacked, replicated(mesh))
+
+
+def _check_conditioning(saved, path: str, layout: ConditioningLayout) -> None:
     if saved.conditioning is not None and saved.conditioning.img_lr_channels != layout.img_lr_channels:
         raise ValueError(
             f"{path} takes img_lr channels {list(saved.conditioning.img_lr_channels)}, "
             f"the data gives {list(layout.img_lr_channels)}"
         )
-    return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh))
 
 
-def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
+def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int | None = None) -> Stage:
     """Build the ``stage`` ("regression", "diffusion" or "prior") of ``config`` on ``data``.
 
     Args:
@@ -137,6 +152,9 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
             stage reads the regression model of ``config.diffusion.regression_model`` (default
             WORKDIR/regression/model).
         data: the opened training data.
+        fold: for the regression stage, the cross-fitting fold model to build (``data`` already
+            without that fold): it is named regression_fold<k> and writes to
+            ``cross_fit.fold_directory``.
     """
     mesh = make_mesh(config.num_devices)
     training = config[stage].training
@@ -155,9 +173,11 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
     else:
         regression, frozen = _frozen_regression(config, workdir, layout, mesh, data)
         loss_fn = _diffusion_loss(config, model, regression, layout)
+    if fold is not None and stage != "regression":
+        raise ValueError(f"only the regression stage has cross-fitting folds, not {stage!r}")
     return Stage(
-        name=stage,
-        directory=os.path.join(workdir, stage),
+        name=stage if fold is None else f"regression_fold{fold}",
+        directory=os.path.join(workdir, stage) if fold is None else fold_directory(workdir, fold),
         training=training,
         seed=int(config.seed),
         matmul_precision=config.matmul_precision,
@@ -168,8 +188,21 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData) -> Stage:
         loss_fn=loss_fn,
         frozen=frozen,
         optimizer=make_optimizer(training, int(training.batch_size)),
-        export_source={"residual_mean": config.diffusion.mean} if stage == "diffusion" else {},
+        export_source=_export_source(config, stage, fold),
     )
+
+
+def _export_source(config, stage: str, fold: int | None) -> dict:
+    """What the exported model records of how it was trained beyond its config: the diffusion
+    stage's residual mean (and cross-fitting), a fold model's fold."""
+    cross_fit = config.diffusion.cross_fit.to_dict()
+    if fold is not None:
+        return {"cross_fit": dict(cross_fit, fold=fold)}
+    if stage != "diffusion":
+        return {}
+    if CrossFit.from_config(config) is None:
+        return {"residual_mean": config.diffusion.mean}
+    return {"residual_mean": config.diffusion.mean, "cross_fit": cross_fit}
 
 
 def _diffusion_loss(config, model, mean_model, layout: ConditioningLayout) -> PerSampleLoss:

@@ -20,6 +20,7 @@ from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.ddpm import ddpm_residual_loss
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import training_batch
+from jax_corrdiff.diffusion.residual_mean import CrossFitMean
 from jax_corrdiff.mesh import batch_sharded, replicated
 from jax_corrdiff.training.optimizer import ema_decay, learning_rate
 
@@ -94,11 +95,14 @@ def ddpm_per_sample_loss(model, regression_model, layout: ConditioningLayout, *,
 
 def _residual_per_sample_loss(model, regression_model, layout: ConditioningLayout, pixel_loss) -> PerSampleLoss:
     """``pixel_loss(net_fn, key, target, mean)`` on the residual to ``regression_model``'s mean
-    (a network or ``InterpolationMean``), ``net_fn(x, noise_level)`` being the conditioned model."""
+    (a network, ``InterpolationMean`` or ``CrossFitMean``, which takes the batch's folds),
+    ``net_fn(x, noise_level)`` being the conditioned model."""
 
     def loss(params, constants, batch, rng, frozen, train):
         lead_time = batch.get("lead_time_label")
-        mean = jax.lax.stop_gradient(regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time))
+        folds = {"fold": batch["fold"]} if isinstance(regression_model, CrossFitMean) else {}
+        mean = regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time, **folds)
+        mean = jax.lax.stop_gradient(mean)
         patch_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
         cut = training_batch(patch_rng, layout, batch["target"], mean, batch["img_lr"], lead_time)
 
