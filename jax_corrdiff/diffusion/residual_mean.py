@@ -59,11 +59,17 @@ class InterpolationMean:
 class CrossFitMean:
     """mu(img_lr) of each sample from the regression fold model that did not train on it
     (``training.cross_fit``): ``variables`` stacks the K fold models' variables on a leading
-    axis, every fold model runs on the batch (K regression forwards per step, no weights
-    gathered per sample) and sample b keeps fold[b]'s mean."""
+    axis, every fold model runs on the whole batch and sample b keeps fold[b]'s mean: K
+    regression forwards per step. (A ``vmap`` over the stacked weights makes every convolution
+    a grouped one: 4.1x slower than K plain forwards on the demo's CPU.)"""
 
     network: Any  # the regression network all fold models share
 
     def apply(self, variables, img_lr: jax.Array, *, lead_time_label: jax.Array | None = None, fold: jax.Array):
-        means = jax.vmap(lambda v: self.network.apply(v, img_lr, lead_time_label=lead_time_label))(variables)
-        return means[fold, jnp.arange(img_lr.shape[0])]
+        folds = jax.tree_util.tree_leaves(variables)[0].shape[0]
+        mean = None
+        for k in range(folds):
+            fold_k = jax.tree_util.tree_map(lambda leaf, k=k: leaf[k], variables)
+            mean_k = self.network.apply(fold_k, img_lr, lead_time_label=lead_time_label)
+            mean = mean_k if mean is None else jnp.where((fold == k).reshape(-1, 1, 1, 1), mean_k, mean)
+        return mean
