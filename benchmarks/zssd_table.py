@@ -60,7 +60,8 @@ def scored(path: str) -> dict:
 
 def corrdiff_row(times: list[str]) -> dict:
     """CorrDiff (regression + EDM residual) trained for one factor, on the same times, with the
-    README demo's calibrated sampler (Heun, 18 steps, churn 40, S_noise 1.1)."""
+    sampler calibrated for the demo model before cross-fitting (Heun, 18 steps, churn 40, S_noise
+    1.1), with which the table's CorrDiff row was measured."""
     sampler = make_sampler("stochastic", churn=40.0, s_noise=1.1)
     model = CorrDiffModel.load(_CORRDIFF.value)
     factor = int(model.data_config["coarsen_factor"])
