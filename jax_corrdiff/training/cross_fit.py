@@ -30,8 +30,6 @@ from jax_corrdiff.diffusion.residual_mean import CrossFitMean
 from jax_corrdiff.model_dir import SavedModel, load_model
 from jax_corrdiff.models.factory import build_model
 
-FOLDS_DIR = "folds"  # WORKDIR/regression/folds/<k>: fold model k's checkpoints and model
-
 
 @dataclasses.dataclass(frozen=True)
 class CrossFit:
@@ -77,14 +75,19 @@ class CrossFit:
         return train.with_folds(labels), valid.with_folds(self.labels(valid.times, origin))
 
 
+def folds_directory(workdir: str) -> str:
+    """Where a workdir's fold models live (WORKDIR/regression/folds)."""
+    return os.path.join(workdir, "regression", "folds")
+
+
 def fold_directory(workdir: str, fold: int) -> str:
     """Where fold model ``fold`` trains and is exported (WORKDIR/regression/folds/<fold>)."""
-    return os.path.join(workdir, "regression", FOLDS_DIR, str(fold))
+    return os.path.join(folds_directory(workdir), str(fold))
 
 
 def load_fold_models(workdir: str) -> list[SavedModel]:
     """The exported fold models of WORKDIR, in fold order (checked to be one complete set)."""
-    folds_dir = os.path.join(workdir, "regression", FOLDS_DIR)
+    folds_dir = folds_directory(workdir)
     if not os.path.isdir(folds_dir):
         raise FileNotFoundError(f"{folds_dir} does not exist: train the regression stage with diffusion.cross_fit on")
     count = len(os.listdir(folds_dir))

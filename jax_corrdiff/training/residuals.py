@@ -22,7 +22,7 @@ from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator
 from jax_corrdiff.data.store import PREPARED_DIR, STATS_NAME, STORE_NAME
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
-from jax_corrdiff.training.cross_fit import FOLDS_DIR, CrossFit, fold_mean, load_fold_models
+from jax_corrdiff.training.cross_fit import CrossFit, fold_mean, folds_directory, load_fold_models
 
 MeanFn = Callable[[dict], np.ndarray]  # batch -> the mean of its samples
 
@@ -81,7 +81,7 @@ def residual_variances(workdir: str, batch_size: int = 8) -> dict:
     for split, source in (("train", train), ("valid", valid)):
         result[split] = residual_moments(full, make_eval_iterator(source, batch_size=batch_size))
     result["valid_over_train"] = _ratio(result["valid"], result["train"])
-    if os.path.isdir(os.path.join(workdir, "regression", FOLDS_DIR)):
+    if os.path.isdir(folds_directory(workdir)):
         folds = load_fold_models(workdir)
         settings = folds[0].source["cross_fit"]
         labelled, _ = CrossFit(int(settings["folds"]), float(settings["block_hours"])).label(train, valid)
