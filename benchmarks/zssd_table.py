@@ -1,18 +1,20 @@
-"""The ZSSD table on the shipped ERA5 UK data: bilinear, BCSD, DPS and UCG at several scale
+"""The ZSSD table on the shipped ERA5 UK data: bilinear, BCSD, DPS, UCG and vanilla DPS at several scale
 factors, and CorrDiff at the factor it was trained for.
 
 One prior (``configs/zssd_era5_uk.py``) downscales the validation period's truth block-averaged
 by each factor; every row is scored against the truth with ``jax_corrdiff.evaluation``:
 
     python benchmarks/zssd_table.py --workdir=/tmp/zssd --output=/tmp/zssd_table \\
-        [--factors=4,6,8,10] [--dps_scales=1] [--ucg_scales=3] [--period=2019-03-19T00,2019-03-24T05] \\
+        [--factors=4,6,8,10] [--dps_scales=1] [--ucg_scales=3] [--vanilla_dps_scales=1] \\
+        [--period=2019-03-19T00,2019-03-24T05] \\
         [--time_stride=7] \\
         [--members=4] [--steps=8] [--corrdiff_workdir=/tmp/demo]
 
-Writes OUTPUT/{dps,ucg}_x{K}_s{scale}.nc, OUTPUT/corrdiff_x{K}.nc (an existing file is finished, not redone),
-OUTPUT/table.json (rewritten after every file) and prints a Markdown table: the ensemble mean's
-MAE, RMSE and p99 absolute error, CRPS (fair, of the ensemble; the error itself for a single
-field) and the fine-scale power ratio (top third of wavenumbers, 1 = the truth's), in K.
+Writes OUTPUT/{dps,ucg,vanilla_dps}_x{K}_s{scale}.nc, OUTPUT/corrdiff_x{K}.nc (an existing file
+is finished, not redone), OUTPUT/table.json (rewritten after every file) and prints a Markdown
+table: the ensemble mean's MAE, RMSE and p99 absolute error, CRPS (fair, of the ensemble; the
+error itself for a single field) and the fine-scale power ratio (top third of wavenumbers, 1 =
+the truth's), in K.
 """
 
 import json
@@ -28,14 +30,22 @@ from jax_corrdiff.data.sources import open_dataset
 from jax_corrdiff.diffusion.guidance import GuidanceSchedule
 from jax_corrdiff.evaluation import score_dataset
 from jax_corrdiff.inference.generate import CorrDiffModel, generate, make_sampler
-from jax_corrdiff.inference.zssd import GUIDANCE, PriorModel, generate_guided, open_inputs
+from jax_corrdiff.inference.zssd import PriorModel, generate_guided, open_inputs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir holding prior/model.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the generated files and table.json.", required=True)
 _FACTORS = flags.DEFINE_list("factors", ["4", "6", "8", "10"], "Scale factors.")
+# (file label, table label, guidance, loss divided by lambda_max) -> its scales flag
 _SCALES = {
-    "dps": flags.DEFINE_list("dps_scales", ["1"], "sda guidance scales of DPS (block-average operator)."),
-    "ucg": flags.DEFINE_list("ucg_scales", ["3"], "sda guidance scales of unified coordinate guidance."),
+    ("dps", "DPS", "dps", True): flags.DEFINE_list(
+        "dps_scales", ["1"], "sda guidance scales of DPS (block-average operator, loss normalised by lambda_max)."
+    ),
+    ("ucg", "UCG", "ucg", True): flags.DEFINE_list(
+        "ucg_scales", ["3"], "sda guidance scales of unified coordinate guidance."
+    ),
+    ("vanilla_dps", "vanilla DPS", "dps", False): flags.DEFINE_list(
+        "vanilla_dps_scales", [], "sda guidance scales of the paper's vanilla DPS (loss not normalised)."
+    ),
 }
 _PERIOD = flags.DEFINE_list("period", ["2019-03-19T00", "2019-03-24T05"], "START,END of the scored times.")
 _STRIDE = flags.DEFINE_integer("time_stride", 7, "Score every N-th hour of the period (7: every hour of day).")
@@ -82,9 +92,9 @@ def main(argv):
     rows = [corrdiff_row(times)] if _CORRDIFF.value else []
     for factor in (int(f) for f in _FACTORS.value):
         inputs = open_inputs(model, ERA5, coarsen=True, obs_factor=factor, times=times)
-        for guidance in GUIDANCE:
-            for scale in (float(s) for s in _SCALES[guidance].value):
-                out = os.path.join(_OUTPUT.value, f"{guidance}_x{factor}_s{scale:g}.nc")
+        for (name, label, guidance, normalized), scales in _SCALES.items():
+            for scale in (float(s) for s in scales.value):
+                out = os.path.join(_OUTPUT.value, f"{name}_x{factor}_s{scale:g}.nc")
                 start = time.perf_counter()
                 generate_guided(
                     model,
@@ -93,7 +103,7 @@ def main(argv):
                     sampler,
                     guidance=guidance,
                     obs_factor=factor,
-                    schedule=GuidanceSchedule("sda", scale, sigma_y=0.05, gamma=1.0),
+                    schedule=GuidanceSchedule("sda", scale, sigma_y=0.05, gamma=1.0, normalized=normalized),
                     members=_MEMBERS.value,
                     seed=0,
                     batch_size=_BATCH.value,
@@ -101,7 +111,7 @@ def main(argv):
                 scores = scored(out)
                 if not any(r["factor"] == factor and r["method"] == "bilinear" for r in rows):
                     rows += [row(scores, "bilinear", factor, "bilinear"), row(scores, "bcsd", factor, "BCSD")]
-                method = f"{'DPS' if guidance == 'dps' else 'UCG'} (scale {scale:g})"
+                method = f"{label} (scale {scale:g})"
                 rows.append(row(scores, "corrdiff", factor, method, time.perf_counter() - start))
                 with open(os.path.join(_OUTPUT.value, "table.json"), "w") as f:
                     json.dump({**settings, "schedule": "sda, sigma_y 0.05, gamma 1", "rows": rows}, f, indent=1)

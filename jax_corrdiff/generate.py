@@ -83,6 +83,11 @@ _SCHEDULE = flags.DEFINE_enum("guidance_schedule", "sda", SCHEDULES, "ZSSD: guid
 _GUIDANCE_SCALE = flags.DEFINE_float("guidance_scale", 1.0, "ZSSD: guidance scale (0 = the unguided prior).")
 _SIGMA_Y = flags.DEFINE_float("sigma_y", 0.05, "ZSSD sda: observation noise, normalized units.")
 _GAMMA = flags.DEFINE_float("gamma", 1.0, "ZSSD sda: weight of sigma^2 in the likelihood variance.")
+_NORMALIZED = flags.DEFINE_bool(
+    "guidance_normalized",
+    True,
+    "ZSSD: divide the guidance loss by lambda_max(A^T W^2 A); false = the paper's vanilla DPS.",
+)
 flags.mark_flags_as_required(["input", "output"])
 flags.mark_flags_as_mutual_exclusive(["workdir", "model"], required=True)
 
@@ -143,7 +148,13 @@ def generate_zssd(sampler) -> None:
         sampler,
         guidance=_GUIDANCE.value,
         obs_factor=_OBS_FACTOR.value,
-        schedule=GuidanceSchedule(_SCHEDULE.value, _GUIDANCE_SCALE.value, sigma_y=_SIGMA_Y.value, gamma=_GAMMA.value),
+        schedule=GuidanceSchedule(
+            _SCHEDULE.value,
+            _GUIDANCE_SCALE.value,
+            sigma_y=_SIGMA_Y.value,
+            gamma=_GAMMA.value,
+            normalized=_NORMALIZED.value,
+        ),
         members=_MEMBERS.value,
         seed=_SEED.value,
         batch_size=_BATCH.value,

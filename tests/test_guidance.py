@@ -80,6 +80,23 @@ def test_guided_samples_match_the_observation_at_the_coarse_scale(kind, scale, r
         assert guided < ratio * unguided, (factor, guided, unguided)
 
 
+def test_vanilla_dps_loses_its_guidance_as_the_factor_grows():
+    """Without the lambda_max normalisation the block-average gradient shrinks as 1 / K^2: the
+    step is exactly lambda_max times the normalised one, and at K = 16 it barely steers."""
+    truth = np.random.default_rng(1).normal(size=(H, W, 1)).astype(np.float32)
+    op = block_average_operator(16, (H, W))
+    obs = Observation(op, op(truth), cell_count_weights(op), (H, W))
+    assert obs.norm == pytest.approx(1 / 16**2, rel=0.05)
+    normalized, vanilla = (GuidanceSchedule("sda", 1.0, sigma_y=0.05, normalized=n) for n in (True, False))
+    x, sigma = jnp.asarray(np.random.default_rng(5).normal(size=(H, W, 1)) * 3.0, jnp.float32), jnp.float32(3.0)
+    guided = [guided_denoiser(_gaussian_prior, obs, s) for s in (normalized, vanilla)]
+    steps = [g(x, sigma) - _gaussian_prior(x, sigma) for g in guided]
+    np.testing.assert_allclose(steps[1], obs.norm * steps[0], atol=1e-3 * float(jnp.max(jnp.abs(steps[1]))))
+    unguided = _coarse_error(_ensemble(_gaussian_prior), op, obs.values)
+    errors = [_coarse_error(_ensemble(g), op, obs.values) for g in guided]
+    assert errors[0] < 0.15 * unguided and errors[1] > 0.8 * unguided, (errors, unguided)  # 0.035, 0.601 of 0.608
+
+
 def test_unified_coordinate_guidance_matches_in_unified_space():
     truth = np.random.default_rng(2).normal(size=(H, W, 1)).astype(np.float32)
     lat = np.linspace(50.0, 58.0, H)[:, None] * np.ones((1, W))

@@ -184,12 +184,16 @@ class GuidanceSchedule:
     larger scales overshoot. Measured on the 500-step ERA5 UK prior (x4, block average, 8 Euler
     steps): coarse-scale MAE 3.86 K unguided, 0.18 K at scale 1, 0.04 K at 3; Chung's dps step
     at zeta = 1 reached only 3.68 K (its fixed-length step is small against a residual over a
-    whole field). With 8 Heun steps, scale 3 diverged for the block average (MAE 4.5 K)."""
+    whole field). With 8 Heun steps, scale 3 diverged for the block average (MAE 4.5 K).
+    ``normalized=False`` multiplies L back by lambda_max, for the paper's vanilla DPS."""
 
     kind: str = "dps"
     scale: float = 1.0
     sigma_y: float = 0.0
     gamma: float = 1.0
+    # False: L in data units, not divided by lambda_max(A^T W^2 A) -- the vanilla DPS of Chung
+    # et al. and of the ZSSD paper's baseline, whose block-average gradient shrinks as 1 / K^2.
+    normalized: bool = True
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
@@ -207,11 +211,13 @@ class GuidanceSchedule:
 
 
 def guided_denoiser(denoise: DenoiseFn, observation: Observation, schedule: GuidanceSchedule) -> DenoiseFn:
-    """D_g(x; sigma) = D(x; sigma) - schedule.step(grad_x L, L, sigma), L = ||W (A(D(x; sigma)) - y)||^2."""
+    """D_g(x; sigma) = D(x; sigma) - schedule.step(grad_x L, L, sigma), L = ||W (A(D(x; sigma)) - y)||^2
+    (divided by lambda_max(A^T W^2 A) when ``schedule.normalized``)."""
 
     def loss_and_x0(x, sigma):
         x0 = denoise(x, sigma)
-        return observation.loss(x0), x0
+        loss = observation.loss(x0)
+        return (loss if schedule.normalized else loss * observation.norm), x0
 
     def guided(x, sigma):
         (loss, x0), grad = jax.value_and_grad(loss_and_x0, has_aux=True)(x, sigma)
