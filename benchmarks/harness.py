@@ -50,7 +50,7 @@ def wait_for_idle(threshold: float = 0.1, settle: int = 3, timeout: float = 3600
 
 
 def describe_machine() -> dict:
-    """CPU model, core count, OS and Python (the accelerator is described by the worker)."""
+    """CPU model, core count, OS, Python and XLA_FLAGS (the accelerator is described by the worker)."""
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -62,6 +62,7 @@ def describe_machine() -> dict:
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

@@ -109,6 +109,14 @@ def _compiled_stats(compiled) -> dict:
     return {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)), **plan}
 
 
+def _module_size(compiled) -> dict:
+    """Size of the optimized HLO module: a warm start's cost on XLA:CPU grows as the number of
+    YNNPACK library fusions times the number of instructions (each fusion thunk is matched to its
+    instruction by a scan of the whole module when a cached executable is loaded)."""
+    text = compiled.as_text()
+    return {"hlo_instructions": text.count(" = "), "library_fusions": text.count('"__ynn_fusion"')}
+
+
 def _memory_in_use() -> dict:
     import jax
 
@@ -262,10 +270,14 @@ def measure_compile(args) -> dict:
     enable_compilation_cache(args.cache)
     step, state, batch, frozen = _train_step(args, "diffusion")
     start = time.perf_counter()
-    compiled = step.lower(state, batch, frozen).compile()
+    lowered = step.lower(state, batch, frozen)
+    lowered_s = time.perf_counter() - start
+    compiled = lowered.compile()
     return {
         "compile_s": time.perf_counter() - start,
+        "lower_s": lowered_s,
         **_compiled_stats(compiled),
+        **_module_size(compiled),
         "cache_entries": len(os.listdir(args.cache)),
         "jax": jax.__version__,
     }
