@@ -39,6 +39,7 @@ from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.guidance import (
     GuidanceSchedule,
     Observation,
+    SeparableOperator,
     area_weighted_operator,
     block_average_operator,
     cell_count_weights,
@@ -105,7 +106,11 @@ def open_inputs(model: PriorModel, path: str, *, coarsen: bool, obs_factor: int,
     return InferenceInputs.open(config, path, coarsen=coarsen, lat=model.lat, lon=model.lon, period=period, times=times)
 
 
-def coarse_observation(model: PriorModel, inputs: InferenceInputs, obs_factor: int):
+# (A from the fine grid to the observation's grid, raw_values(raw, truth, times) -> y, physical units)
+CoarseObservation = tuple[SeparableOperator, Callable]
+
+
+def coarse_observation(model: PriorModel, inputs: InferenceInputs, obs_factor: int) -> CoarseObservation:
     """(A, raw_values): the operator from the fine grid to the observation's own grid, and
     raw_values(raw, truth, times) -> the observations on it (B, A, B', C), physical units.
     Coarsened truth: block average by ``obs_factor`` of the truth. A coarse file: area-weighted
@@ -129,10 +134,11 @@ ObservationValues = Callable[[np.ndarray, np.ndarray | None, np.ndarray], np.nda
 
 
 def make_observation(
-    model: PriorModel, inputs: InferenceInputs, guidance: str, obs_factor: int
+    model: PriorModel, coarse: CoarseObservation, guidance: str, obs_factor: int
 ) -> tuple[Observation, ObservationValues]:
     """The observation operator and weights of ``guidance`` (a template with zero values), and
-    the function that gives each batch's observation values in normalized units."""
+    the function that gives each batch's observation values in normalized units; ``coarse`` is
+    ``coarse_observation``'s (operator, raw values)."""
     norm, shape = model.normalizer, model.lat.shape
     if guidance == "ucg":
         op = unified_operator(obs_factor, shape)
@@ -140,12 +146,14 @@ def make_observation(
         return template, lambda raw, truth, times: np.asarray(op(norm.normalize_target(raw)))
     if guidance != "dps":
         raise ValueError(f"--guidance must be one of {GUIDANCE}, got {guidance!r}")
-    op, raw_values = coarse_observation(model, inputs, obs_factor)
+    op, raw_values = coarse
     values = lambda raw, truth, times: norm.normalize_target(raw_values(raw, truth, times))  # noqa: E731
     return Observation(op, jnp.zeros((*op.shape, 1)), cell_count_weights(op), shape), values
 
 
-def bcsd_baseline(model: PriorModel, inputs: InferenceInputs, obs_factor: int) -> Baseline | None:
+def bcsd_baseline(
+    model: PriorModel, inputs: InferenceInputs, obs_factor: int, coarse: CoarseObservation
+) -> Baseline | None:
     """The BCSD baseline of these observations (``inference.bcsd``): the reference climatology is
     the training period of the prior's prepared store; the bias correction maps from the
     observation file's own record over that period (the historical overlap, as in the original
@@ -157,7 +165,7 @@ def bcsd_baseline(model: PriorModel, inputs: InferenceInputs, obs_factor: int) -
         return None
     store = PreparedStore(store_path)
     train = store.split_indices("train")
-    operator, raw_values = coarse_observation(model, inputs, obs_factor)
+    operator, raw_values = coarse
     try:
         overlap = open_inputs(
             model, inputs.path, coarsen=inputs.has_truth, obs_factor=obs_factor, period=store.config["train_period"]
@@ -209,7 +217,8 @@ def generate_guided(
 ) -> str:
     """Sample ``members`` guided members for every time of ``inputs`` into ``output`` (skipping
     times an earlier run finished), at the prior's matmul precision; returns ``output``."""
-    observation, values = make_observation(model, inputs, guidance, obs_factor)
+    coarse = coarse_observation(model, inputs, obs_factor)
+    observation, values = make_observation(model, coarse, guidance, obs_factor)
     log.info("generate (%s guidance, x%d): %d times, %d members", guidance, obs_factor, len(inputs), members)
     static = model.normalizer.normalize_static(inputs.static).astype(np.float32)
 
@@ -224,7 +233,7 @@ def generate_guided(
 
         return step
 
-    bcsd = bcsd_baseline(model, inputs, obs_factor)
+    bcsd = bcsd_baseline(model, inputs, obs_factor, coarse)
     return write_ensembles(
         model,
         inputs,
