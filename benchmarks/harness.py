@@ -50,7 +50,8 @@ def wait_for_idle(threshold: float = 0.1, settle: int = 3, timeout: float = 3600
 
 
 def describe_machine() -> dict:
-    """CPU model, core count, OS, Python and XLA_FLAGS (the accelerator is described by the worker)."""
+    """CPU model, core count, OS, Python, XLA_FLAGS and GLIBC_TUNABLES (the accelerator is described by
+    the worker)."""
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -63,6 +64,7 @@ def describe_machine() -> dict:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
