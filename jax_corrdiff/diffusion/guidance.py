@@ -184,15 +184,14 @@ class GuidanceSchedule:
     larger scales overshoot. Measured on the 500-step ERA5 UK prior (x4, block average, 8 Euler
     steps): coarse-scale MAE 3.86 K unguided, 0.18 K at scale 1, 0.04 K at 3; Chung's dps step
     at zeta = 1 reached only 3.68 K (its fixed-length step is small against a residual over a
-    whole field). With 8 Heun steps, scale 3 diverged for the block average (MAE 4.5 K).
-    ``normalized=False`` multiplies L back by lambda_max, for the paper's vanilla DPS."""
+    whole field). With 8 Heun steps, scale 3 diverged for the block average (MAE 4.5 K)."""
 
     kind: str = "dps"
     scale: float = 1.0
     sigma_y: float = 0.0
     gamma: float = 1.0
-    # False: L in data units, not divided by lambda_max(A^T W^2 A) -- the vanilla DPS of Chung
-    # et al. and of the ZSSD paper's baseline, whose block-average gradient shrinks as 1 / K^2.
+    # False: L in data units, not divided by lambda_max(A^T W^2 A), as in Chung et al.'s DPS and
+    # the ZSSD paper's vanilla baseline: the block-average gradient then shrinks as 1 / K^2.
     normalized: bool = True
 
     def __post_init__(self):
