@@ -44,9 +44,9 @@ def test_smoke_prior_trains_and_saves(prior_workdir):
     assert saved.config["cond_channels"] == 6 and saved.source["stage"] == "prior"
 
 
-def _generate(workdir, out, *, guidance, scale, coarsen=True, path=ERA5, factor=4):
+def _generate(workdir, out, *, guidance, scale, coarsen=True, path=ERA5, factor=4, period=TIMES):
     model = PriorModel.load(workdir)
-    inputs = open_inputs(model, path, coarsen=coarsen, obs_factor=factor, period=TIMES)
+    inputs = open_inputs(model, path, coarsen=coarsen, obs_factor=factor, period=period)
     schedule = GuidanceSchedule("sda", scale, sigma_y=0.05, gamma=1.0)
     generate_guided(
         model, inputs, str(out), SAMPLER, guidance=guidance, obs_factor=factor, schedule=schedule, members=2, seed=3
@@ -117,25 +117,20 @@ def test_hrrr_prior_guides_at_x20_on_its_lambert_grid(tmp_path, caplog):
 
     config = zssd_hrrr_idaho.get_config("smoke")
     config.prior.training.update(total_samples=4 * 4, eval_batches=1)
-    train_and_evaluate(config, str(tmp_path / "w"))
-    model = PriorModel.load(str(tmp_path / "w"))
-    inputs = open_inputs(
-        model,
-        demo_data_path("hrrr_3km_idaho_rme_sfc.nc"),
-        coarsen=True,
-        obs_factor=20,
-        times=None,
-        period=["2018-07-23T01", "2018-07-23T02"],
-    )
+    workdir = str(tmp_path / "w")
+    train_and_evaluate(config, workdir)
     errors = {}
     for scale in (0.0, 1.0):
-        out = tmp_path / f"h{scale}.nc"
-        schedule = GuidanceSchedule("sda", scale, sigma_y=0.05, gamma=1.0)
         with caplog.at_level("WARNING"):
-            generate_guided(
-                model, inputs, str(out), SAMPLER, guidance="dps", obs_factor=20, schedule=schedule, members=2, seed=3
+            ds = _generate(
+                workdir,
+                tmp_path / f"h{scale}.nc",
+                guidance="dps",
+                scale=scale,
+                path=demo_data_path("hrrr_3km_idaho_rme_sfc.nc"),
+                factor=20,
+                period=["2018-07-23T01", "2018-07-23T02"],
             )
-        ds = xr.open_dataset(out)
         coarse = block_average(ds.t2m.values[..., None], 20)
         errors[scale] = float(np.abs(coarse - block_average(ds.t2m_truth.values[:, None, ..., None], 20)).mean())
     assert dict(ds.t2m.sizes) == {"time": 2, "ensemble": 2, "y": 78, "x": 41} and "t2m_bcsd" not in ds
