@@ -8,7 +8,13 @@ import pytest
 from jax_corrdiff.config import base_config
 from jax_corrdiff.mesh import make_mesh, to_global
 from jax_corrdiff.models import build_model, example_inputs
-from jax_corrdiff.training.optimizer import ema_decay, learning_rate, make_optimizer
+from jax_corrdiff.training.optimizer import (
+    SMALL_LEAF_SIZE,
+    ema_decay,
+    gradient_statistics,
+    learning_rate,
+    make_optimizer,
+)
 from jax_corrdiff.training.steps import init_train_state, make_train_step, regression_per_sample_loss
 
 MODEL = dict(
@@ -126,3 +132,22 @@ def test_nonfinite_gradients_are_zeroed_and_counted():
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.device_get(state.params))
     state, metrics = step(state, to_global(_batch(seed=1), mesh), {})
     assert int(metrics["nonfinite_grads"]) == 0 and np.isfinite(float(metrics["loss"]))
+
+
+def test_gradient_statistics_count_and_norm_over_small_and_large_leaves():
+    rng = np.random.default_rng(0)
+    grads = {
+        "bias": rng.normal(size=(7,)).astype(np.float32),
+        "scale": rng.normal(size=(SMALL_LEAF_SIZE - 1,)).astype(np.float32),
+        "kernel": rng.normal(size=(3, 3, 32, 64)).astype(np.float32),
+        "dense": rng.normal(size=(SMALL_LEAF_SIZE,)).astype(np.float32),
+    }
+    grads["bias"][[1, 4]] = [np.nan, np.inf]
+    grads["kernel"][0, 1, 2, :3] = [-np.inf, np.nan, np.nan]
+    for tree in (grads, {"kernel": grads["kernel"]}, {"bias": grads["bias"]}):
+        values = np.concatenate([g.ravel() for g in tree.values()])
+        norm, count = jax.jit(gradient_statistics)(tree)
+        assert int(count) == int((~np.isfinite(values)).sum())
+        expected = np.sqrt(np.sum(values[np.isfinite(values)].astype(np.float64) ** 2))
+        np.testing.assert_allclose(float(norm), expected, rtol=1e-5)
+    assert int(jax.jit(gradient_statistics)(grads)[1]) == 5

@@ -36,6 +36,35 @@ def zero_nonfinite() -> optax.GradientTransformation:
     )
 
 
+# Gradient leaves smaller than this are reduced together, as one concatenated vector: every
+# reduction is a kernel of its own, and XLA:CPU spends compile, cache-load and launch time per
+# kernel, so the Taiwan UNet's 447 bias, GroupNorm and embedding leaves (118,404 of its 80 M
+# parameters) cost more in kernels than in arithmetic (README, *Speed and memory*).
+SMALL_LEAF_SIZE = 4096
+
+
+def _finite_square_sum_and_nonfinite_count(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """sum(g^2 over finite g), count(non-finite g): one two-operand reduction, one read of g."""
+    finite = jnp.isfinite(values)
+    return jax.lax.reduce(
+        (jnp.where(finite, jnp.square(values), 0.0), (~finite).astype(jnp.int32)),
+        (jnp.zeros((), values.dtype), jnp.zeros((), jnp.int32)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1]),
+        tuple(range(values.ndim)),
+    )
+
+
+def gradient_statistics(grads: Any) -> tuple[jax.Array, jax.Array]:
+    """(global L2 norm of the finite gradient entries, number of non-finite entries).
+
+    The norm is the one of the gradients ``zero_nonfinite`` passes on to Adam."""
+    leaves = jax.tree_util.tree_leaves(grads)
+    small = [g.ravel() for g in leaves if g.size < SMALL_LEAF_SIZE]
+    groups = [g for g in leaves if g.size >= SMALL_LEAF_SIZE] + ([jnp.concatenate(small)] if small else [])
+    sums, counts = zip(*(_finite_square_sum_and_nonfinite_count(g) for g in groups))
+    return jnp.sqrt(sum(sums)), sum(counts)
+
+
 def make_optimizer(config: Any, global_batch: int) -> optax.GradientTransformation:
     parts = [zero_nonfinite()]
     if config.grad_clip_norm > 0:

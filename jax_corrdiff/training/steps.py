@@ -22,7 +22,7 @@ from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import training_batch
 from jax_corrdiff.diffusion.residual_mean import CrossFitMean
 from jax_corrdiff.mesh import batch_sharded, replicated
-from jax_corrdiff.training.optimizer import ema_decay, learning_rate
+from jax_corrdiff.training.optimizer import ema_decay, gradient_statistics, learning_rate
 
 PerSampleLoss = Callable[..., jax.Array]
 
@@ -187,14 +187,14 @@ def make_train_step(loss_fn: PerSampleLoss, optimizer, training_config, global_b
             micro = _split_microbatches(batch, accumulation)
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accumulation), micro))
             loss, grads = jax.tree_util.tree_map(lambda x: x / accumulation, (loss, grads))
-        nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+        grad_norm, nonfinite = gradient_statistics(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         beta = ema_decay(training_config, state.step, global_batch)
         ema = jax.tree_util.tree_map(lambda e, p: beta * e + (1.0 - beta) * p, state.ema_params, params)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(jax.tree_util.tree_map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), grads)),
+            "grad_norm": grad_norm,
             "nonfinite_grads": nonfinite,
             "learning_rate": schedule(state.step),
         }
