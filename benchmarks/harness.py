@@ -50,8 +50,8 @@ def wait_for_idle(threshold: float = 0.1, settle: int = 3, timeout: float = 3600
 
 
 def describe_machine() -> dict:
-    """CPU model, core count, OS, Python, XLA_FLAGS and GLIBC_TUNABLES (the accelerator is described by
-    the worker)."""
+    """CPU model, core count, OS, Python, XLA_FLAGS, GLIBC_TUNABLES and LD_PRELOAD (the allocator;
+    launch/cpu_env.sh); the accelerator is described by the worker."""
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -65,6 +65,7 @@ def describe_machine() -> dict:
         "python": sys.version.split()[0],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
 
 

@@ -9,10 +9,8 @@ set -euo pipefail
 WORKDIR=${1:-/tmp/jax_corrdiff_demo}
 shift || true
 PYTHON=${PYTHON:-python}
-# XLA:CPU maps each training step's temporaries afresh (glibc serves a worker thread's large
-# allocation by mmap); transparent huge pages cut the page faults that costs (README, "Speed and
-# memory"). Has no effect where the kernel's THP mode is "never".
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
+# TCMalloc (or huge pages) for XLA:CPU's per-step temporaries: launch/cpu_env.sh says why.
+source "$(dirname "$0")/cpu_env.sh"
 DATA=$("$PYTHON" -c 'from jax_corrdiff.data import demo_data_path; print(demo_data_path("era5_t2m_uk_0p25deg.nc"))')
 "$PYTHON" -m jax_corrdiff.train --config="$(dirname "$0")/../configs/demo.py" --workdir="$WORKDIR" "$@"
 "$PYTHON" -m jax_corrdiff.generate --workdir="$WORKDIR" --input="$DATA" --coarsen \

@@ -18,8 +18,8 @@ if [[ $# -lt 2 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
 fi
 NPROC=$1
 shift
-# Transparent huge pages for XLA:CPU's per-step temporaries (launch/demo.sh says why).
-export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
+# TCMalloc (or huge pages) for XLA:CPU's per-step temporaries: launch/cpu_env.sh says why.
+source "$(dirname "$0")/cpu_env.sh"
 PYTHON=${PYTHON:-python3}
 if [[ -z "${JAX_COORDINATOR_ADDRESS:-}" ]]; then
     PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
