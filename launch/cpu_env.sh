@@ -15,8 +15,7 @@ if [[ -z "${LD_PRELOAD:-}" ]]; then
     TCMALLOC=$({ ldconfig -p || /sbin/ldconfig -p; } 2>/dev/null | awk '/libtcmalloc_minimal\.so\.4 /{print $NF; exit}' || true)
     if [[ -n "$TCMALLOC" ]]; then
         export LD_PRELOAD=$TCMALLOC
+    else
+        export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
     fi
-fi
-if [[ -z "${LD_PRELOAD:-}" ]]; then
-    export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 fi
