@@ -1,8 +1,9 @@
 """jax_corrdiff against PhysicsNeMo, side by side: the same rows as ``speed.py`` on the same shapes.
 
     python benchmarks/speed_physicsnemo.py [--physicsnemo-python /work/pnemo-venv/bin/python]
-        [--grid 64] [--width full] [--batch 2] [--only regression_step,diffusion_step,...]
-        [--repeats 5] --out benchmarks/results/vs_physicsnemo_cpu.json
+        [--grid 64] [--width full] [--dtype float32|bfloat16] [--batch 2]
+        [--only regression_step,diffusion_step,...] [--repeats 5]
+        --out benchmarks/results/vs_physicsnemo_cpu.json
 
 For every row it runs our measurement (a ``speed.py`` worker) and then PhysicsNeMo's (this
 script as a worker under the PhysicsNeMo environment's Python: torch never enters a jax_corrdiff
@@ -13,9 +14,13 @@ prints ours / theirs. PhysicsNeMo 2.2.2 on torch's CPU build is installed as
 PhysicsNeMo's side is what its CorrDiff training and generation run: ``RegressionLoss`` /
 ``ResidualLoss`` (hr-mean conditioning, frozen regression UNet) with Adam and an EMA copy, in
 train mode (dropout 0.13); one sample is the regression forward plus ``stochastic_sampler``
-(18-step Heun, sigma_max 800) or ``deterministic_sampler`` (8-step Euler, sigma_max 80), in
-float32 with all cores (``torch.set_num_threads``). The architectures are the fixture script's
-Taiwan recipes (``regression_unet_posembd_sin4``, ``edm_posembd_sin4_hrmean``) at our width and grid.
+(18-step Heun, sigma_max 800) or ``deterministic_sampler`` (8-step Euler, sigma_max 80). It
+runs on the GPU when torch sees one (with cuDNN autotuning, ``cudnn.benchmark``),
+else on the CPU with all cores (``torch.set_num_threads``). ``--dtype bfloat16`` is PhysicsNeMo's
+``amp-bf16`` recipe: networks built with ``amp_mode=True``, loss and network evaluations under
+``torch.autocast`` in bfloat16, float32 parameters and Adam; our side then computes in bfloat16
+with float32 parameters (``compute_dtype``). The architectures are the fixture script's Taiwan
+recipes (``regression_unet_posembd_sin4``, ``edm_posembd_sin4_hrmean``) at our width and grid.
 """
 
 from __future__ import annotations
@@ -35,36 +40,61 @@ ROWS = ("regression_step", "diffusion_step", "sample_heun18", "sample_euler8")
 FIXTURES = os.path.join(os.path.dirname(HERE), "tests", "fixtures")
 
 
-def _torch_models(args):
-    """(regression UNet, EDM denoiser, physicsnemo namespace) at ``args``' grid and width."""
+def _torch_device():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    torch.set_num_threads(os.cpu_count())
+    return torch.device("cpu")
+
+
+def _autocast(args, device):
+    """PhysicsNeMo's mixed precision for ``--dtype bfloat16``, a no-op context for float32."""
+    import torch
+
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _torch_models(args, device):
+    """(regression UNet, EDM denoiser, physicsnemo namespace) at ``args``' grid, width and dtype."""
     sys.path.insert(0, FIXTURES)
     import make_physicsnemo_fixtures as fixtures
     import torch
 
-    torch.set_num_threads(os.cpu_count())
     pn = fixtures.import_physicsnemo()
     profile = fixtures.profile_config("taiwan")
     height, width = harness.parse_grid(args.grid)
     profile.update(img_resolution=[height, width], model_channels=harness.parse_width(args.width))
     profile["attn_resolutions"] = [height >> (len(profile["channel_mult"]) - 1)]
     recipes = fixtures.model_recipes(profile)
+    amp = dict(amp_mode=args.dtype == "bfloat16")
     torch.manual_seed(0)
-    regression = pn["CorrDiffRegressionUNet"](**recipes["regression_unet_posembd_sin4"]["kwargs"])
-    diffusion = pn["EDMPrecondSuperResolution"](**recipes["edm_posembd_sin4_hrmean"]["kwargs"])
-    return regression, diffusion, pn
+    regression = pn["CorrDiffRegressionUNet"](**recipes["regression_unet_posembd_sin4"]["kwargs"], **amp)
+    diffusion = pn["EDMPrecondSuperResolution"](**recipes["edm_posembd_sin4_hrmean"]["kwargs"], **amp)
+    return regression.to(device), diffusion.to(device), pn
 
 
 def _torch_train_step(args, stage: str):
     """A closure running one PhysicsNeMo training step (loss, backward, Adam, EMA)."""
     import copy
 
-    regression, diffusion, _ = _torch_models(args)  # first: it makes torchvision importable
+    device = _torch_device()
+    regression, diffusion, _ = _torch_models(args, device)  # first: it makes torchvision importable
     import torch
     from physicsnemo.diffusion.metrics import RegressionLoss, ResidualLoss
 
     height, width = harness.parse_grid(args.grid)
-    img_clean = torch.randn(args.batch, speed.OUT_CHANNELS, height, width)
-    img_lr = torch.randn(args.batch, speed.IN_CHANNELS, height, width)
+    img_clean = torch.randn(args.batch, speed.OUT_CHANNELS, height, width, device=device)
+    img_lr = torch.randn(args.batch, speed.IN_CHANNELS, height, width, device=device)
     if stage == "regression":
         net, loss_fn = regression, RegressionLoss()
     else:
@@ -76,12 +106,14 @@ def _torch_train_step(args, stage: str):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(net, img_clean, img_lr).sum() / args.batch
+        with _autocast(args, device):
+            loss = loss_fn(net, img_clean, img_lr).sum() / args.batch
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), net.parameters()):
                 p_ema.lerp_(p, 1e-3)
+        _synchronize(device)
 
     return step
 
@@ -90,22 +122,26 @@ def _torch_sample(args, solver: str):
     """A closure drawing one CorrDiff sample (regression mean + residual) at batch 1."""
     import torch
 
-    regression, diffusion, pn = _torch_models(args)
+    device = _torch_device()
+    regression, diffusion, pn = _torch_models(args, device)
     regression.eval(), diffusion.eval()
     height, width = harness.parse_grid(args.grid)
-    img_lr = torch.randn(1, speed.IN_CHANNELS, height, width)
+    img_lr = torch.randn(1, speed.IN_CHANNELS, height, width, device=device)
 
     @torch.no_grad()
     def sample():
-        mean = regression(torch.zeros(1, speed.OUT_CHANNELS, height, width), img_lr)
-        latents = torch.randn(1, speed.OUT_CHANNELS, height, width)
-        if solver == "heun":
-            residual = pn["stochastic_sampler"](diffusion, latents, img_lr, mean_hr=mean, num_steps=18)
-        else:
-            residual = pn["deterministic_sampler"](
-                diffusion, latents, img_lr, mean_hr=mean, num_steps=8, sigma_max=80.0, solver="euler"
-            )
-        return mean + residual
+        with _autocast(args, device):
+            mean = regression(torch.zeros(1, speed.OUT_CHANNELS, height, width, device=device), img_lr)
+            latents = torch.randn(1, speed.OUT_CHANNELS, height, width, device=device)
+            if solver == "heun":
+                residual = pn["stochastic_sampler"](diffusion, latents, img_lr, mean_hr=mean, num_steps=18)
+            else:
+                residual = pn["deterministic_sampler"](
+                    diffusion, latents, img_lr, mean_hr=mean, num_steps=8, sigma_max=80.0, solver="euler"
+                )
+        sample = mean + residual
+        _synchronize(device)
+        return sample
 
     return sample
 
@@ -120,12 +156,14 @@ def torch_worker(args) -> None:
         run = _torch_sample(args, "heun" if args.worker == "sample_heun18" else "euler")
         batch = 1
     timing = harness.timed_repeats(run, args.warmup, args.repeats)
+    memory = {"peak_rss_bytes": harness.peak_rss_bytes(), "rss_bytes": harness.current_rss_bytes()}
+    if torch.cuda.is_available():
+        memory = {"device_peak_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name()}
     harness.emit(
         {
             **timing,
             "samples_per_s": batch / timing["median_s"],
-            "peak_rss_bytes": harness.peak_rss_bytes(),
-            "rss_bytes": harness.current_rss_bytes(),
+            **memory,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         }
@@ -140,25 +178,25 @@ def _ratio(ours: dict, theirs: dict, key: str) -> float | None:
 
 def compare(args) -> dict:
     """Every row: ours, then theirs, then the ratios (ours / theirs; below 1 = we are faster)."""
-    ours_args = speed.parse_args(["--grid", args.grid, "--width", args.width, "--batch", str(args.batch)])
+    shape = ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
+    ours_args = speed.parse_args(shape)
     ours_args.repeats, ours_args.warmup = args.repeats, args.warmup
-    theirs_command = [args.physicsnemo_python, os.path.abspath(__file__), "--grid", args.grid, "--width", args.width]
-    theirs_command += ["--batch", str(args.batch), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    theirs_command = [args.physicsnemo_python, os.path.abspath(__file__), *shape]
+    theirs_command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     rows = {}
     for row in args.only.split(","):
         print(f"measuring {row} ...", flush=True)
         ours = harness.run_worker(speed._worker_command(ours_args, row), args.timeout)
         theirs = harness.run_worker([*theirs_command, "--worker", row], args.timeout)
-        ratios = {key: _ratio(ours, theirs, key) for key in ("median_s", "min_s")}
+        keys = ("median_s", "min_s", "device_peak_bytes", "peak_rss_bytes")
+        ratios = {key: _ratio(ours, theirs, key) for key in keys}
         rows[row] = {"ours": ours, "physicsnemo": theirs, "ours_over_theirs": ratios}
         print(
             f"{row:16s} ours {ours.get('median_s', float('nan')):8.3f} s  physicsnemo "
             f"{theirs.get('median_s', float('nan')):8.3f} s  ratio {ratios['median_s']}",
             flush=True,
         )
-        for side, result in (("ours", ours), ("physicsnemo", theirs)):
-            if "error" in result:
-                print(f"  {side} failed: {json.dumps(result)[:2000]}", flush=True)
+        print(json.dumps(rows[row]), flush=True)  # the whole row, in case a later one never ends
     return rows
 
 
@@ -169,6 +207,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--grid", default="64")
     parser.add_argument("--width", default="full")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
     parser.add_argument("--repeats", type=int, default=5)
@@ -188,7 +227,7 @@ def main(argv=None) -> None:
     if args.worker:
         return torch_worker(args)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    settings = {k: getattr(args, k) for k in ("grid", "width", "batch", "repeats", "warmup")}
+    settings = {k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "repeats", "warmup")}
     results = {"machine": harness.describe_machine(), "started": started, "settings": settings, "rows": compare(args)}
     if args.out:
         harness.write_results(args.out, results)
