@@ -18,8 +18,9 @@ train mode (dropout 0.13); one sample is the regression forward plus ``stochasti
 runs on the GPU when torch sees one (with cuDNN autotuning, ``cudnn.benchmark``),
 else on the CPU with all cores (``torch.set_num_threads``). ``--dtype bfloat16`` is PhysicsNeMo's
 ``amp-bf16`` recipe: networks built with ``amp_mode=True``, loss and network evaluations under
-``torch.autocast`` in bfloat16, float32 parameters and Adam; our side then computes in bfloat16
-with float32 parameters (``compute_dtype``). The architectures are the fixture script's Taiwan
+``torch.autocast`` in bfloat16, float32 parameters and Adam (on CUDA only: PhysicsNeMo's output
+dtype check reads CUDA's autocast state); our side then computes in bfloat16 with float32
+parameters (``compute_dtype``). The architectures are the fixture script's Taiwan
 recipes (``regression_unet_posembd_sin4``, ``edm_posembd_sin4_hrmean``) at our width and grid.
 """
 
