@@ -84,11 +84,10 @@ def _torch_models(args, device):
     return regression.to(device), diffusion.to(device), pn
 
 
-def _torch_train_step(args, stage: str):
+def _torch_train_step(args, stage: str, device):
     """A closure running one PhysicsNeMo training step (loss, backward, Adam, EMA)."""
     import copy
 
-    device = _torch_device()
     regression, diffusion, _ = _torch_models(args, device)  # first: it makes torchvision importable
     import torch
     from physicsnemo.diffusion.metrics import RegressionLoss, ResidualLoss
@@ -119,11 +118,10 @@ def _torch_train_step(args, stage: str):
     return step
 
 
-def _torch_sample(args, solver: str):
+def _torch_sample(args, solver: str, device):
     """A closure drawing one CorrDiff sample (regression mean + residual) at batch 1."""
     import torch
 
-    device = _torch_device()
     regression, diffusion, pn = _torch_models(args, device)
     regression.eval(), diffusion.eval()
     height, width = harness.parse_grid(args.grid)
@@ -140,9 +138,9 @@ def _torch_sample(args, solver: str):
                 residual = pn["deterministic_sampler"](
                     diffusion, latents, img_lr, mean_hr=mean, num_steps=8, sigma_max=80.0, solver="euler"
                 )
-        sample = mean + residual
+        drawn = mean + residual
         _synchronize(device)
-        return sample
+        return drawn
 
     return sample
 
@@ -150,16 +148,18 @@ def _torch_sample(args, solver: str):
 def torch_worker(args) -> None:
     import torch
 
+    device = _torch_device()
     if args.worker in ("regression_step", "diffusion_step"):
-        run = _torch_train_step(args, args.worker.split("_")[0])
+        run = _torch_train_step(args, args.worker.split("_")[0], device)
         batch = args.batch
     else:
-        run = _torch_sample(args, "heun" if args.worker == "sample_heun18" else "euler")
+        run = _torch_sample(args, "heun" if args.worker == "sample_heun18" else "euler", device)
         batch = 1
     timing = harness.timed_repeats(run, args.warmup, args.repeats)
-    memory = {"peak_rss_bytes": harness.peak_rss_bytes(), "rss_bytes": harness.current_rss_bytes()}
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         memory = {"device_peak_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name()}
+    else:
+        memory = {"peak_rss_bytes": harness.peak_rss_bytes(), "rss_bytes": harness.current_rss_bytes()}
     harness.emit(
         {
             **timing,
