@@ -27,6 +27,7 @@ or the device's peak bytes in use (GPU); FLOPs come from the lowered program's `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -222,6 +223,7 @@ def measure_sample(args, solver: str) -> dict:
     import jax
     import numpy as np
 
+    from jax_corrdiff.compiler_options import network_evaluation_options
     from jax_corrdiff.diffusion.samplers import EDMSampler
     from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
     from jax_corrdiff.models.factory import build_model, init_variables
@@ -234,9 +236,10 @@ def measure_sample(args, solver: str) -> dict:
         EDMSampler(num_steps=18, sigma_max=800.0) if solver == "heun" else EDMSampler(8, sigma_max=80.0, solver="euler")
     )
 
-    # Variables are arguments, as in generation (inference/generate.py): closed over, they
-    # would be constants folded into the program, inflating compile time and memory.
-    @jax.jit
+    # Variables are arguments, and the compiler options are generation's
+    # (inference/generate.py): closed over, the variables would be constants folded into the
+    # program, inflating compile time and memory.
+    @functools.partial(jax.jit, compiler_options=network_evaluation_options())
     def sample(reg_vars, diff_vars, img_lr, keys):
         def apply(x, cond, sigma, label, origin, margin):
             return diffusion.apply(
@@ -340,7 +343,10 @@ def measure_rows(args, rows: list[str]) -> dict:
         if row == "compile":
             with tempfile.TemporaryDirectory() as cache:
                 cold = harness.run_worker(_worker_command(args, row, cache), args.timeout)
-                warm = harness.run_worker(_worker_command(args, row, cache), args.timeout)
+                # Without a finished cold compile the cache holds nothing to start warm from.
+                warm = (
+                    harness.run_worker(_worker_command(args, row, cache), args.timeout) if "error" not in cold else {}
+                )
             results["compile"] = {"cold": cold, "warm": warm}
         else:
             results[row] = harness.run_worker(_worker_command(args, row), args.timeout)

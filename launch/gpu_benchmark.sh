@@ -1,31 +1,91 @@
 #!/usr/bin/env bash
-# One command on a GPU machine: the full-width Taiwan model at 448 x 448 in bf16 side by side
-# with PhysicsNeMo (18-step and 8-step samples, then the training steps, whose XLA:GPU compile
-# took over 5 minutes on an H200), then ours alone (matmul peak, compile cold and warm),
-# rematerialisation's memory/time effect, a 1056 x 1792 CONUS sample, whether XLA:GPU keeps
-# remat, and float32 side by side. Most important first: each results file is written when its
-# command ends (and each finished row is printed), so a run cut short keeps what it finished.
-#   bash launch/gpu_benchmark.sh [RESULTS_DIR]      (results: RESULTS_DIR/*_gpu_*.json)
+# One command on a GPU machine: the full-width Taiwan model at 448 x 448 in bf16 against
+# PhysicsNeMo, most important first. Each results file is written when its command ends (and
+# each finished row is printed), so a run cut short keeps what it finished.
+#   bash launch/gpu_benchmark.sh [RESULTS_DIR [PART ...]]     (results: RESULTS_DIR/*_gpu_*.json)
+# Parts, in this order unless named (several device calls can each run some):
+#   autotune  compile of the bf16 diffusion training step under three XLA:GPU autotuning settings,
+#             each capped at AUTOTUNE_TIMEOUT s (default 150): with XLA's defaults it did not
+#             finish in 250-330 s on an H200, its autotuner logging "Delay kernel timed out"
+#   train     both training steps side by side with PhysicsNeMo
+#   sample    18-step and 8-step samples side by side
+#   compile   matmul peak; compile cold and warm from the persistent cache
+#   remat     rematerialisation's memory/time effect, and whether XLA:GPU keeps it
+#   conus     a 1056 x 1792 CONUS sample
+#   fp32      float32 side by side
+# Every part that compiles a training step (train, compile, remat, fp32) runs under the autotuning
+# setting whose cold compile finished first in `autotune` (TRAIN_XLA_FLAGS, if set, instead).
 # PYTHON names the interpreter (installs jax_corrdiff with CUDA unless it already imports);
 # PHYSICSNEMO_PYTHON the one with PhysicsNeMo 2.2.2 (default: the same).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
+shift || true
+PARTS=("$@")
+[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(autotune train sample compile remat conus fp32)
 PYTHON=${PYTHON:-python}
 export PHYSICSNEMO_PYTHON=${PHYSICSNEMO_PYTHON:-$PYTHON}
 "$PYTHON" -c "import jax_corrdiff" 2>/dev/null || "$PYTHON" -m pip install -q -e ".[cuda12]"
 source launch/xla_flags.sh
+BASE_XLA_FLAGS=$XLA_FLAGS
 TAIWAN_448=(--grid 448 --width full --batch 8)
-"$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" --dtype bfloat16 \
-    --only sample_heun18,sample_euler8,diffusion_step,regression_step --out "$OUT/vs_physicsnemo_gpu_448_bf16.json"
-"$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" --dtype bfloat16 --only matmul_peak,compile \
-    --out "$OUT/speed_gpu_448_bf16.json"
-for remat in dots full; do
-  "$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" --dtype bfloat16 --remat "$remat" \
-      --only diffusion_step --out "$OUT/speed_gpu_448_bf16_remat_$remat.json"
+AUTOTUNE_SETTINGS=(level0 no_triton_gemm default)
+declare -A AUTOTUNE_FLAGS=(
+  [level0]="--xla_gpu_autotune_level=0"
+  [no_triton_gemm]="--xla_gpu_enable_triton_gemm=false"
+  [default]=""
+)
+
+# XLA_FLAGS for programs with a training step: TRAIN_XLA_FLAGS, else those of the autotuning
+# setting whose cold compile finished first, else the defaults.
+train_xla_flags() {
+  if [[ -n ${TRAIN_XLA_FLAGS:-} ]]; then
+    echo "$TRAIN_XLA_FLAGS"
+    return
+  fi
+  "$PYTHON" - "$OUT" "$BASE_XLA_FLAGS" <<'PY'
+import glob, json, sys
+finished = []
+for path in glob.glob(f"{sys.argv[1]}/compile_gpu_448_bf16_autotune_*.json"):
+    results = json.load(open(path))
+    cold = results["rows"]["compile"]["cold"]
+    if "compile_s" in cold:
+        finished.append((cold["compile_s"], results["machine"]["xla_flags"]))
+print(min(finished)[1] if finished else sys.argv[2])
+PY
+}
+
+for part in "${PARTS[@]}"; do
+  case $part in
+    autotune)
+      for name in "${AUTOTUNE_SETTINGS[@]}"; do
+        XLA_FLAGS="$BASE_XLA_FLAGS ${AUTOTUNE_FLAGS[$name]}" "$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" \
+            --dtype bfloat16 --only compile --timeout "${AUTOTUNE_TIMEOUT:-150}" \
+            --out "$OUT/compile_gpu_448_bf16_autotune_$name.json"
+      done ;;
+    train)
+      XLA_FLAGS=$(train_xla_flags) "$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" \
+          --dtype bfloat16 --only diffusion_step,regression_step --out "$OUT/vs_physicsnemo_gpu_448_bf16_train.json" ;;
+    sample)
+      "$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" --dtype bfloat16 \
+          --only sample_heun18,sample_euler8 --out "$OUT/vs_physicsnemo_gpu_448_bf16.json" ;;
+    compile)
+      XLA_FLAGS=$(train_xla_flags) "$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" --dtype bfloat16 \
+          --only matmul_peak,compile --out "$OUT/speed_gpu_448_bf16.json" ;;
+    remat)
+      for remat in dots full; do
+        XLA_FLAGS=$(train_xla_flags) "$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" --dtype bfloat16 \
+            --remat "$remat" --only diffusion_step --out "$OUT/speed_gpu_448_bf16_remat_$remat.json"
+      done
+      "$PYTHON" benchmarks/remat_schedule.py --out "$OUT/remat_schedule_gpu.json" ;;
+    conus)
+      "$PYTHON" benchmarks/speed.py --grid 1056x1792 --dtype bfloat16 --only sample_heun18 \
+          --out "$OUT/speed_gpu_conus_bf16.json" ;;
+    fp32)
+      XLA_FLAGS=$(train_xla_flags) "$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" \
+          --dtype float32 --only sample_heun18,diffusion_step --out "$OUT/vs_physicsnemo_gpu_448_fp32.json" ;;
+    *)
+      echo "gpu_benchmark.sh: unknown part '$part'" >&2
+      exit 2 ;;
+  esac
 done
-"$PYTHON" benchmarks/speed.py --grid 1056x1792 --dtype bfloat16 --only sample_heun18 \
-    --out "$OUT/speed_gpu_conus_bf16.json"
-"$PYTHON" benchmarks/remat_schedule.py --out "$OUT/remat_schedule_gpu.json"
-"$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" --dtype float32 \
-    --only sample_heun18,diffusion_step --out "$OUT/vs_physicsnemo_gpu_448_fp32.json"

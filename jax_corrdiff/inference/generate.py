@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
@@ -168,7 +169,12 @@ def make_generate_fn(model: CorrDiffModel, sampler: EDMSampler, members: int, me
         )
 
     repl, sharded = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
+    return jax.jit(
+        generate,
+        in_shardings=(repl, repl, sharded, sharded, sharded),
+        out_shardings=sharded,
+        compiler_options=network_evaluation_options(),
+    )
 
 
 def check_options(output: str, *, members: int, batch_size: int, member_batch_size: int | None) -> None:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.data.calendar import cyclic_time_features
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
@@ -197,7 +198,12 @@ def make_guided_fn(
         return jax.vmap(one)(time_features, values, keys)
 
     repl, sharded = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(generate, in_shardings=(repl, repl, sharded, sharded, sharded), out_shardings=sharded)
+    return jax.jit(
+        generate,
+        in_shardings=(repl, repl, sharded, sharded, sharded),
+        out_shardings=sharded,
+        compiler_options=network_evaluation_options(),
+    )
 
 
 def generate_guided(

@@ -11,12 +11,14 @@ samples too little spread where it is used (an under-dispersed ensemble).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 
+from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.data.normalization import load_stats
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator
 from jax_corrdiff.data.store import PREPARED_DIR, STATS_NAME, STORE_NAME
@@ -100,7 +102,7 @@ def _jitted_mean(model, variables, matmul_precision: str, *, with_fold: bool) ->
     """batch -> the mean of ``model`` (a regression network or a ``CrossFitMean``, which also
     takes the batch's folds), compiled."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=network_evaluation_options())
     def apply(img_lr, lead_time_label, fold):
         with jax.default_matmul_precision(matmul_precision):
             folds = {"fold": fold} if with_fold else {}

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.ddpm import ddpm_residual_loss
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
@@ -216,4 +217,9 @@ def make_eval_step(loss_fn: PerSampleLoss, seed: int, mesh):
         return jnp.sum(per_sample * mask), jnp.sum(mask)
 
     repl = replicated(mesh)
-    return jax.jit(step, in_shardings=(repl, repl, batch_sharded(mesh), repl), out_shardings=repl)
+    return jax.jit(
+        step,
+        in_shardings=(repl, repl, batch_sharded(mesh), repl),
+        out_shardings=repl,
+        compiler_options=network_evaluation_options(),
+    )
