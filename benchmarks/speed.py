@@ -27,7 +27,6 @@ or the device's peak bytes in use (GPU); FLOPs come from the lowered program's `
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -219,11 +218,14 @@ def forward_cost(config) -> dict:
     return _program_stats(lowered, lowered.compile())
 
 
-def measure_sample(args, solver: str) -> dict:
+def sample_program(args, solver: str):
+    """(sample, inputs, sampler, configs): CorrDiff's generation of one member for one input as
+    a function to jit, ``sample(*inputs)``. The variables are arguments, as generation passes
+    them (inference/generate.py): closed over, they would be constants folded into the program,
+    inflating compile time and memory."""
     import jax
     import numpy as np
 
-    from jax_corrdiff.compiler_options import network_evaluation_options
     from jax_corrdiff.diffusion.samplers import EDMSampler
     from jax_corrdiff.inference.sampling import conditioned_denoisers, corrdiff_ensemble
     from jax_corrdiff.models.factory import build_model, init_variables
@@ -236,10 +238,6 @@ def measure_sample(args, solver: str) -> dict:
         EDMSampler(num_steps=18, sigma_max=800.0) if solver == "heun" else EDMSampler(8, sigma_max=80.0, solver="euler")
     )
 
-    # Variables are arguments, and the compiler options are generation's
-    # (inference/generate.py): closed over, the variables would be constants folded into the
-    # program, inflating compile time and memory.
-    @functools.partial(jax.jit, compiler_options=network_evaluation_options())
     def sample(reg_vars, diff_vars, img_lr, keys):
         def apply(x, cond, sigma, label, origin, margin):
             return diffusion.apply(
@@ -258,7 +256,17 @@ def measure_sample(args, solver: str) -> dict:
     height, width = configs["regression"]["img_resolution"]
     img_lr = np.random.default_rng(0).standard_normal((1, height, width, IN_CHANNELS), np.float32)
     keys = jax.random.split(jax.random.key(0), 1)
-    inputs = (reg_vars, diff_vars, img_lr, keys)
+    return sample, (reg_vars, diff_vars, img_lr, keys), sampler, configs
+
+
+def measure_sample(args, solver: str) -> dict:
+    """``sample_program`` compiled as generation compiles it."""
+    import jax
+
+    from jax_corrdiff.compiler_options import network_evaluation_options
+
+    sample, inputs, sampler, configs = sample_program(args, solver)
+    sample = jax.jit(sample, compiler_options=network_evaluation_options())
     start = time.perf_counter()
     lowered = sample.lower(*inputs)
     compiled = lowered.compile()

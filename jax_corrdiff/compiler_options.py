@@ -1,16 +1,16 @@
 """XLA compiler options for programs that evaluate networks without differentiating their weights.
 
-XLA:CPU hands convolutions to YNNPACK by default. YNNPACK keeps a convolution with fewer than
-about 128 channels on one core: 80-100 GFLOP/s for the 32-channel SongUNet's 3 x 3
-convolutions on a 2-core EPYC whose two cores reach 184 GFLOP/s in a matmul; a profile of the
-32-channel training step had one core busy for 382 ms of its 473 ms and both for 82 ms. XLA's
-own (Eigen) convolution splits the same forward convolutions over both cores (139-156 GFLOP/s
-at 64 channels), but its kernel-gradient convolution is slower than YNNPACK's, so training
-steps keep XLA's defaults. Sampling, guided sampling (input gradients only), validation losses
-and regression means never take a kernel gradient and compile their convolutions through
-Eigen: side by side in one process, the 18-step CorrDiff sample took 0.72x the time at 32
-channels and 0.95x at full width, a forward pass with its input gradient 0.68x and 0.96x, with
-outputs equal to 6e-8 (README, *Speed and memory*).
+XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs the 32-channel SongUNet's
+convolutions on one core: 103 GFLOP/s for a 3 x 3, 32-channel convolution at 64 x 64 on a
+2-core EPYC whose two cores reach 184 GFLOP/s in a matmul, and in a profile of the 32-channel
+regression step one of XLA's two worker threads was busy for 402 ms of 511 ms, both for 105 ms.
+XLA's own (Eigen) convolution splits it over both cores (165 GFLOP/s), but Eigen's
+kernel-gradient convolution is slower than YNNPACK's (that training step: 1.11x the time), so
+training steps keep XLA's defaults. Sampling, guided sampling (input gradients only), validation
+losses and regression means never take a kernel gradient and compile their convolutions through
+Eigen: at 32 channels the 18-step CorrDiff sample took 0.80x the time and a forward pass with
+its input gradient 0.72x; at full width, where YNNPACK already uses both cores, 0.98x and 1.00x;
+outputs agree to 6e-8 (``benchmarks/conv_library.py``; README, *Speed and memory*).
 """
 
 from __future__ import annotations
