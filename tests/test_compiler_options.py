@@ -62,3 +62,26 @@ def test_validation_step_compiles_with_the_evaluation_options():
     expected = jnp.sum(jax.jit(_two_layers)(x, kernel)[:, 5, 7, 3])
     np.testing.assert_allclose(total, expected, rtol=1e-5)
     assert count == SHAPE[0]
+
+
+def test_options_keep_every_other_default_library_fusion():
+    """The options name XLA's default YNNPACK fusion types less convolutions: with convolutions
+    named back, the program compiles exactly as with XLA's defaults (a new default type would
+    show here, and need adding)."""
+    from jax_corrdiff import compiler_options
+
+    x, kernel = _inputs()
+    matrix = x.reshape(-1, SHAPE[-1])
+
+    def program(x, kernel, matrix):
+        y = _two_layers(x, kernel)
+        return y, jnp.sum(y, axis=(1, 2)), jnp.tanh(matrix @ matrix.T) * 2.0
+
+    with_convolutions = (
+        compiler_options._YNN_FUSIONS_WITHOUT_CONVOLUTION + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    )
+    options = {"xla_cpu_experimental_ynn_fusion_type": with_convolutions}
+    default = jax.jit(program).lower(x, kernel, matrix).compile().as_text()
+    named = jax.jit(program, compiler_options=options).lower(x, kernel, matrix).compile().as_text()
+    assert default.count('"__ynn_fusion"') >= 3
+    assert named.count('"__ynn_fusion"') == default.count('"__ynn_fusion"')
