@@ -39,13 +39,12 @@ import speed  # noqa: E402
 SIDES = ("ynnpack", "eigen")
 
 
-def _compile_both(fn, inputs) -> dict:
-    import jax
-
+def _compile_both(lowered) -> dict:
+    """``lowered`` compiled with XLA's defaults (YNNPACK) and with the evaluation options (Eigen)."""
     from jax_corrdiff.compiler_options import network_evaluation_options
 
     options = {"ynnpack": None, "eigen": network_evaluation_options()}
-    return {side: jax.jit(fn, compiler_options=options[side]).lower(*inputs).compile() for side in SIDES}
+    return {side: lowered.compile(compiler_options=options[side]) for side in SIDES}
 
 
 def _alternate(calls: dict, warmup: int, repeats: int) -> dict:
@@ -68,7 +67,7 @@ def _timed_program(fn, inputs, args) -> tuple[dict, dict]:
     """(timings, each side's outputs) of ``fn(*inputs)`` compiled both ways."""
     import jax
 
-    compiled = _compile_both(fn, inputs)
+    compiled = _compile_both(jax.jit(fn).lower(*inputs))
     outputs = {side: jax.block_until_ready(compiled[side](*inputs)) for side in SIDES}
     calls = {side: lambda c=compiled[side]: jax.block_until_ready(c(*inputs)) for side in SIDES}
     return _alternate(calls, args.warmup, args.repeats), outputs
@@ -137,12 +136,8 @@ def measure_regression_step(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jax_corrdiff.compiler_options import network_evaluation_options
-
     step, state, batch, frozen = speed._train_step(args, "regression")
-    lowered = step.lower(state, batch, frozen)
-    options = {"ynnpack": None, "eigen": network_evaluation_options()}
-    compiled = {side: lowered.compile(compiler_options=options[side]) for side in SIDES}
+    compiled = _compile_both(step.lower(state, batch, frozen))
     # The state is donated: each side steps its own copy.
     states = {side: jax.tree_util.tree_map(jnp.copy, state) for side in SIDES}
     losses = {}

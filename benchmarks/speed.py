@@ -95,14 +95,9 @@ def _cost(stage) -> dict:
     return (cost[0] if isinstance(cost, list | tuple) else cost) or {}
 
 
-def _program_stats(lowered, compiled) -> dict:
-    """FLOPs, bytes accessed and XLA's memory plan of one program.
-
-    FLOPs are counted on the lowered program, before backend optimisation: XLA:GPU turns
-    convolutions into cuDNN custom calls, which the compiled program's cost analysis counts as
-    zero FLOPs (an 18-step 448 x 448 sample read 2.2 TFLOP compiled for an H200, 148 TFLOP here).
-    Bytes are the compiled program's: they depend on the backend's fusion.
-    """
+def _compiled_stats(compiled) -> dict:
+    """Bytes accessed and XLA's memory plan of one compiled program (bytes depend on the
+    backend's fusion, so they are the compiled program's)."""
     mem = compiled.memory_analysis()
     plan = {}
     if mem is not None:
@@ -115,11 +110,17 @@ def _program_stats(lowered, compiled) -> dict:
         plan["xla_peak_bytes"] = (
             plan["argument_bytes"] + plan["output_bytes"] + plan["temp_bytes"] - plan["alias_bytes"]
         )
-    return {
-        "flops": float(_cost(lowered).get("flops", 0.0)),
-        "bytes_accessed": float(_cost(compiled).get("bytes accessed", 0.0)),
-        **plan,
-    }
+    return {"bytes_accessed": float(_cost(compiled).get("bytes accessed", 0.0)), **plan}
+
+
+def _program_stats(lowered, compiled) -> dict:
+    """FLOPs of one program and ``_compiled_stats``.
+
+    FLOPs are counted on the lowered program, before backend optimisation: XLA:GPU turns
+    convolutions into cuDNN custom calls, which the compiled program's cost analysis counts as
+    zero FLOPs (an 18-step 448 x 448 sample read 2.2 TFLOP compiled for an H200, 148 TFLOP here).
+    """
+    return {"flops": float(_cost(lowered).get("flops", 0.0)), **_compiled_stats(compiled)}
 
 
 def _module_size(compiled) -> dict:
@@ -268,8 +269,7 @@ def measure_sample(args, solver: str) -> dict:
     sample, inputs, sampler, configs = sample_program(args, solver)
     sample = jax.jit(sample, compiler_options=network_evaluation_options())
     start = time.perf_counter()
-    lowered = sample.lower(*inputs)
-    compiled = lowered.compile()
+    compiled = sample.lower(*inputs).compile()
     compile_s = time.perf_counter() - start
     timing = harness.timed_repeats(lambda: jax.block_until_ready(compiled(*inputs)), args.warmup, args.repeats)
     memory = _memory_in_use()  # before compiling the single forwards below
@@ -282,7 +282,7 @@ def measure_sample(args, solver: str) -> dict:
         "compile_s": compile_s,
         "flops": flops,
         "flops_per_s": flops / timing["min_s"],
-        **{k: v for k, v in _program_stats(lowered, compiled).items() if k != "flops"},
+        **_compiled_stats(compiled),
         **memory,
     }
 
