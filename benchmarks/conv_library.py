@@ -30,7 +30,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -48,17 +47,7 @@ def _compile_both(lowered) -> dict:
 
 
 def _alternate(calls: dict, warmup: int, repeats: int) -> dict:
-    """Median and min seconds of each side's ``calls[side]()``, the sides called in turn."""
-    import numpy as np
-
-    times = {side: [] for side in calls}
-    for repeat in range(warmup + repeats):
-        for side, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if repeat >= warmup:
-                times[side].append(time.perf_counter() - start)
-    result = {side: {"median_s": float(np.median(t)), "min_s": min(t)} for side, t in times.items()}
+    result = harness.alternate(calls, warmup, repeats)
     result["eigen_over_ynnpack"] = result["eigen"]["median_s"] / result["ynnpack"]["median_s"]
     return result
 

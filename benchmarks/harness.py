@@ -132,6 +132,19 @@ def timed_repeats(run, warmup: int, repeats: int) -> dict:
     return {"median_s": times[len(times) // 2], "min_s": times[0], "repeats": repeats}
 
 
+def alternate(calls: dict, warmup: int, repeats: int) -> dict:
+    """Median and min seconds of each ``calls[name]()`` (which must block until done), the calls
+    made in turn, so a machine whose speed drifts slows every side alike."""
+    times = {name: [] for name in calls}
+    for repeat in range(warmup + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if repeat >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": sorted(t)[len(t) // 2], "min_s": min(t)} for name, t in times.items()}
+
+
 def parse_grid(text: str) -> tuple[int, int]:
     """``64`` -> (64, 64); ``1056x1792`` -> (1056, 1792)."""
     parts = [int(p) for p in text.lower().split("x")]

@@ -10,7 +10,8 @@ attention at the coarsest level, 12 inputs, 4 outputs, sinusoidal position grid)
 given width (full = 128 channels, 80 M parameters). Rows:
 
 - ``regression_step`` / ``diffusion_step``: one whole training step as training runs it (loss,
-  gradient, Adam, EMA; the diffusion step includes the frozen regression forward), batch B.
+  gradient, Adam, EMA; the diffusion step includes the frozen regression forward), batch B,
+  on CPU over the devices training would split the cores into (``jax_corrdiff.cpu_devices``).
 - ``sample_heun18``: regression mean + 18-step Heun residual sample (35 network evaluations),
   one input, one member: CorrDiff's generation. ``sample_euler8``: the 8-step Euler preset.
 - ``compile``: compiling the diffusion training step cold, then warm from the persistent
@@ -140,8 +141,10 @@ def _memory_in_use() -> dict:
     return {"peak_rss_bytes": harness.peak_rss_bytes(), "rss_bytes": harness.current_rss_bytes()}
 
 
-def _train_step(args, stage: str):
-    """(jitted step, state, batch, frozen) for one training step of ``stage``."""
+def _train_step(args, stage: str, num_devices: int | None = None):
+    """(jitted step, state, batch, frozen) for one training step of ``stage`` on ``num_devices``
+    devices (default: on CPU every device the worker split its cores into, as training does
+    (``_split_cores``); one accelerator)."""
     import jax
     import numpy as np
 
@@ -157,7 +160,9 @@ def _train_step(args, stage: str):
     )
 
     configs = model_configs(args)
-    mesh = make_mesh(1)
+    if num_devices is None:
+        num_devices = jax.device_count() if jax.default_backend() == "cpu" else 1
+    mesh = make_mesh(num_devices)
     training = base_config()[stage].training
     training.batch_size = args.batch
     model = build_model(configs[stage])
@@ -321,9 +326,18 @@ def measure_matmul_peak(args) -> dict:
     return {**timing, "n": n, "flops_per_s": 2 * n**3 / timing["min_s"]}
 
 
+def _split_cores(args) -> None:
+    """The CPU devices ``python -m jax_corrdiff.train`` would train this network and batch on."""
+    from jax_corrdiff.cpu_devices import cpu_device_count, usable_cores, use_cpu_devices
+
+    use_cpu_devices(cpu_device_count(harness.parse_width(args.width), [args.batch], usable_cores()))
+
+
 def worker(args) -> None:
     import jax
 
+    if args.worker in ("regression_step", "diffusion_step", "compile"):
+        _split_cores(args)
     with jax.default_matmul_precision("highest" if args.dtype == "float32" else "default"):
         if args.worker in ("regression_step", "diffusion_step"):
             result = measure_train_step(args, args.worker.split("_")[0])

@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.stage = "all"
     config.seed = 0
     config.num_devices = 0  # 0 = every device of every process
+    # JAX devices a single CPU training process splits its cores into (jax_corrdiff.cpu_devices):
+    # 0 = one per core for networks under 128 channels (as many as divide the batches), else 1.
+    config.cpu_devices = 0
     # jax.default_matmul_precision of training, saved with the models and used by generation:
     # "highest" keeps float32 matmuls/convs exact on GPUs (XLA defaults to TF32 there).
     config.matmul_precision = "highest"

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from jax_corrdiff import distributed
 from jax_corrdiff.console import log_progress_to_stdout
+from jax_corrdiff.cpu_devices import split_cores_for_training
 from jax_corrdiff.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py[:variant]).")
@@ -27,11 +28,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     log = log_progress_to_stdout()
-    distributed.initialize()
     config = _CONFIG.value
+    cpu_split = split_cores_for_training(config)
+    distributed.initialize()
     log.info(
         "JAX %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(), jax.devices()
     )
+    if jax.default_backend() == "cpu":
+        log.info(cpu_split)
     log.info("config:\n%s", config)
     os.makedirs(_WORKDIR.value, exist_ok=True)
     if jax.process_index() == 0:

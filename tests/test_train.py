@@ -80,6 +80,18 @@ def test_four_devices_equal_one_device(tmp_path):
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
 
 
+def test_a_run_stopped_on_one_device_resumes_on_four(tmp_path):
+    # CPU training picks its device count from the config (cpu_devices), so it can change
+    # between a run and its resumption.
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train_and_evaluate(smoke(16, num_devices=4), straight)
+    train_and_evaluate(smoke(8, num_devices=1), resumed)
+    train_and_evaluate(smoke(16, num_devices=4), resumed)
+    (a, step_a), (b, step_b) = _final(straight), _final(resumed)
+    assert step_a == step_b == 16
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
+
+
 def test_unknown_config_key_is_rejected(tmp_path):
     result = subprocess.run(
         [
