@@ -4,8 +4,11 @@ networks under 128 channels).
 
     python benchmarks/cpu_devices.py [--grid 64] [--width 32|full] [--batch 2]
         [--stages regression,diffusion] [--repeats 5] --out benchmarks/results/cpu_devices_cpu.json
+    python benchmarks/cpu_devices.py --workdir /tmp/jax_corrdiff_demo   # a trained run's own steps
 
-Both programs of a stage are compiled in one process, whose CPU backend is split into one device
+The network is the Taiwan architecture of ``speed.py`` at ``--grid`` / ``--width``, or with
+``--workdir`` the stages of a trained run (its ``config.json``, data and regression models, at
+its batch size). Both programs of a stage are compiled in one process, whose CPU backend is split into one device
 per core (as many as divide the batch), and timed in turn, one call of each per repeat after
 warm-up, so a machine whose speed drifts slows both alike. Each row gives the median and min
 seconds of both, ``split_over_one`` (the ratio of medians), each side's first loss (the same
@@ -25,14 +28,40 @@ import harness  # noqa: E402
 import speed  # noqa: E402
 
 
-def measure_stage(args, stage: str, split: int) -> dict:
+def _trained_run_steps(workdir: str):
+    """``build(stage, devices)`` -> (jitted step, state, batch, frozen) of the run in ``workdir``."""
+    import ml_collections
+
+    from jax_corrdiff.mesh import to_global
+    from jax_corrdiff.training.data_setup import TrainingData, step_batch
+    from jax_corrdiff.training.loop import init_state
+    from jax_corrdiff.training.stage import build_stage
+    from jax_corrdiff.training.steps import make_train_step
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    data = TrainingData.open(config, workdir)
+
+    def build(stage_name: str, devices: int):
+        config.num_devices = devices
+        stage = build_stage(config, stage_name, workdir, data)
+        batch = step_batch(next(data.train_iterator(stage.global_batch, seed=0)))
+        step = make_train_step(
+            stage.loss_fn, stage.optimizer, stage.training, stage.global_batch, stage.seed, stage.mesh
+        )
+        return step, init_state(stage), to_global(batch, stage.mesh), stage.frozen
+
+    return build
+
+
+def measure_stage(build, stage: str, split: int, args) -> dict:
     import jax
     import jax.numpy as jnp
 
     sides = {"one_device": 1, "split": split}
     programs, losses, memory = {}, {}, {}
     for side, devices in sides.items():
-        step, state, batch, frozen = speed._train_step(args, stage, devices)
+        step, state, batch, frozen = build(stage, devices)
         compiled = step.lower(state, batch, frozen).compile()
         memory[side] = speed._compiled_stats(compiled)
         # The state is donated: each side steps its own copy.
@@ -57,6 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--stages", default="regression,diffusion")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--workdir", help="a trained run's directory: time its own stages")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.stages.split(",")) - {"regression", "diffusion"})
@@ -72,16 +102,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from jax_corrdiff.cpu_devices import per_core_devices, usable_cores
 
-    split = per_core_devices([args.batch], usable_cores())
+    batches = [args.batch]
+    if args.workdir:
+        with open(os.path.join(args.workdir, "config.json")) as f:
+            run = json.load(f)
+        batches = [run[stage]["training"]["batch_size"] for stage in args.stages.split(",")]
+    split = per_core_devices(batches, usable_cores())
     if split == 1:
-        raise SystemExit(f"batch {args.batch} on {usable_cores()} cores: nothing to split")
+        raise SystemExit(f"batches {batches} on {usable_cores()} cores: nothing to split")
     import jax
 
     jax.config.update("jax_num_cpu_devices", split)
+    build = _trained_run_steps(args.workdir) if args.workdir else lambda stage, n: speed._train_step(args, stage, n)
     results = {"machine": harness.describe_machine(), "settings": vars(args)}
     with jax.default_matmul_precision("highest"):
         for stage in args.stages.split(","):
-            results[f"{stage}_step"] = measure_stage(args, stage, split)
+            results[f"{stage}_step"] = measure_stage(build, stage, split, args)
             print(stage, json.dumps(results[f"{stage}_step"]), flush=True)
     if args.out:
         harness.write_results(args.out, results)
