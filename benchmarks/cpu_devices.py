@@ -28,18 +28,15 @@ import harness  # noqa: E402
 import speed  # noqa: E402
 
 
-def _trained_run_steps(workdir: str):
-    """``build(stage, devices)`` -> (jitted step, state, batch, frozen) of the run in ``workdir``."""
-    import ml_collections
-
+def _trained_run_steps(config, workdir: str):
+    """``build(stage, devices)`` -> (jitted step, state, batch, frozen) of the run in ``workdir``
+    with its ``config``."""
     from jax_corrdiff.mesh import to_global
     from jax_corrdiff.training.data_setup import TrainingData, step_batch
     from jax_corrdiff.training.loop import init_state
     from jax_corrdiff.training.stage import build_stage
     from jax_corrdiff.training.steps import make_train_step
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
     data = TrainingData.open(config, workdir)
 
     def build(stage_name: str, devices: int):
@@ -102,18 +99,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from jax_corrdiff.cpu_devices import per_core_devices, usable_cores
 
-    batches = [args.batch]
+    batches, run = [args.batch], None
     if args.workdir:
+        import ml_collections
+
         with open(os.path.join(args.workdir, "config.json")) as f:
-            run = json.load(f)
-        batches = [run[stage]["training"]["batch_size"] for stage in args.stages.split(",")]
+            run = ml_collections.ConfigDict(json.load(f))
+        batches = [run[stage].training.batch_size for stage in args.stages.split(",")]
     split = per_core_devices(batches, usable_cores())
     if split == 1:
         raise SystemExit(f"batches {batches} on {usable_cores()} cores: nothing to split")
     import jax
 
     jax.config.update("jax_num_cpu_devices", split)
-    build = _trained_run_steps(args.workdir) if args.workdir else lambda stage, n: speed._train_step(args, stage, n)
+    build = (
+        _trained_run_steps(run, args.workdir) if args.workdir else lambda stage, n: speed._train_step(args, stage, n)
+    )
     results = {"machine": harness.describe_machine(), "settings": vars(args)}
     with jax.default_matmul_precision("highest"):
         for stage in args.stages.split(","):
