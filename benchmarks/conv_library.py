@@ -23,13 +23,9 @@ each per repeat after warm-up, so a machine whose speed drifts slows both alike.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
@@ -140,57 +136,22 @@ def measure_regression_step(args) -> dict:
 
 
 def profile_regression_step(args) -> dict:
-    """Time during the last of three default-compiled regression steps at which 0, 1 or 2 of
-    XLA's worker threads ("tf_XLAEigen") were inside a kernel, from a ``jax.profiler`` trace."""
+    """Time during one default-compiled regression step at which 0, 1 or 2 of XLA's worker
+    threads were inside a kernel, from a ``jax.profiler`` trace."""
     import jax
 
     step, state, batch, frozen = speed._train_step(args, "regression")
     compiled = step.lower(state, batch, frozen).compile()
-    for _ in range(2):
-        state, metrics = compiled(state, batch, frozen)
+    holder = [state]
+
+    def call():
+        holder[0], metrics = compiled(holder[0], batch, frozen)
         jax.block_until_ready(metrics)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(3):
-                state, metrics = compiled(state, batch, frozen)
-                jax.block_until_ready(metrics)
-        (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
-        with gzip.open(path) as f:
-            events = json.load(f)["traceEvents"]
-    return _worker_occupancy(events)
 
-
-def _worker_occupancy(events: list) -> dict:
-    threads = {
-        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
-    }
-    waits = sorted(
-        (e for e in events if e.get("ph") == "X" and e["name"] == "ThunkExecutor::Execute (wait for completion)"),
-        key=lambda e: e["ts"],
-    )
-    start, end = waits[-1]["ts"], waits[-1]["ts"] + waits[-1]["dur"]
-    edges = []
-    for thread, name in threads.items():
-        if not name.startswith("tf_XLAEigen"):
-            continue
-        spans = sorted(
-            (max(e["ts"], start), min(e["ts"] + e["dur"], end))
-            for e in events
-            if e.get("ph") == "X" and (e["pid"], e["tid"]) == thread and e["ts"] < end and e["ts"] + e["dur"] > start
-        )
-        merged = []
-        for a, b in spans:  # nested events (a kernel inside ThunkExecutor::Execute) count once
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        edges += [(a, 1) for a, _ in merged] + [(b, -1) for _, b in merged]
-    busy_ms, level, last = collections.Counter(), 0, start
-    for t, change in sorted(edges):
-        busy_ms[level] += (t - last) / 1e3
-        level, last = level + change, t
-    busy_ms[level] += (end - last) / 1e3
-    return {"step_ms": (end - start) / 1e3, "ms_with_workers_busy": {str(k): v for k, v in sorted(busy_ms.items())}}
+    for _ in range(2):
+        call()
+    events, window = harness.trace_calls(call)
+    return {"step_ms": (window[1] - window[0]) / 1e3, "ms_with_workers_busy": harness.worker_occupancy(events, window)}
 
 
 def parse_args(argv=None):

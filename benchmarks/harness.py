@@ -145,6 +145,68 @@ def alternate(calls: dict, warmup: int, repeats: int) -> dict:
     return {name: {"median_s": sorted(t)[len(t) // 2], "min_s": min(t)} for name, t in times.items()}
 
 
+def trace_calls(call, calls: int = 2) -> tuple[list, tuple[float, float]]:
+    """Chrome-trace events of ``calls`` calls of ``call()`` (which must block until done) under
+    ``jax.profiler``, and the (start, end) microseconds of the last call."""
+    import glob
+    import gzip
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for i in range(calls):
+                with jax.profiler.TraceAnnotation(f"profiled_call_{i}"):
+                    call()
+        (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as f:
+            events = [e for e in json.load(f)["traceEvents"] if isinstance(e, dict)]
+    (last,) = [e for e in events if e.get("ph") == "X" and e.get("name") == f"profiled_call_{calls - 1}"]
+    return events, (last["ts"], last["ts"] + last["dur"])
+
+
+def thread_names(events: list) -> dict:
+    """(pid, tid) -> the trace's name for that thread (or device stream)."""
+    return {
+        (e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+
+
+def merged_spans(spans) -> list[list[float]]:
+    """Sorted, non-overlapping [start, end) covering ``spans`` (nested events count once)."""
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def worker_occupancy(events: list, window: tuple[float, float]) -> dict:
+    """Milliseconds of ``window`` during which 0, 1, 2, ... of XLA:CPU's worker threads
+    ("tf_XLAEigen") were inside some event."""
+    start, end = window
+    edges = []
+    for thread, name in thread_names(events).items():
+        if not name.startswith("tf_XLAEigen"):
+            continue
+        spans = (
+            (max(e["ts"], start), min(e["ts"] + e["dur"], end))
+            for e in events
+            if e.get("ph") == "X" and (e["pid"], e["tid"]) == thread and e["ts"] < end and e["ts"] + e["dur"] > start
+        )
+        for a, b in merged_spans(spans):
+            edges += [(a, 1), (b, -1)]
+    busy_ms, level, last = {}, 0, start
+    for t, change in sorted(edges):
+        busy_ms[level] = busy_ms.get(level, 0.0) + (t - last) / 1e3
+        level, last = level + change, t
+    busy_ms[level] = busy_ms.get(level, 0.0) + (end - last) / 1e3
+    return {str(k): v for k, v in sorted(busy_ms.items())}
+
+
 def parse_grid(text: str) -> tuple[int, int]:
     """``64`` -> (64, 64); ``1056x1792`` -> (1056, 1792)."""
     parts = [int(p) for p in text.lower().split("x")]

@@ -9,6 +9,7 @@
 #             finish in 250-330 s on an H200, its autotuner logging "Delay kernel timed out"
 #   train     both training steps side by side with PhysicsNeMo
 #   sample    18-step and 8-step samples side by side
+#   profile   where the 18-step sample's and the training steps' kernel time goes (kernel_profile.py)
 #   compile   matmul peak; compile cold and warm from the persistent cache
 #   remat     rematerialisation's memory/time effect, and whether XLA:GPU keeps it
 #   conus     a 1056 x 1792 CONUS sample
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 shift || true
 PARTS=("$@")
-[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(autotune train sample compile remat conus fp32)
+[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(autotune train sample profile compile remat conus fp32)
 PYTHON=${PYTHON:-python}
 export PHYSICSNEMO_PYTHON=${PHYSICSNEMO_PYTHON:-$PYTHON}
 "$PYTHON" -c "import jax_corrdiff" 2>/dev/null || "$PYTHON" -m pip install -q -e ".[cuda12]"
@@ -69,6 +70,11 @@ for part in "${PARTS[@]}"; do
     sample)
       "$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" --dtype bfloat16 \
           --only sample_heun18,sample_euler8 --out "$OUT/vs_physicsnemo_gpu_448_bf16.json" ;;
+    profile)
+      "$PYTHON" benchmarks/kernel_profile.py "${TAIWAN_448[@]}" --dtype bfloat16 --programs sample_heun18 \
+          --out "$OUT/kernel_profile_gpu_448_bf16_sample.json"
+      XLA_FLAGS=$(train_xla_flags) "$PYTHON" benchmarks/kernel_profile.py "${TAIWAN_448[@]}" --dtype bfloat16 \
+          --programs regression_step,diffusion_step --out "$OUT/kernel_profile_gpu_448_bf16_train.json" ;;
     compile)
       XLA_FLAGS=$(train_xla_flags) "$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" --dtype bfloat16 \
           --only matmul_peak,compile --out "$OUT/speed_gpu_448_bf16.json" ;;

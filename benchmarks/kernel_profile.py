@@ -1,0 +1,202 @@
+"""Where one compiled program's time goes: a ``jax.profiler`` trace of a training step or a
+sample, each kernel attributed to the operation of our code it was compiled from.
+
+    python benchmarks/kernel_profile.py [--grid 64] [--width 32|full] [--dtype float32|bfloat16]
+        [--batch 2] [--programs regression_step,diffusion_step,sample_heun18] [--devices N]
+        --out benchmarks/results/kernel_profile_cpu_tiny.json
+
+The programs are ``speed.py``'s, built and compiled as it builds them (training steps on
+``--devices`` devices, default as ``python -m jax_corrdiff.train`` would split a CPU). After
+warm-up, two calls are traced and the last is read. Every trace event named after an instruction
+of the compiled module (a CPU thunk, or ``args.hlo_op`` of a GPU kernel) is charged to a
+category by the JAX source operation in that instruction's metadata; an event nested in another
+of the same thread counts once. Per program: the call's wall time, each category's kernel time
+(summed over threads or streams, so on a CPU it can exceed the wall time), the 15 costliest
+instructions with their source operation, and on a CPU how long 0, 1, 2, ... of XLA's worker
+threads were busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import speed  # noqa: E402
+
+PROGRAMS = ("regression_step", "diffusion_step", "sample_heun18")
+
+_RANDOM = ("threefry", "random_bits", "_bernoulli", "_uniform", "_normal")
+_LARGEST_KERNEL = 7
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def category(instruction: str, source: str) -> str:
+    """The category of a kernel from its instruction name and its metadata ``op_name``
+    (``source``, empty when XLA left none: copies and transposes it inserted itself)."""
+    if instruction.startswith(_COLLECTIVES):
+        return "collectives"
+    if not source:
+        return "layout copies and transposes inserted by XLA"
+    window = re.fullmatch(r"XLA convolution, window (\d+)x(\d+)", source)
+    if window:  # a kernel gradient's window is the image, a forward convolution's the kernel
+        return "convolution gradients" if int(window.group(1)) > _LARGEST_KERNEL else "convolutions"
+    if any(word in source for word in _RANDOM):
+        return "random numbers (dropout, noise)"
+    backward = "transpose(" in source
+    if "conv_general_dilated" in source:
+        return "convolution gradients" if backward else "convolutions"
+    if "dot_general" in source:
+        return "matmul gradients" if backward else "matmuls"
+    if re.search(r"/norm\d*/", source):
+        return "group norm, backward" if backward else "group norm"
+    if backward:
+        return "other backward"
+    if "jvp(" in source or "unet" in source.lower():
+        return "other network forward"
+    return "outside the networks (optimizer, EMA, sampler)"
+
+
+def instruction_sources(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its metadata ``op_name``, over every computation. A fusion that XLA
+    left without one takes its body's: the convolution's or matmul's if it holds one, else its
+    first. XLA rewrites kernel-gradient convolutions (batch and feature dimensions swapped)
+    without metadata: a convolution left without any anywhere is "XLA convolution, window HxW".
+    "" for the rest (copies and transposes XLA inserted)."""
+    sources, calls, bodies = {}, {}, {}
+    computation = None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            computation = bodies.setdefault(header.group(1), [])
+            continue
+        instruction = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", line)
+        if not instruction:
+            continue
+        op_name = re.search(r'op_name="([^"]*)"', instruction.group(2))
+        window = re.search(r" convolution\(.*window=\{size=(\d+x\d+)", instruction.group(2))
+        described = f"XLA convolution, window {window.group(1)}" if window else ""
+        sources[instruction.group(1)] = op_name.group(1) if op_name else described
+        called = re.search(r"calls=%?([\w.\-]+)", instruction.group(2))
+        if called:
+            calls[instruction.group(1)] = called.group(1)
+        if computation is not None and sources[instruction.group(1)]:
+            computation.append(sources[instruction.group(1)])
+    for name, body in calls.items():
+        inner = bodies.get(body, [])
+        if not sources[name] and inner:
+            preferred = [op for op in inner if "conv_general_dilated" in op or "dot_general" in op]
+            sources[name] = (preferred or inner)[0]
+    return sources
+
+
+def attribute(events: list, window: tuple[float, float], sources: dict[str, str]) -> dict:
+    """Kernel milliseconds per category and the costliest instructions within ``window``."""
+    start, end = window
+    per_thread: dict = {}
+    for e in events:
+        if e.get("ph") != "X" or not start <= e["ts"] < end:
+            continue
+        instruction = (e.get("args") or {}).get("hlo_op", e["name"])
+        if instruction in sources:
+            per_thread.setdefault((e["pid"], e["tid"]), []).append((e["ts"], e["ts"] + e["dur"], instruction))
+    categories: dict = {}
+    instructions: dict = {}
+    for spans in per_thread.values():
+        outer_end = -1.0
+        for begin, finish, instruction in sorted(spans):
+            if begin < outer_end:  # nested in the previous kernel of this thread
+                continue
+            outer_end = finish
+            ms = (finish - begin) / 1e3
+            row = categories.setdefault(category(instruction, sources[instruction]), {"ms": 0.0, "kernels": 0})
+            row["ms"] += ms
+            row["kernels"] += 1
+            instructions[instruction] = instructions.get(instruction, 0.0) + ms
+    total = sum(row["ms"] for row in categories.values())
+    for row in categories.values():
+        row["share"] = row["ms"] / total if total else 0.0
+    costliest = sorted(instructions.items(), key=lambda item: -item[1])[:15]
+    return {
+        "kernel_ms": total,
+        "categories": dict(sorted(categories.items(), key=lambda item: -item[1]["ms"])),
+        "costliest": [{"instruction": i, "ms": ms, "source": sources[i][-160:]} for i, ms in costliest],
+    }
+
+
+def _program(args, name: str):
+    """(compiled, call) of ``name``: ``call()`` runs it once and blocks."""
+    import jax
+
+    if name.endswith("_step"):
+        step, state, batch, frozen = speed._train_step(args, name.split("_")[0], args.devices)
+        compiled = step.lower(state, batch, frozen).compile()
+        holder = [state]
+
+        def call():
+            holder[0], metrics = compiled(holder[0], batch, frozen)
+            jax.block_until_ready(metrics)
+
+        return compiled, call
+    from jax_corrdiff.compiler_options import network_evaluation_options
+
+    sample, inputs, _, _ = speed.sample_program(args, "heun")
+    compiled = jax.jit(sample, compiler_options=network_evaluation_options()).lower(*inputs).compile()
+    return compiled, lambda: jax.block_until_ready(compiled(*inputs))
+
+
+def profile_program(args, name: str) -> dict:
+    import jax
+
+    compiled, call = _program(args, name)
+    for _ in range(args.warmup):
+        call()
+    events, window = harness.trace_calls(call)
+    sources = instruction_sources(compiled.as_text())
+    result = {"wall_ms": (window[1] - window[0]) / 1e3, **attribute(events, window, sources)}
+    if jax.default_backend() == "cpu":
+        result["ms_with_workers_busy"] = harness.worker_occupancy(events, window)
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", default="64")
+    parser.add_argument("--width", default="32")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, of {PROGRAMS}")
+    parser.add_argument("--devices", type=int, help="training-step devices (default: as training splits a CPU)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", help="results JSON")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.programs.split(",")) - set(PROGRAMS))
+    if unknown:
+        parser.error(f"--programs: unknown {unknown}; known: {PROGRAMS}")
+    harness.parse_grid(args.grid), harness.parse_width(args.width)
+    args.remat = "none"  # speed.py's model builder reads it
+    return args
+
+
+def main(argv=None) -> None:
+    import jax
+
+    args = parse_args(argv)
+    if args.devices is None:
+        speed._split_cores(args)
+    results = {"machine": harness.describe_machine(), "load": harness.wait_for_idle(), "settings": vars(args)}
+    with jax.default_matmul_precision("highest" if args.dtype == "float32" else "default"):
+        for name in args.programs.split(","):
+            results[name] = profile_program(args, name)
+            summary = {k: round(v["ms"], 1) for k, v in results[name]["categories"].items()}
+            print(name, f"{results[name]['wall_ms']:.1f} ms:", json.dumps(summary), flush=True)
+    if args.out:
+        harness.write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
