@@ -32,6 +32,7 @@ PROGRAMS = ("regression_step", "diffusion_step", "sample_heun18")
 
 _RANDOM = ("threefry", "random_bits", "_bernoulli", "_uniform", "_normal")
 _LARGEST_KERNEL = 7
+_PREFERRED_BODY_SOURCES = ("conv_general_dilated", "dot_general", "XLA convolution")
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 
@@ -89,7 +90,7 @@ def instruction_sources(hlo_text: str) -> dict[str, str]:
     for name, body in calls.items():
         inner = bodies.get(body, [])
         if not sources[name] and inner:
-            preferred = [op for op in inner if "conv_general_dilated" in op or "dot_general" in op]
+            preferred = [op for op in inner if any(kind in op for kind in _PREFERRED_BODY_SOURCES)]
             sources[name] = (preferred or inner)[0]
     return sources
 

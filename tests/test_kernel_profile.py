@@ -20,11 +20,18 @@ HLO = """
   ROOT %convolution.3 = f32[3,3,4,4] convolution(%transpose.1, %p0), metadata={op_name="T/conv_general_dilated"}
 }
 
+%fused_computation.5 (p0: f32[2,8,8,4]) -> f32[4,3,3,4] {
+  %p0 = f32[2,8,8,4] parameter(0)
+  %bitcast.2 = f32[8,8,2,4] bitcast(%p0), metadata={op_name="jit(s)/jvp(U)/u/reshape"}
+  ROOT %convolution.4 = f32[4,3,3,4] convolution(%bitcast.2, %p0), window={size=8x8 pad=1_1x1_1}
+}
+
 ENTRY %main.1 (p: f32[4]) -> f32[4] {
   %conv.1 = f32[2,8,8,4] convolution(%a, %b), metadata={op_name="jit(s)/jvp(U)/u/conv0/conv_general_dilated"}
   %conv.2 = f32[3,3,4,4] convolution(%c, %d), metadata={op_name="jit(s)/transpose(jvp(U))/u/conv_general_dilated"}
   %fusion.7 = f32[2,8,8,4] fusion(%conv.1), kind=kLoop, calls=%fc, metadata={op_name="jit(s)/jvp(U)/u/norm0/sum"}
   %ynn_fusion.6 = f32[3,3,4,4] fusion(%conv.1), kind=kCustom, calls=%fused_computation.4
+  %ynn_fusion.7 = f32[4,3,3,4] fusion(%conv.1), kind=kCustom, calls=%fused_computation.5
   %convolution.8 = f32[4,3,3,4] convolution(%e, %f), window={size=8x8 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
   %copy.3 = f32[4] copy(%p)
   %all-reduce.5 = f32[4] all-reduce(%conv.2), replica_groups={}
@@ -47,6 +54,7 @@ def test_sources_are_read_from_every_instruction_and_from_the_bodies_of_fusions_
     assert sources["convolution.8"] == "XLA convolution, window 8x8"
     assert kernel_profile.category("convolution.8", sources["convolution.8"]) == "convolution gradients"
     assert kernel_profile.category("convolution.9", "XLA convolution, window 3x3") == "convolutions"
+    assert sources["ynn_fusion.7"] == "XLA convolution, window 8x8"  # preferred to the bitcast's
 
 
 def test_kernels_are_charged_once_to_their_category_within_the_window():
