@@ -138,16 +138,9 @@ def measure_regression_step(args) -> dict:
 def profile_regression_step(args) -> dict:
     """Time during one default-compiled regression step at which 0, 1 or 2 of XLA's worker
     threads were inside a kernel, from a ``jax.profiler`` trace."""
-    import jax
-
     step, state, batch, frozen = speed._train_step(args, "regression")
     compiled = step.lower(state, batch, frozen).compile()
-    holder = [state]
-
-    def call():
-        holder[0], metrics = compiled(holder[0], batch, frozen)
-        jax.block_until_ready(metrics)
-
+    call = speed.stepping(compiled, state, batch, frozen)
     for _ in range(2):
         call()
     events, window = harness.trace_calls(call)

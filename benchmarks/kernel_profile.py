@@ -136,17 +136,9 @@ def _program(args, name: str):
     if name.endswith("_step"):
         step, state, batch, frozen = speed._train_step(args, name.split("_")[0], args.devices)
         compiled = step.lower(state, batch, frozen).compile()
-        holder = [state]
-
-        def call():
-            holder[0], metrics = compiled(holder[0], batch, frozen)
-            jax.block_until_ready(metrics)
-
-        return compiled, call
-    from jax_corrdiff.compiler_options import network_evaluation_options
-
+        return compiled, speed.stepping(compiled, state, batch, frozen)
     sample, inputs, _, _ = speed.sample_program(args, "heun")
-    compiled = jax.jit(sample, compiler_options=network_evaluation_options()).lower(*inputs).compile()
+    compiled = speed.jit_as_generation(sample).lower(*inputs).compile()
     return compiled, lambda: jax.block_until_ready(compiled(*inputs))
 
 

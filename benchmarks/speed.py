@@ -185,22 +185,37 @@ def _train_step(args, stage: str, num_devices: int | None = None):
     return step, state, to_global(batch, mesh), frozen
 
 
-def measure_train_step(args, stage: str) -> dict:
+def stepping(compiled, state, batch, frozen):
+    """``call()``: one step of the compiled training step from the state its last call returned
+    (the state is donated), blocking until it is done."""
     import jax
 
+    holder = [state]
+
+    def call():
+        holder[0], metrics = compiled(holder[0], batch, frozen)
+        jax.block_until_ready(metrics)
+
+    return call
+
+
+def jit_as_generation(sample):
+    """``sample`` jitted with the options generation compiles its programs with."""
+    import jax
+
+    from jax_corrdiff.compiler_options import network_evaluation_options
+
+    return jax.jit(sample, compiler_options=network_evaluation_options())
+
+
+def measure_train_step(args, stage: str) -> dict:
     step, state, batch, frozen = _train_step(args, stage)
     start = time.perf_counter()
     lowered = step.lower(state, batch, frozen)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     print(f"{stage} step compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
-    holder = [state]
-
-    def run():
-        holder[0], metrics = compiled(holder[0], batch, frozen)
-        jax.block_until_ready(metrics["loss"])
-
-    timing = harness.timed_repeats(run, args.warmup, args.repeats)
+    timing = harness.timed_repeats(stepping(compiled, state, batch, frozen), args.warmup, args.repeats)
     stats = _program_stats(lowered, compiled)
     return {
         **timing,
@@ -269,10 +284,8 @@ def measure_sample(args, solver: str) -> dict:
     """``sample_program`` compiled as generation compiles it."""
     import jax
 
-    from jax_corrdiff.compiler_options import network_evaluation_options
-
     sample, inputs, sampler, configs = sample_program(args, solver)
-    sample = jax.jit(sample, compiler_options=network_evaluation_options())
+    sample = jit_as_generation(sample)
     start = time.perf_counter()
     compiled = sample.lower(*inputs).compile()
     compile_s = time.perf_counter() - start
