@@ -1,6 +1,6 @@
-"""XLA:CPU's two convolution paths side by side: YNNPACK (XLA's default, which training steps
-keep) against Eigen (``compiler_options.network_evaluation_options``, which every program without
-weight gradients uses).
+"""XLA:CPU's two convolution paths side by side: YNNPACK (XLA's default) against Eigen
+(``compiler_options.EIGEN_CONVOLUTIONS``, which every program without weight gradients uses, and
+training steps on one device of a CPU without AVX-512).
 
     python benchmarks/conv_library.py [--grid 64] [--width 32|full] [--repeats 5] [--profile]
         --out benchmarks/results/conv_library_cpu.json
@@ -14,7 +14,8 @@ each per repeat after warm-up, so a machine whose speed drifts slows both alike.
   difference;
 - ``forward_input_grad``: one diffusion-network evaluation and the gradient of its squared
   output with respect to its input, as posterior guidance evaluates it;
-- ``regression_step``: the training step as training runs it, with each side's loss.
+- ``regression_step``, ``diffusion_step``: the training step on this process's devices (one
+  unless ``JAX_NUM_CPU_DEVICES`` says otherwise), with each side's loss.
 
 ``--profile`` adds a ``jax.profiler`` trace of the regression step with XLA's defaults: how long
 0, 1 or 2 of XLA's worker threads were running a kernel during one step.
@@ -35,10 +36,11 @@ SIDES = ("ynnpack", "eigen")
 
 
 def _compile_both(lowered) -> dict:
-    """``lowered`` compiled with XLA's defaults (YNNPACK) and with the evaluation options (Eigen)."""
-    from jax_corrdiff.compiler_options import network_evaluation_options
+    """``lowered`` compiled with XLA's defaults (YNNPACK) and with Eigen's convolutions, whatever
+    options its ``jax.jit`` chose (those of ``compile`` replace them)."""
+    from jax_corrdiff.compiler_options import EIGEN_CONVOLUTIONS, YNNPACK_CONVOLUTIONS
 
-    options = {"ynnpack": None, "eigen": network_evaluation_options()}
+    options = {"ynnpack": YNNPACK_CONVOLUTIONS, "eigen": EIGEN_CONVOLUTIONS}
     return {side: lowered.compile(compiler_options=options[side]) for side in SIDES}
 
 
@@ -117,11 +119,11 @@ def measure_forward_input_grad(args) -> dict:
     return {**timing, "largest_difference": _largest_difference(outputs)}
 
 
-def measure_regression_step(args) -> dict:
+def measure_train_step(args, stage: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    step, state, batch, frozen = speed._train_step(args, "regression")
+    step, state, batch, frozen = speed._train_step(args, stage)
     compiled = _compile_both(step.lower(state, batch, frozen))
     # The state is donated: each side steps its own copy.
     states = {side: jax.tree_util.tree_map(jnp.copy, state) for side in SIDES}
@@ -170,7 +172,8 @@ def main(argv=None) -> None:
         "convolutions": measure_convolutions,
         "sample_heun18": measure_sample,
         "forward_input_grad": measure_forward_input_grad,
-        "regression_step": measure_regression_step,
+        "regression_step": lambda args: measure_train_step(args, "regression"),
+        "diffusion_step": lambda args: measure_train_step(args, "diffusion"),
     }
     if args.profile:
         rows["regression_step_profile"] = profile_regression_step

@@ -50,8 +50,11 @@ def wait_for_idle(threshold: float = 0.1, settle: int = 3, timeout: float = 3600
 
 
 def describe_machine() -> dict:
-    """CPU model, core count, OS, Python, XLA_FLAGS, GLIBC_TUNABLES and LD_PRELOAD (the allocator;
-    launch/cpu_env.sh); the accelerator is described by the worker."""
+    """CPU model and widest x86 vector extension (which convolution library trains faster depends
+    on it: ``jax_corrdiff.compiler_options``), core count, OS, Python, XLA_FLAGS, GLIBC_TUNABLES and
+    LD_PRELOAD (the allocator; launch/cpu_env.sh); the accelerator is described by the worker."""
+    from jax_corrdiff.compiler_options import cpu_flags
+
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -60,6 +63,7 @@ def describe_machine() -> dict:
         pass
     return {
         "cpu": model,
+        "vector_extension": next((isa for isa in ("avx512f", "avx2") if isa in cpu_flags()), ""),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],

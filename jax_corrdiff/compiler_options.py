@@ -1,25 +1,49 @@
-"""XLA compiler options for programs that evaluate networks without differentiating their weights.
+"""XLA:CPU's convolution library per program: YNNPACK (XLA's default) or Eigen.
 
-XLA:CPU hands convolutions to YNNPACK by default, and YNNPACK runs the 32-channel SongUNet's
-convolutions on one core: 103 GFLOP/s for a 3 x 3, 32-channel convolution at 64 x 64 on a
-2-core EPYC whose two cores reach 184 GFLOP/s in a matmul, and in a profile of the 32-channel
-regression step one of XLA's two worker threads was busy for 402 ms of 511 ms, both for 105 ms.
-XLA's own (Eigen) convolution splits it over both cores (165 GFLOP/s), but Eigen's
-kernel-gradient convolution is slower than YNNPACK's (that training step: 1.11x the time), so
-training steps keep XLA's defaults. Sampling, guided sampling (input gradients only), validation
-losses and regression means never take a kernel gradient and compile their convolutions through
-Eigen: at 32 channels the 18-step CorrDiff sample took 0.80x the time and a forward pass with
-its input gradient 0.72x; at full width, where YNNPACK already uses both cores, 0.98x and 1.00x;
-outputs agree to 6e-8 (``benchmarks/conv_library.py``; README, *Speed and memory*).
+YNNPACK runs the 32-channel SongUNet's convolutions on one core: 103 GFLOP/s for a 3 x 3,
+32-channel convolution at 64 x 64 on a 2-core AVX-512 EPYC whose two cores reach 184 GFLOP/s in
+a matmul, and in a profile of the 32-channel regression step one of XLA's two worker threads was
+busy for 402 ms of 511 ms, both for 105 ms. XLA's own (Eigen) convolution splits it over both
+cores (165 GFLOP/s).
+
+- Programs without weight gradients (sampling, guided sampling, validation losses, regression
+  means) compile their convolutions through Eigen: at 32 channels the 18-step CorrDiff sample
+  took 0.80x YNNPACK's time and a forward pass with its input gradient 0.72x; at full width
+  0.98x and 1.00x; outputs agree to 6e-8 (``benchmarks/conv_library.py``).
+- Training steps depend on the CPU. With AVX-512, YNNPACK's kernel-gradient convolution is the
+  faster one (32-channel regression step on one device: Eigen 1.11x the time), so they keep
+  XLA's defaults. Without it (AVX2 only, a 2-core Zen 3 EPYC), Eigen is faster on one device:
+  full-width regression step 0.79x, diffusion 0.83x, 32-channel regression 0.89x. Split over
+  several devices in one process (``cpu_devices``), whose kernels share one Eigen thread pool,
+  Eigen is slower (32-channel regression: 1.71x), so a split step keeps YNNPACK everywhere.
+README, *Speed and memory*.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # XLA:CPU's default YNNPACK library fusions (jaxlib 0.10.2: dots, reductions and single
-# convolutions) without the convolutions.
-_YNN_FUSIONS_WITHOUT_CONVOLUTION = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+# convolutions), without and with the convolutions.
+_YNN_DOTS_AND_REDUCTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+EIGEN_CONVOLUTIONS = {_YNN_OPTION: _YNN_DOTS_AND_REDUCTIONS}
+# XLA's defaults, named: compile options given to ``Lowered.compile`` replace the ones ``jax.jit``
+# was given, so a benchmark compiling a program both ways names the default side too.
+YNNPACK_CONVOLUTIONS = {_YNN_OPTION: _YNN_DOTS_AND_REDUCTIONS + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 def network_evaluation_options() -> dict[str, str] | None:
@@ -27,4 +51,14 @@ def network_evaluation_options() -> dict[str, str] | None:
     convolutions through XLA's multi-threaded Eigen kernels; XLA's defaults elsewhere."""
     if jax.default_backend() != "cpu":
         return None
-    return {"xla_cpu_experimental_ynn_fusion_type": _YNN_FUSIONS_WITHOUT_CONVOLUTION}
+    return EIGEN_CONVOLUTIONS
+
+
+def training_step_options(local_devices: int) -> dict[str, str] | None:
+    """``compiler_options`` for a training step run on ``local_devices`` devices of this process:
+    Eigen's convolutions on an x86 CPU with AVX2 but no AVX-512 when the step has the process's
+    cores to itself (one device); XLA's defaults otherwise."""
+    flags = cpu_flags()
+    if jax.default_backend() != "cpu" or local_devices != 1 or "avx2" not in flags or "avx512f" in flags:
+        return None
+    return EIGEN_CONVOLUTIONS

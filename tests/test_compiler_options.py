@@ -1,15 +1,20 @@
-"""Programs without weight gradients compile their convolutions outside YNNPACK on CPU
-(``jax_corrdiff.compiler_options``) and compute the same values."""
+"""XLA:CPU's convolution library per program (``jax_corrdiff.compiler_options``): programs
+without weight gradients, and training steps on one device of a CPU without AVX-512, compile
+their convolutions outside YNNPACK and compute the same values."""
 
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
+from jax_corrdiff import compiler_options
 from jax_corrdiff.compiler_options import network_evaluation_options
+from jax_corrdiff.config import base_config
 from jax_corrdiff.mesh import make_mesh
-from jax_corrdiff.training.steps import make_eval_step
+from jax_corrdiff.training.steps import TrainState, make_eval_step, make_train_step
 
 # Large enough that XLA:CPU hands the convolution to YNNPACK by default (it keeps tiny ones).
 SHAPE = (2, 32, 32, 32)
@@ -64,12 +69,10 @@ def test_validation_step_compiles_with_the_evaluation_options():
     assert count == SHAPE[0]
 
 
-def test_options_keep_every_other_default_library_fusion():
-    """The options name XLA's default YNNPACK fusion types less convolutions: with convolutions
-    named back, the program compiles exactly as with XLA's defaults (a new default type would
-    show here, and need adding)."""
-    from jax_corrdiff import compiler_options
-
+def test_named_defaults_compile_as_xla_defaults():
+    """``YNNPACK_CONVOLUTIONS`` names XLA's default YNNPACK fusion types, and the evaluation
+    options are they less convolutions: named, the program compiles exactly as with XLA's
+    defaults (a new default type would show here, and need adding)."""
     x, kernel = _inputs()
     matrix = x.reshape(-1, SHAPE[-1])
 
@@ -77,11 +80,37 @@ def test_options_keep_every_other_default_library_fusion():
         y = _two_layers(x, kernel)
         return y, jnp.sum(y, axis=(1, 2)), jnp.tanh(matrix @ matrix.T) * 2.0
 
-    with_convolutions = (
-        compiler_options._YNN_FUSIONS_WITHOUT_CONVOLUTION + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
-    )
-    options = {"xla_cpu_experimental_ynn_fusion_type": with_convolutions}
-    default = jax.jit(program).lower(x, kernel, matrix).compile().as_text()
-    named = jax.jit(program, compiler_options=options).lower(x, kernel, matrix).compile().as_text()
+    lowered = jax.jit(program).lower(x, kernel, matrix)
+    default = lowered.compile().as_text()
+    named = lowered.compile(compiler_options=compiler_options.YNNPACK_CONVOLUTIONS).as_text()
+    without = lowered.compile(compiler_options=compiler_options.EIGEN_CONVOLUTIONS).as_text()
     assert default.count('"__ynn_fusion"') >= 3
     assert named.count('"__ynn_fusion"') == default.count('"__ynn_fusion"')
+    assert without.count('"__ynn_fusion"') == default.count('"__ynn_fusion"') - 2
+
+
+@pytest.mark.parametrize(
+    "flags, devices, eigen",
+    [
+        ({"avx2"}, 1, True),  # AVX2 only, the step has the cores to itself
+        ({"avx2", "avx512f"}, 1, False),  # AVX-512: YNNPACK's kernel gradients are faster
+        ({"avx2"}, 2, False),  # split over devices: one Eigen pool shared by both
+        (set(), 1, False),  # not x86 (or no /proc/cpuinfo): XLA's defaults
+    ],
+)
+def test_training_step_convolution_library_follows_the_cpu(monkeypatch, flags, devices, eigen):
+    monkeypatch.setattr(compiler_options, "cpu_flags", lambda: frozenset(flags))
+    x, kernel = _inputs()
+    optimizer = optax.sgd(1e-3)
+    params = {"kernel": kernel}
+    state = TrainState(jnp.zeros((), jnp.int32), params, params, optimizer.init(params), {})
+
+    def per_sample_loss(params, constants, batch, rng, frozen, train):
+        return jnp.mean(jnp.square(_two_layers(batch["img_lr"], params["kernel"])), axis=(1, 2, 3))
+
+    training = base_config()["regression"].training
+    step = make_train_step(per_sample_loss, optimizer, training, SHAPE[0], 0, make_mesh(devices))
+    compiled = step.lower(state, {"img_lr": x}, {}).compile()
+    # Forward, input-gradient and kernel-gradient convolutions: at least 4 outside YNNPACK.
+    assert (_entry_convolutions(compiled) >= 4) == eigen
+    assert (_entry_convolutions(compiled) == 0) == (not eigen)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jax_corrdiff.compiler_options import network_evaluation_options
+from jax_corrdiff.compiler_options import network_evaluation_options, training_step_options
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.ddpm import ddpm_residual_loss
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
@@ -202,7 +202,13 @@ def make_train_step(loss_fn: PerSampleLoss, optimizer, training_config, global_b
         return state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
     repl = replicated(mesh)
-    return jax.jit(step, in_shardings=(repl, batch_sharded(mesh), repl), out_shardings=(repl, repl), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(repl, batch_sharded(mesh), repl),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+        compiler_options=training_step_options(len(mesh.local_devices)),
+    )
 
 
 def make_eval_step(loss_fn: PerSampleLoss, seed: int, mesh):
