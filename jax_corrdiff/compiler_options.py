@@ -1,8 +1,8 @@
 """XLA:CPU's convolution library per program: YNNPACK (XLA's default) or Eigen.
 
 YNNPACK runs the 32-channel SongUNet's convolutions on one core: 103 GFLOP/s for a 3 x 3,
-32-channel convolution at 64 x 64 on a 2-core AVX-512 EPYC whose two cores reach 184 GFLOP/s in
-a matmul, and in a profile of the 32-channel regression step one of XLA's two worker threads was
+32-channel convolution at 64 x 64 on a 2-core EPYC whose two cores reach 184 GFLOP/s in a
+matmul, and in a profile of the 32-channel regression step one of XLA's two worker threads was
 busy for 402 ms of 511 ms, both for 105 ms. XLA's own (Eigen) convolution splits it over both
 cores (165 GFLOP/s).
 
@@ -10,10 +10,11 @@ cores (165 GFLOP/s).
   means) compile their convolutions through Eigen: at 32 channels the 18-step CorrDiff sample
   took 0.80x YNNPACK's time and a forward pass with its input gradient 0.72x; at full width
   0.98x and 1.00x; outputs agree to 6e-8 (``benchmarks/conv_library.py``).
-- Training steps depend on the CPU. With AVX-512, YNNPACK's kernel-gradient convolution is the
-  faster one (32-channel regression step on one device: Eigen 1.11x the time), so they keep
-  XLA's defaults. Without it (AVX2 only, a 2-core Zen 3 EPYC), Eigen is faster on one device:
-  full-width regression step 0.79x, diffusion 0.83x, 32-channel regression 0.89x. Split over
+- Training steps depend on the CPU. On an AVX2-only 2-core Zen 3 EPYC, Eigen is faster on one
+  device: full-width regression step 0.81x, diffusion 0.82x; 32-channel 0.92x and 0.82x. On an
+  earlier machine whose vector extension was not recorded (its convolutions ran 1.6x faster),
+  the 32-channel regression step took 1.11x with Eigen and the full-width one 0.99x; only the
+  AVX2-only case is shown to gain, so CPUs with AVX-512 keep XLA's defaults. Split over
   several devices in one process (``cpu_devices``), whose kernels share one Eigen thread pool,
   Eigen is slower (32-channel regression: 1.71x), so a split step keeps YNNPACK everywhere.
 README, *Speed and memory*.
