@@ -17,6 +17,7 @@ import numpy as np
 
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.config import check_training_config
+from jax_corrdiff.host_memory import compile_then_release
 from jax_corrdiff.mesh import local_batch_size, to_global
 from jax_corrdiff.model_dir import SavedModel, save_model
 from jax_corrdiff.models.factory import example_inputs
@@ -98,8 +99,12 @@ def run(
     if start == 0:
         validate(0)
     pending: list[dict] = []
+    compiled_step = None
     for done in range(start + 1, stage.total_steps + 1):
-        state, metrics = train_step(state, to_global(step_batch(next(iterator)), mesh), stage.frozen)
+        batch = to_global(step_batch(next(iterator)), mesh)
+        if compiled_step is None:
+            compiled_step = compile_then_release(train_step.lower(state, batch, stage.frozen))
+        state, metrics = compiled_step(state, batch, stage.frozen)
         pending.append(metrics)
         last = done == stage.total_steps
         if done % training.log_every_steps == 0 or last:
