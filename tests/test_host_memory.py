@@ -1,18 +1,18 @@
 """Returning freed heap memory to the operating system (jax_corrdiff.host_memory)."""
 
 import ctypes
+import os
+import sys
 
 import pytest
 
 from jax_corrdiff.host_memory import release_freed_memory
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from harness import current_rss_bytes  # noqa: E402
+
 CHUNK = 64 * 1024  # below glibc's mmap threshold, so the chunks come from the heap
 CHUNKS = 2000  # 131 MB
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc"), reason="needs a C library with malloc")
@@ -28,8 +28,8 @@ def test_freed_heap_pages_go_back_to_the_system():
     ctypes.memset(pin, 1, CHUNK)
     for chunk in chunks:
         libc.free(chunk)
-    freed_but_resident = _resident_bytes()
+    freed_but_resident = current_rss_bytes()
     release_freed_memory()
-    returned = freed_but_resident - _resident_bytes()
+    returned = freed_but_resident - current_rss_bytes()
     libc.free(pin)
     assert returned > CHUNKS * CHUNK // 2
