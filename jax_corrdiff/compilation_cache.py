@@ -5,6 +5,11 @@ cores, and longer for large grids; a cache hit skips it. Every process of a mult
 compiles for itself (JAX's ``jax_share_binary_between_hosts`` hands binaries over the
 coordination service, which deadlocked against the first Gloo collective in our two-process
 test), and the cache's writes are atomic, so processes sharing a directory do not corrupt it.
+
+A cache directory set for JAX itself (``JAX_COMPILATION_CACHE_DIR``, or
+``jax_compilation_cache_dir`` set before the run) is the default over WORKDIR/compilation_cache:
+a site-wide cache shared by many runs is what that variable is for, and JAX's cache cannot be
+moved once a process has compiled anything.
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ DEFAULT_SUBDIR = "compilation_cache"
 
 
 def cache_dir(setting: str, workdir: str) -> str | None:
-    """The cache directory for a run: ``setting`` if given, WORKDIR/compilation_cache if empty,
-    none for ``"off"``."""
+    """The cache directory for a run: ``setting`` if given; if empty, JAX's own cache directory
+    when one is set, else WORKDIR/compilation_cache; none for ``"off"``."""
     if setting == "off":
         return None
-    return setting or os.path.join(workdir, DEFAULT_SUBDIR)
+    return setting or jax.config.jax_compilation_cache_dir or os.path.join(workdir, DEFAULT_SUBDIR)
 
 
 def enable_compilation_cache(directory: str | None) -> None:

@@ -68,7 +68,10 @@ _TILE_DEVICES = flags.DEFINE_integer(
     "tile_devices", 1, "Devices sharing one image's multi-diffusion tiles (patch-trained models; large domains)."
 )
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", "", "Persistent XLA compilation cache: a directory, '' = WORKDIR/compilation_cache, or 'off'."
+    "compilation_cache",
+    "",
+    "Persistent XLA compilation cache: a directory, 'off', or '' = JAX_COMPILATION_CACHE_DIR when set, else"
+    " WORKDIR/compilation_cache.",
 )
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing output (a rerun otherwise finishes it, with the same settings only)."

@@ -31,24 +31,24 @@ TIMES = np.array(["2019-03-22T00", "2019-03-22T01"], dtype="datetime64[ns]")
 
 
 @pytest.fixture(scope="session")
-def even_smoke_workdir(tmp_path_factory):
+def even_smoke_workdir(built_once_per_run):
     """The demo smoke run on the demo grid cropped to 32 x 48 (PhysicsNeMo's UNet does not pad)."""
     import demo
 
     from jax_corrdiff.config import set_stages
     from jax_corrdiff.training.loop import train_and_evaluate
 
-    tmp = tmp_path_factory.mktemp("even_smoke")
-    crop = dict(lat=slice(0, 32), lon=slice(0, 48))
-    for name in ("era5_t2m_uk_0p25deg.nc", "static_era5_uk_0p25deg.nc"):
-        with xr.open_dataset(demo_data_path(name)) as ds:
-            ds.isel(crop).load().to_netcdf(tmp / name)
-    config = set_stages(demo.get_config("smoke"), training=dict(total_samples=4 * 12, eval_batches=1))
-    config.data.target_paths = [str(tmp / "era5_t2m_uk_0p25deg.nc")]
-    config.data.static_path = str(tmp / "static_era5_uk_0p25deg.nc")
-    workdir = str(tmp / "workdir")
-    train_and_evaluate(config, workdir)
-    return workdir
+    def build(directory):
+        crop = dict(lat=slice(0, 32), lon=slice(0, 48))
+        for name in ("era5_t2m_uk_0p25deg.nc", "static_era5_uk_0p25deg.nc"):
+            with xr.open_dataset(demo_data_path(name)) as ds:
+                ds.isel(crop).load().to_netcdf(os.path.join(directory, name))
+        config = set_stages(demo.get_config("smoke"), training=dict(total_samples=4 * 12, eval_batches=1))
+        config.data.target_paths = [os.path.join(directory, "era5_t2m_uk_0p25deg.nc")]
+        config.data.static_path = os.path.join(directory, "static_era5_uk_0p25deg.nc")
+        train_and_evaluate(config, os.path.join(directory, "workdir"))
+
+    return os.path.join(built_once_per_run("even_smoke", build), "workdir")
 
 
 @pytest.fixture(scope="session")

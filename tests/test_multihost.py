@@ -35,29 +35,24 @@ SMOKE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    """One persistent compilation cache for the file's subprocesses: a resumed run reuses what its
-    first run compiled (compiling is most of these short runs on CPU)."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _start(nproc: int, devices: int, args: list[str], log_path, cache: str) -> tuple[subprocess.Popen, str]:
-    """``nproc`` JAX processes (through launch/local.sh when > 1) of ``devices`` CPU devices each."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_")) and k != "XLA_FLAGS"}
+def _start(nproc: int, devices: int, args: list[str], log_path) -> tuple[subprocess.Popen, str]:
+    """``nproc`` JAX processes (through launch/local.sh when > 1) of ``devices`` CPU devices each,
+    sharing the test run's compilation cache and XLA flags (conftest.py): a resumed run reuses
+    what its first run compiled, compiling being most of these short runs on CPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))}
+    flags = os.environ.get("XLA_FLAGS", "").split()
     env.update(
+        XLA_FLAGS=" ".join(f for f in flags if "xla_force_host_platform_device_count" not in f),
         JAX_PLATFORMS="cpu",
         JAX_NUM_CPU_DEVICES=str(devices),
         PYTHON=sys.executable,
-        JAX_COMPILATION_CACHE_DIR=cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        JAX_COMPILATION_CACHE_DIR=os.environ["JAX_COMPILATION_CACHE_DIR"],
         PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     if nproc > 1:
@@ -100,12 +95,12 @@ def _assert_trees_close(a, b, atol):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=atol)
 
 
-def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache):
+def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
     # 2 x 2 devices to step 4 (of 8), then 1 x 4 devices straight to step 8; batch 4. One run at a
     # time: three processes compiling at once on a 2-core CI machine run past any sane timeout.
-    _wait(_start(2, 2, _train_args(two, 16), tmp_path / "two_a.log", cache))
-    _wait(_start(1, 4, _train_args(one, 32), tmp_path / "one.log", cache))
+    _wait(_start(2, 2, _train_args(two, 16), tmp_path / "two_a.log"))
+    _wait(_start(1, 4, _train_args(one, 32), tmp_path / "one.log"))
     checkpoints = two / "regression" / "checkpoints"
     assert sorted(os.listdir(checkpoints)) == ["2", "4"]
     for step in ("2", "4"):
@@ -117,7 +112,7 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache
     first = load_model(str(two / "regression" / "model"))
     assert first.source["step"] == 4
 
-    (output,) = _wait(_start(2, 2, _train_args(two, 32), tmp_path / "two_b.log", cache))
+    (output,) = _wait(_start(2, 2, _train_args(two, 32), tmp_path / "two_b.log"))
     assert output.count("resumed from step 4") == 2  # both processes
     assert sorted(os.listdir(checkpoints), key=int) == ["4", "6", "8"]  # keep_checkpoints = 3
 
@@ -138,7 +133,7 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path, cache
     assert moved > 1e-4
 
 
-def test_generation_across_two_processes_writes_one_file(smoke_workdir, tmp_path, cache):
+def test_generation_across_two_processes_writes_one_file(smoke_workdir, tmp_path):
     era5 = demo_data_path("era5_t2m_uk_0p25deg.nc")
 
     def args(out):
@@ -160,8 +155,8 @@ def test_generation_across_two_processes_writes_one_file(smoke_workdir, tmp_path
     (tmp_path / "one").mkdir()
     two, one = tmp_path / "two" / "out.nc", tmp_path / "one" / "out.nc"
     _wait(
-        _start(2, 2, args(two), tmp_path / "gen_two.log", cache),
-        _start(1, 4, args(one), tmp_path / "gen_one.log", cache),
+        _start(2, 2, args(two), tmp_path / "gen_two.log"),
+        _start(1, 4, args(one), tmp_path / "gen_one.log"),
     )
     assert os.listdir(tmp_path / "two") == ["out.nc"]
     with xr.open_dataset(two) as a, xr.open_dataset(one) as b:

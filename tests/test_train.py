@@ -71,18 +71,10 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert history(resumed, "regression")[-1]["step"] == 16
 
 
-def test_four_devices_equal_one_device(tmp_path):
-    one, four = str(tmp_path / "one"), str(tmp_path / "four")
-    train_and_evaluate(smoke(6, num_devices=1), one)
-    train_and_evaluate(smoke(6, num_devices=4), four)
-    a, _ = _final(one)
-    b, _ = _final(four)
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6), a, b)
-
-
 def test_a_run_stopped_on_one_device_resumes_on_four(tmp_path):
     # CPU training picks its device count from the config (cpu_devices), so it can change
-    # between a run and its resumption.
+    # between a run and its resumption. This also shows one device trains like four: the first
+    # half of the resumed run is on one.
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(smoke(16, num_devices=4), straight)
     train_and_evaluate(smoke(8, num_devices=1), resumed)

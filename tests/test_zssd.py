@@ -20,17 +20,19 @@ TIMES = ["2019-03-22T00", "2019-03-22T01"]
 SAMPLER = make_sampler("deterministic", steps=8)  # guidance needs steps between sigma_y and sigma_max
 
 
-@pytest.fixture(scope="module")
-def prior_workdir(tmp_path_factory):
+@pytest.fixture(scope="session")
+def prior_workdir(built_once_per_run):
     import zssd_era5_uk
 
     from jax_corrdiff.training.loop import train_and_evaluate
 
     config = zssd_era5_uk.get_config("smoke")
     config.prior.training.update(total_samples=4 * 8, eval_batches=1)
-    workdir = str(tmp_path_factory.mktemp("zssd"))
-    assert set(train_and_evaluate(config, workdir)) == {"prior"}
-    return workdir
+
+    def build(workdir):
+        assert set(train_and_evaluate(config, workdir)) == {"prior"}
+
+    return built_once_per_run("zssd_prior", build)
 
 
 def test_smoke_prior_trains_and_saves(prior_workdir):
