@@ -10,7 +10,7 @@ import pytest
 from utils import redraw_params
 
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
-from jax_corrdiff.models.layers import GroupNorm, PointwiseConv, scaled_xavier_uniform
+from jax_corrdiff.models.layers import GroupNorm, PointwiseConv, UpsampleConv, scaled_xavier_uniform, upsample2x
 
 TAIWAN_UNET = dict(
     model_channels=128,
@@ -237,6 +237,39 @@ def test_pointwise_conv_is_a_1x1_conv_with_the_same_parameters():
     np.testing.assert_allclose(pointwise.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (pointwise, reference)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_upsample_conv_is_a_3x3_conv_of_the_upsampled_input_with_the_same_parameters(dtype):
+    """The sub-pixel form has nn.Conv's tree and initialisation, and conv3x3(upsample2x(x))'s output
+    and gradients, borders included (an odd, non-square grid)."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 7, 12))
+    init = scaled_xavier_uniform(0.7)
+    upsample_conv = UpsampleConv(20, kernel_init=init, dtype=dtype)
+    reference = nn.Conv(20, (3, 3), padding=1, kernel_init=init, dtype=dtype)
+    params = upsample_conv.init(jax.random.key(1), x)
+    expected = reference.init(jax.random.key(1), upsample2x(x))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
+    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
+    params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
+    out, want = upsample_conv.apply(params, x), reference.apply(params, upsample2x(x))
+    assert out.dtype == want.dtype == dtype
+    # Errors relative to the largest value: in bf16 the phase kernels sum up to four taps before
+    # rounding, the reference rounds each tap (bf16 keeps 8 significant bits, 4e-3).
+    tolerance = 1e-6 if dtype == jnp.float32 else 2e-2
+
+    def assert_close(a, b):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tolerance * np.abs(b).max()
+
+    assert_close(out, want)
+
+    def loss(module, inputs):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply(p, inputs(x)).astype(jnp.float32)))
+
+    grads = jax.grad(loss(upsample_conv, lambda x: x), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(reference, upsample2x), argnums=(0, 1))(params, x)
+    jax.tree.map(assert_close, grads, want)
 
 
 def test_a_huge_bottleneck_attention_is_warned_about(caplog):
