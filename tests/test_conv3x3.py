@@ -7,12 +7,7 @@ import numpy as np
 import pytest
 from utils import redraw_params
 
-from jax_corrdiff.models.conv3x3 import (
-    MIN_WINOGRAD_CHANNELS,
-    MIN_WINOGRAD_PIXELS,
-    conv3x3_winograd_gradients,
-    direct_conv3x3,
-)
+from jax_corrdiff.models.conv3x3 import MIN_WINOGRAD_PIXELS, conv3x3_winograd_gradients, direct_conv3x3
 from jax_corrdiff.models.layers import Conv3x3, scaled_xavier_uniform
 
 
@@ -34,6 +29,30 @@ def test_winograd_gradients_equal_the_direct_convolution_s_borders_included(shap
         assert_close(actual, desired, 1e-6)
 
 
+def _planned_backward_bytes(convolution, layers):
+    """XLA's planned temporaries for the gradient of a chain of convolutions (32 x 32, 32 channels)."""
+    x = jnp.ones((2, 32, 32, 32))
+
+    def loss(kernels):
+        h = x
+        for kernel in kernels:
+            h = jnp.tanh(convolution(h, kernel))
+        return jnp.sum(h)
+
+    kernels = [jnp.full((3, 3, 32, 32), 0.01)] * layers
+    return jax.jit(jax.grad(loss)).lower(kernels).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_winograd_tiles_do_not_outlive_their_layer_s_backward_step():
+    """Each layer's transformed input tiles (4x its input) are built in its backward step, not in
+    the forward pass: six more layers cost no more memory than with the direct convolution."""
+
+    def growth(convolution):
+        return _planned_backward_bytes(convolution, 12) - _planned_backward_bytes(convolution, 6)
+
+    assert growth(conv3x3_winograd_gradients) <= growth(direct_conv3x3)
+
+
 def _uses_winograd_gradients(module, params, x):
     # Under differentiation the custom rule is inlined; the primal program still names it.
     return "custom_vjp_call" in str(jax.make_jaxpr(module.apply)(params, x))
@@ -45,7 +64,7 @@ def _uses_winograd_gradients(module, params, x):
         ((32, 32), (128, 128), jnp.float32, True),
         ((16, 64), (128, 256), jnp.float32, True),
         ((16, 16), (128, 128), jnp.float32, False),  # below MIN_WINOGRAD_PIXELS
-        ((32, 34), (64, 128), jnp.float32, False),  # below MIN_WINOGRAD_CHANNELS
+        ((32, 34), (12, 4), jnp.float32, True),
         ((32, 33), (128, 128), jnp.float32, False),  # odd width: no whole 2 x 2 tiles
         ((32, 32), (128, 128), jnp.bfloat16, False),
     ],
@@ -53,9 +72,8 @@ def _uses_winograd_gradients(module, params, x):
 def test_conv3x3_module_is_nn_conv_with_winograd_gradients_where_they_apply(hw, channels, dtype, winograd):
     """Same tree, initialisation and forward values as nn.Conv((3, 3), padding=1); the kernel
     gradient through Winograd's form for float32 images of even size, at least
-    MIN_WINOGRAD_PIXELS pixels and MIN_WINOGRAD_CHANNELS channels in and out."""
-    applies = hw[0] * hw[1] >= MIN_WINOGRAD_PIXELS and min(channels) >= MIN_WINOGRAD_CHANNELS
-    assert (applies and hw[0] % 2 == hw[1] % 2 == 0 and dtype == jnp.float32) == winograd
+    MIN_WINOGRAD_PIXELS pixels."""
+    assert (hw[0] * hw[1] >= MIN_WINOGRAD_PIXELS and hw[0] % 2 == hw[1] % 2 == 0 and dtype == jnp.float32) == winograd
     x = jax.random.normal(jax.random.key(0), (1, *hw, channels[0]))
     init = scaled_xavier_uniform(0.7)
     module = Conv3x3(channels[1], kernel_init=init, dtype=dtype)
