@@ -1,4 +1,4 @@
-"""3 x 3 convolutions whose kernel gradient runs through Winograd's F(2x2, 3x3) on CPU.
+"""3 x 3 convolutions whose gradients run through Winograd's F(2x2, 3x3) on CPU.
 
 Lavin & Gray (2016, "Fast algorithms for convolutional neural networks", section 4): a 2 x 2
 output tile of a 3 x 3 correlation (stride 1) is  Y = A^T [(G g G^T) . (B^T d B)] A  for the
@@ -21,11 +21,11 @@ full-width regression step from 159 k to 134 k instructions and 0.88-0.94x its t
 XLA:CPU computes a kernel gradient as a convolution of the input with the output gradient, its
 slowest convolution. Kernel gradient alone, measured on a 2-core EPYC (float32, batch 2, one
 process, timed in turn): 64 x 64, 128 -> 128: 16.0 against 36.1 ms; 32 x 32, 256 -> 256: 10.6
-against 29.2 ms; 64 x 64, 16 -> 16: 0.93 against 2.19 ms. The input gradient gained nothing from
-the transform in its first, slice-sum form (14.5 against 16.0 ms and 17.2 against 17.3 ms) and
-the forward little, so both stay XLA's direct convolution, and the forward output is the
-reference's to the bit. GPUs keep their libraries' convolutions (cuDNN chooses its own
-algorithms, Winograd among them).
+against 29.2 ms; 64 x 64, 16 -> 16: 0.93 against 2.19 ms. The input gradient, a correlation of
+the output gradient with the turned kernel, runs as Winograd's forward form from 128 channels
+(``MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS``). The forward stays XLA's direct convolution, so its
+output is the reference's to the bit and generation does not change. GPUs keep their
+libraries' convolutions (cuDNN chooses its own algorithms, Winograd among them).
 """
 
 from __future__ import annotations
@@ -43,10 +43,16 @@ _A = np.array([[1, 0], [1, 1], [1, -1], [0, -1]], np.float32)
 _INPUT_TRANSFORM = np.kron(_B_T, _B_T)  # (16, 16): B^T d B
 _OUTPUT_GRADIENT_TRANSFORM = np.kron(_A, _A)  # (16, 4): A dY A^T
 _KERNEL_GRADIENT_TRANSFORM = np.kron(_G, _G).T  # (9, 16): G^T dU G
+_KERNEL_TRANSFORM = np.kron(_G, _G)  # (16, 9): G g G^T
+_OUTPUT_TRANSFORM = np.kron(_A.T, _A.T)  # (4, 16): A^T M A
 # Smaller images keep XLA's kernel gradient: the full-width Taiwan UNet's training step gained
 # nothing from Winograd at its 16 x 16 and smaller levels (64 x 64 input, 1.01x), though single
 # kernel gradients there gained (16 x 16, 256 channels: 3.4 against 9.3 ms).
 MIN_WINOGRAD_PIXELS = 32 * 32
+# The input gradient through Winograd too from this many channels: the full-width regression
+# step took 0.958x its time (Eigen convolutions, 64 x 64: 11.5 against 14.1 ms at 128 channels),
+# the 32-channel split step 1.004x.
+MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS = 128
 
 
 def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -73,6 +79,16 @@ def _output_gradient_tiles(cotangent: jax.Array) -> jax.Array:
     return jnp.einsum("pq,qnc->pnc", _OUTPUT_GRADIENT_TRANSFORM, pixels.reshape(4, -1, c))
 
 
+def _winograd_correlation(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``direct_conv3x3(x, kernel)`` as  Y = A^T [(G g G^T) . (B^T d B)] A  per 2 x 2 output tile."""
+    b, h, w, _ = x.shape
+    c_in, c_out = kernel.shape[2:]
+    transformed_kernel = jnp.einsum("pk,kio->pio", _KERNEL_TRANSFORM, kernel.reshape(9, c_in, c_out))
+    products = jnp.einsum("pnc,pco->pno", _input_tiles(x), transformed_kernel)
+    tiles = jnp.einsum("qp,pno->qno", _OUTPUT_TRANSFORM, products).reshape(2, 2, b, h // 2, w // 2, c_out)
+    return tiles.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, w, c_out)
+
+
 def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
     """``x`` (its values unchanged for a finite cotangent), computed only once ``cotangent`` is.
 
@@ -88,7 +104,7 @@ def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def conv3x3_winograd_gradients(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``direct_conv3x3``, whose kernel gradient is computed through Winograd's F(2x2, 3x3)."""
+    """``direct_conv3x3``, whose gradients are computed through Winograd's F(2x2, 3x3)."""
     return direct_conv3x3(x, kernel)
 
 
@@ -100,7 +116,10 @@ def _backward(residuals, cotangent):
     x, kernel = residuals
     # The input gradient of a zero-padded 3 x 3 correlation is the same correlation of the
     # output gradient with the kernel turned by 180 degrees and its channels swapped.
-    input_gradient = direct_conv3x3(cotangent, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    wide = min(kernel.shape[2:]) >= MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS
+    input_gradient = (_winograd_correlation if wide else direct_conv3x3)(
+        cotangent, jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    )
     # Kernel gradient in the transformed domain: dU = V^T (A dY A^T) per tile position, summed
     # over tiles, then dg = G^T dU G.
     tiles = _input_tiles(_after(x, cotangent))
@@ -113,8 +132,9 @@ conv3x3_winograd_gradients.defvjp(_forward, _backward)
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3 x 3 convolution with zero padding 1. Its kernel gradient runs through Winograd's
-    F(2x2, 3x3) on a CPU for float32 images of even height and width with at least
+    """3 x 3 convolution with zero padding 1. Its kernel gradient (and, from
+    ``MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS`` channels in and out, its input gradient) runs through
+    Winograd's F(2x2, 3x3) on a CPU for float32 images of even height and width with at least
     ``MIN_WINOGRAD_PIXELS`` pixels, through XLA's convolution otherwise."""
     _, h, w, _ = x.shape
     winograd = (
