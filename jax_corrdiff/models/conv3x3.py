@@ -38,7 +38,7 @@ _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 _B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
 _A = np.array([[1, 0], [1, 1], [1, -1], [0, -1]], np.float32)
-# The three two-sided transforms as matrices on row-major flattened tiles, vec(M X N^T) =
+# The two-sided transforms as matrices on row-major flattened tiles, vec(M X N^T) =
 # (M kron N) vec(X): each runs as one matmul over all tiles and channels.
 _INPUT_TRANSFORM = np.kron(_B_T, _B_T)  # (16, 16): B^T d B
 _OUTPUT_GRADIENT_TRANSFORM = np.kron(_A, _A)  # (16, 4): A dY A^T
@@ -94,10 +94,10 @@ def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
 
     The input tiles need nothing but the forward pass's ``x``, so XLA:CPU's scheduler builds
     them, four times the size of ``x``, in the forward pass and keeps every layer's until its
-    backward step: 81.3 against 56.8 GB of temporaries planned for the 448 x 448 diffusion step. An
-    ``optimization_barrier`` orders nothing here (XLA:CPU drops it before scheduling); a data
-    dependency does, and XLA does not fold 0 * y for floats. It is per image, so a batch split
-    over devices needs no communication. A non-finite cotangent makes the image's kernel
+    backward step: 81.3 against 56.8 GB of temporaries planned for the 448 x 448 diffusion
+    step. An ``optimization_barrier`` orders nothing here (XLA:CPU drops it before scheduling);
+    a data dependency does, and XLA does not fold 0 * y for floats. It is per image, so a batch
+    split over devices needs no communication. A non-finite cotangent makes the image's kernel
     gradient non-finite, as it would be anyway."""
     return x + 0 * cotangent[:, :1, :1, :1]
 
