@@ -1,4 +1,4 @@
-"""3 x 3 convolutions whose kernel gradient runs through Winograd's F(2x2, 3x3) on CPU."""
+"""3 x 3 convolutions whose gradients run through Winograd's F(2x2, 3x3) on CPU."""
 
 import flax.linen as nn
 import jax
@@ -85,9 +85,9 @@ def _uses_winograd_gradients(module, params, x):
     ],
 )
 def test_conv3x3_module_is_nn_conv_with_winograd_gradients_where_they_apply(hw, channels, dtype, winograd):
-    """Same tree, initialisation and forward values as nn.Conv((3, 3), padding=1); the kernel
-    gradient through Winograd's form for float32 images of even size, at least
-    MIN_WINOGRAD_PIXELS pixels."""
+    """Same tree, initialisation and forward values as nn.Conv((3, 3), padding=1); the gradients
+    through Winograd's form for float32 images of even size, at least MIN_WINOGRAD_PIXELS pixels
+    (the input gradient from MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS channels)."""
     assert (hw[0] * hw[1] >= MIN_WINOGRAD_PIXELS and hw[0] % 2 == hw[1] % 2 == 0 and dtype == jnp.float32) == winograd
     x = jax.random.normal(jax.random.key(0), (1, *hw, channels[0]))
     init = scaled_xavier_uniform(0.7)
