@@ -117,6 +117,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def start_running_peak() -> int | None:
+    """Start measuring the peak resident memory of what runs next (a compiled step, without its
+    compilation): Linux resets the high-water mark that ru_maxrss reads when 5 is written to
+    /proc/self/clear_refs. Returns the peak of the process so far, or None where the mark
+    cannot be reset."""
+    peak = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    return peak
+
+
+def rss_after_running(peak_before: int | None) -> dict:
+    """Peak resident memory of the process (``peak_rss_bytes``), of what ran since
+    ``start_running_peak`` returned ``peak_before`` (``running_peak_rss_bytes``) and now."""
+    running = peak_rss_bytes()
+    if peak_before is None:
+        return {"peak_rss_bytes": running, "rss_bytes": current_rss_bytes()}
+    return {
+        "peak_rss_bytes": max(peak_before, running),
+        "running_peak_rss_bytes": running,
+        "rss_bytes": current_rss_bytes(),
+    }
+
+
 def current_rss_bytes() -> int:
     """Resident memory of this process now (after compiling, the runtime's footprint)."""
     with open("/proc/self/statm") as f:

@@ -132,13 +132,14 @@ def _module_size(compiled) -> dict:
     return {"hlo_instructions": text.count(" = "), "library_fusions": text.count('"__ynn_fusion"')}
 
 
-def _memory_in_use() -> dict:
+def _memory_in_use(peak_before: int | None) -> dict:
+    """The device's peak bytes in use, or on a CPU ``harness.rss_after_running``."""
     import jax
 
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return {"device_peak_bytes": stats["peak_bytes_in_use"]}
-    return {"peak_rss_bytes": harness.peak_rss_bytes(), "rss_bytes": harness.current_rss_bytes()}
+    return harness.rss_after_running(peak_before)
 
 
 def _train_step(args, stage: str, num_devices: int | None = None):
@@ -219,7 +220,9 @@ def measure_train_step(args, stage: str) -> dict:
     compiled = compile_then_release(lowered)  # as training compiles it
     compile_s = time.perf_counter() - start
     print(f"{stage} step compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
+    peak_before = harness.start_running_peak()
     timing = harness.timed_repeats(stepping(compiled, state, batch, frozen), args.warmup, args.repeats)
+    memory = _memory_in_use(peak_before)
     stats = _program_stats(lowered, compiled)
     return {
         **timing,
@@ -227,7 +230,7 @@ def measure_train_step(args, stage: str) -> dict:
         "compile_s": compile_s,
         **stats,
         "flops_per_s": stats["flops"] / timing["min_s"],
-        **_memory_in_use(),
+        **memory,
     }
 
 
@@ -293,8 +296,9 @@ def measure_sample(args, solver: str) -> dict:
     start = time.perf_counter()
     compiled = sample.lower(*inputs).compile()
     compile_s = time.perf_counter() - start
+    peak_before = harness.start_running_peak()
     timing = harness.timed_repeats(lambda: jax.block_until_ready(compiled(*inputs)), args.warmup, args.repeats)
-    memory = _memory_in_use()  # before compiling the single forwards below
+    memory = _memory_in_use(peak_before)  # before compiling the single forwards below
     # cost_analysis counts a loop body once, so count evaluations explicitly.
     flops = forward_cost(configs["regression"])["flops"]
     flops += sampler.network_evaluations * forward_cost(configs["diffusion"])["flops"]

@@ -155,11 +155,12 @@ def torch_worker(args) -> None:
     else:
         run = _torch_sample(args, "heun" if args.worker == "sample_heun18" else "euler", device)
         batch = 1
+    peak_before = harness.start_running_peak()
     timing = harness.timed_repeats(run, args.warmup, args.repeats)
     if device.type == "cuda":
         memory = {"device_peak_bytes": torch.cuda.max_memory_allocated(), "device": torch.cuda.get_device_name()}
     else:
-        memory = {"peak_rss_bytes": harness.peak_rss_bytes(), "rss_bytes": harness.current_rss_bytes()}
+        memory = harness.rss_after_running(peak_before)
     harness.emit(
         {
             **timing,
@@ -189,7 +190,7 @@ def compare(args) -> dict:
         print(f"measuring {row} ...", flush=True)
         ours = harness.run_worker(speed._worker_command(ours_args, row), args.timeout)
         theirs = harness.run_worker([*theirs_command, "--worker", row], args.timeout)
-        keys = ("median_s", "min_s", "device_peak_bytes", "peak_rss_bytes")
+        keys = ("median_s", "min_s", "device_peak_bytes", "peak_rss_bytes", "running_peak_rss_bytes")
         ratios = {key: _ratio(ours, theirs, key) for key in keys}
         rows[row] = {"ours": ours, "physicsnemo": theirs, "ours_over_theirs": ratios}
         print(

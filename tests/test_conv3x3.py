@@ -1,4 +1,5 @@
-"""3 x 3 convolutions whose gradients run through Winograd's F(2x2, 3x3) on CPU."""
+"""3 x 3 convolutions whose gradients run through Winograd's F(2x2, 3x3) on CPU, their turned
+kernels built late."""
 
 import flax.linen as nn
 import jax
@@ -9,8 +10,7 @@ from utils import redraw_params
 
 from jax_corrdiff.models.conv3x3 import (
     MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS,
-    MIN_WINOGRAD_PIXELS,
-    conv3x3_winograd_gradients,
+    conv3x3_cpu_gradients,
     direct_conv3x3,
 )
 from jax_corrdiff.models.layers import Conv3x3, scaled_xavier_uniform
@@ -25,28 +25,29 @@ def assert_close(actual, desired, tolerance):
 @pytest.mark.parametrize(
     "shape, out_channels",
     [
-        ((2, 6, 10, 5), 7),
-        ((1, 2, 2, 3), 7),
-        ((2, 6, 10, MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS), MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS),
-        ((1, 2, 2, MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS), MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS),
+        ((2, 32, 34, 5), 7),
+        ((1, 32, 32, MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS), MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS),
+        ((2, 6, 10, 5), 7),  # below MIN_WINOGRAD_PIXELS: XLA's gradients
+        ((1, 33, 32, 3), 4),  # odd height: no whole 2 x 2 tiles
     ],
 )
-def test_winograd_gradients_equal_the_direct_convolution_s_borders_included(shape, out_channels):
-    """Kernel gradients through Winograd, and from MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS on the
-    input gradients too."""
+def test_cpu_gradients_equal_the_direct_convolution_s_borders_included(shape, out_channels):
+    """Kernel gradients through Winograd from MIN_WINOGRAD_PIXELS pixels, input gradients too from
+    MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS channels; XLA's convolutions for the others."""
     x = jax.random.normal(jax.random.key(0), shape)
     kernel = jax.random.normal(jax.random.key(1), (3, 3, shape[-1], out_channels))
     cotangent = jax.random.normal(jax.random.key(2), (*shape[:3], out_channels))
-    out, vjp = jax.vjp(conv3x3_winograd_gradients, x, kernel)
+    out, vjp = jax.vjp(conv3x3_cpu_gradients, x, kernel)
     want, want_vjp = jax.vjp(direct_conv3x3, x, kernel)
     np.testing.assert_array_equal(out, want)
     for actual, desired in zip(vjp(cotangent), want_vjp(cotangent)):
         assert_close(actual, desired, 5e-6)
 
 
-def _planned_backward_bytes(convolution, layers):
-    """XLA's planned temporaries for the gradient of a chain of convolutions (32 x 32, 32 channels)."""
-    x = jnp.ones((2, 32, 32, 32))
+def _planned_step_bytes(convolution, layers, size=32, channels=32):
+    """XLA's planned temporaries for a training step (gradient, then SGD on the donated kernels,
+    as training updates its parameters in place) of a chain of convolutions."""
+    x = jnp.ones((2, size, size, channels))
 
     def loss(kernels):
         h = x
@@ -54,8 +55,11 @@ def _planned_backward_bytes(convolution, layers):
             h = jnp.tanh(convolution(h, kernel))
         return jnp.sum(h)
 
-    kernels = [jnp.full((3, 3, 32, 32), 0.01)] * layers
-    return jax.jit(jax.grad(loss)).lower(kernels).compile().memory_analysis().temp_size_in_bytes
+    def step(kernels):
+        return [kernel - 0.1 * gradient for kernel, gradient in zip(kernels, jax.grad(loss)(kernels))]
+
+    kernels = [jnp.full((3, 3, channels, channels), 0.01)] * layers
+    return jax.jit(step, donate_argnums=0).lower(kernels).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_winograd_tiles_do_not_outlive_their_layer_s_backward_step():
@@ -63,32 +67,45 @@ def test_winograd_tiles_do_not_outlive_their_layer_s_backward_step():
     the forward pass: six more layers cost no more memory than with the direct convolution."""
 
     def growth(convolution):
-        return _planned_backward_bytes(convolution, 12) - _planned_backward_bytes(convolution, 6)
+        return _planned_step_bytes(convolution, 12) - _planned_step_bytes(convolution, 6)
 
-    assert growth(conv3x3_winograd_gradients) <= growth(direct_conv3x3)
+    assert growth(conv3x3_cpu_gradients) <= growth(direct_conv3x3)
 
 
-def _uses_winograd_gradients(module, params, x):
+@pytest.mark.parametrize("size", [8, 32])
+def test_turned_kernels_are_built_in_their_layer_s_backward_step(size):
+    """At 8 x 8 (XLA's input gradient) and 32 x 32 (Winograd's), 128 channels, a layer's kernel
+    (590 kB) outweighs its activations (66 kB at 8 x 8). With the kernels donated, XLA copies
+    each one at the start of the step to update it in place early, and its own gradient turned
+    every copy there too (six more layers: 4.3 MB more at 8 x 8); six more layers must cost at
+    least three kernels less than that."""
+
+    def growth(convolution):
+        return _planned_step_bytes(convolution, 12, size, 128) - _planned_step_bytes(convolution, 6, size, 128)
+
+    kernel_bytes = 3 * 3 * 128 * 128 * 4
+    assert growth(conv3x3_cpu_gradients) < growth(direct_conv3x3) - 3 * kernel_bytes
+
+
+def _uses_cpu_gradients(module, params, x):
     # Under differentiation the custom rule is inlined; the primal program still names it.
     return "custom_vjp_call" in str(jax.make_jaxpr(module.apply)(params, x))
 
 
 @pytest.mark.parametrize(
-    "hw, channels, dtype, winograd",
+    "hw, channels, dtype",
     [
-        ((32, 32), (128, 128), jnp.float32, True),
-        ((16, 64), (128, 256), jnp.float32, True),
-        ((16, 16), (128, 128), jnp.float32, False),  # below MIN_WINOGRAD_PIXELS
-        ((32, 34), (12, 4), jnp.float32, True),
-        ((32, 33), (128, 128), jnp.float32, False),  # odd width: no whole 2 x 2 tiles
-        ((32, 32), (128, 128), jnp.bfloat16, False),
+        ((32, 32), (128, 128), jnp.float32),  # Winograd's kernel and input gradients
+        ((16, 64), (128, 256), jnp.float32),
+        ((32, 34), (12, 4), jnp.float32),  # Winograd's kernel gradient, XLA's input gradient
+        ((16, 16), (128, 128), jnp.float32),  # below MIN_WINOGRAD_PIXELS: XLA's gradients
+        ((32, 33), (128, 128), jnp.float32),  # odd width: XLA's gradients
+        ((32, 32), (128, 128), jnp.bfloat16),  # XLA's convolution and autodiff
     ],
 )
-def test_conv3x3_module_is_nn_conv_with_winograd_gradients_where_they_apply(hw, channels, dtype, winograd):
-    """Same tree, initialisation and forward values as nn.Conv((3, 3), padding=1); the gradients
-    through Winograd's form for float32 images of even size, at least MIN_WINOGRAD_PIXELS pixels
-    (the input gradient from MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS channels)."""
-    assert (hw[0] * hw[1] >= MIN_WINOGRAD_PIXELS and hw[0] % 2 == hw[1] % 2 == 0 and dtype == jnp.float32) == winograd
+def test_conv3x3_module_is_nn_conv_with_cpu_gradients_in_float32(hw, channels, dtype):
+    """Same tree, initialisation and forward values as nn.Conv((3, 3), padding=1); in float32 its
+    gradients come from ``conv3x3_cpu_gradients`` and equal nn.Conv's."""
     x = jax.random.normal(jax.random.key(0), (1, *hw, channels[0]))
     init = scaled_xavier_uniform(0.7)
     module = Conv3x3(channels[1], kernel_init=init, dtype=dtype)
@@ -101,7 +118,7 @@ def test_conv3x3_module_is_nn_conv_with_winograd_gradients_where_they_apply(hw, 
     out = module.apply(params, x)
     assert out.dtype == dtype
     np.testing.assert_array_equal(out, reference.apply(params, x))
-    assert _uses_winograd_gradients(module, params, x) == winograd
+    assert _uses_cpu_gradients(module, params, x) == (dtype == jnp.float32)
 
     def loss(m):
         return lambda p, x: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))

@@ -4,12 +4,13 @@ import ctypes
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from jax_corrdiff.host_memory import release_freed_memory
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from harness import current_rss_bytes  # noqa: E402
+from harness import current_rss_bytes, rss_after_running, start_running_peak  # noqa: E402
 
 CHUNK = 64 * 1024  # below glibc's mmap threshold, so the chunks come from the heap
 CHUNKS = 2000  # 131 MB
@@ -33,3 +34,16 @@ def test_freed_heap_pages_go_back_to_the_system():
     returned = freed_but_resident - current_rss_bytes()
     libc.free(pin)
     assert returned > CHUNKS * CHUNK // 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's clear_refs")
+def test_running_peak_leaves_out_what_ran_before():
+    """The benchmarks' running peak: 400 MB touched and freed before the window, 100 MB in it."""
+    before = np.ones(50_000_000)
+    del before
+    peak_before = start_running_peak()
+    inside = np.ones(12_500_000)
+    memory = rss_after_running(peak_before)
+    del inside
+    assert memory["peak_rss_bytes"] - memory["running_peak_rss_bytes"] > 250e6
+    assert memory["running_peak_rss_bytes"] >= 100e6

@@ -135,6 +135,27 @@ def test_groupnorm_variance_switch():
     np.testing.assert_allclose(biased, unbiased * np.sqrt(36 / 35), rtol=1e-4, atol=1e-5)
 
 
+def test_groupnorm_backward_keeps_one_full_size_activation_per_norm():
+    """The gradient of a chain of silu(GroupNorm(h)) plans three activations per layer (the
+    centred input, the norm's output for silu's derivative, the layer's input); normalising as
+    (x - mu) * r then scaling kept the normalised activation too: four."""
+    x = jnp.ones((2, 32, 32, 64))
+    gn = GroupNorm()
+
+    def planned_bytes(layers):
+        def loss(params):
+            h = x
+            for p in params:
+                h = jax.nn.silu(gn.apply(p, h))
+            return jnp.sum(h)
+
+        params = [gn.init(jax.random.key(0), x)] * layers
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    per_layer = (planned_bytes(12) - planned_bytes(6)) / 6
+    assert per_layer <= 3.01 * x.size * 4
+
+
 @pytest.mark.parametrize(
     "unet",
     [
