@@ -212,18 +212,29 @@ def jit_as_generation(sample):
 
 
 def measure_train_step(args, stage: str) -> dict:
-    from jax_corrdiff.host_memory import compile_then_release
+    from jax_corrdiff.host_memory import compile_then_release, release_freed_memory
 
     step, state, batch, frozen = _train_step(args, stage)
+    unlowered, flops = [step], {}
+    del step
+
+    def lower():
+        # As training compiles it: neither the jit object nor the lowered module is kept.
+        lowered = unlowered.pop().lower(state, batch, frozen)
+        start = time.perf_counter()
+        flops["flops"] = float(_cost(lowered).get("flops", 0.0))  # as ``_program_stats`` counts them
+        release_freed_memory()  # the count's working memory: the compile's peak stays training's
+        flops["counting_s"] = time.perf_counter() - start
+        return lowered
+
     start = time.perf_counter()
-    lowered = step.lower(state, batch, frozen)
-    compiled = compile_then_release(lowered)  # as training compiles it
-    compile_s = time.perf_counter() - start
+    compiled = compile_then_release(lower)
+    compile_s = time.perf_counter() - start - flops.pop("counting_s")
     print(f"{stage} step compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
     peak_before = harness.start_running_peak()
     timing = harness.timed_repeats(stepping(compiled, state, batch, frozen), args.warmup, args.repeats)
     memory = _memory_in_use(peak_before)
-    stats = _program_stats(lowered, compiled)
+    stats = {**flops, **_compiled_stats(compiled)}
     return {
         **timing,
         "samples_per_s": args.batch / timing["median_s"],

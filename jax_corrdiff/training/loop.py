@@ -77,7 +77,6 @@ def run(
     """Train from step ``start`` to ``stage.total_steps``: log, validate (also at step 0, the
     untrained baseline) and checkpoint (with ``meta``) at the configured intervals."""
     training, mesh = stage.training, stage.mesh
-    train_step = make_train_step(stage.loss_fn, stage.optimizer, training, stage.global_batch, stage.seed, mesh)
     eval_step = make_eval_step(stage.loss_fn, stage.seed, mesh)
     progress = Progress(stage.name, stage.directory, start, stage.total_steps, stage.global_batch)
     n_params = sum(p.size for p in jax.tree_util.tree_leaves(state.params))
@@ -103,7 +102,7 @@ def run(
     for done in range(start + 1, stage.total_steps + 1):
         batch = to_global(step_batch(next(iterator)), mesh)
         if compiled_step is None:
-            compiled_step = compile_then_release(train_step.lower(state, batch, stage.frozen))
+            compiled_step = _compile_train_step(stage, state, batch)
         state, metrics = compiled_step(state, batch, stage.frozen)
         pending.append(metrics)
         last = done == stage.total_steps
@@ -116,6 +115,16 @@ def run(
             checkpoints.save(done, state, iterator, meta)
     progress.close()
     return state
+
+
+def _compile_train_step(stage: Stage, state: TrainState, batch: dict):
+    """The stage's training step compiled for ``state`` and ``batch`` (``compile_then_release``:
+    the jit object is built there and dropped with its traces)."""
+    return compile_then_release(
+        lambda: make_train_step(
+            stage.loss_fn, stage.optimizer, stage.training, stage.global_batch, stage.seed, stage.mesh
+        ).lower(state, batch, stage.frozen)
+    )
 
 
 def export(stage: Stage, state: TrainState, data: TrainingData) -> str:
