@@ -77,14 +77,13 @@ def test_turned_kernels_are_built_in_their_layer_s_backward_step(size):
     """At 8 x 8 (XLA's input gradient) and 32 x 32 (Winograd's), 128 channels, a layer's kernel
     (590 kB) outweighs its activations (66 kB at 8 x 8). With the kernels donated, XLA copies
     each one at the start of the step to update it in place early, and its own gradient turned
-    every copy there too (six more layers: 4.3 MB more at 8 x 8); six more layers must cost at
-    least three kernels less than that."""
+    every copy there too. Planned growth for six more layers, XLA's gradient / ours / ours with
+    the kernel turned early: 4.3 / 0.8 / 4.3 MB at 8 x 8 and 16.1 / 6.3 / 12.6 MB at 32 x 32."""
 
     def growth(convolution):
         return _planned_step_bytes(convolution, 12, size, 128) - _planned_step_bytes(convolution, 6, size, 128)
 
-    kernel_bytes = 3 * 3 * 128 * 128 * 4
-    assert growth(conv3x3_cpu_gradients) < growth(direct_conv3x3) - 3 * kernel_bytes
+    assert growth(conv3x3_cpu_gradients) < growth(direct_conv3x3) / 2
 
 
 def _uses_cpu_gradients(module, params, x):
