@@ -146,6 +146,12 @@ def _train_step(args, stage: str, num_devices: int | None = None):
     """(jitted step, state, batch, frozen) for one training step of ``stage`` on ``num_devices``
     devices (default: on CPU every device the worker split its cores into, as training does
     (``_split_cores``); one accelerator)."""
+    step, init, batch, frozen = _train_parts(args, stage, num_devices)
+    return step, init(), batch, frozen
+
+
+def _train_parts(args, stage: str, num_devices: int | None = None):
+    """``_train_step`` with ``init()`` in place of the state: what builds it."""
     import jax
     import numpy as np
 
@@ -177,7 +183,10 @@ def _train_step(args, stage: str, num_devices: int | None = None):
         loss_fn = diffusion_per_sample_loss(model, regression, _layout(), p_mean=0.0, p_std=1.2, sigma_data=0.5)
     optimizer = make_optimizer(training, args.batch)
     example_args, example_kwargs = example_inputs(configs[stage])
-    state = init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
+
+    def init():
+        return init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
+
     height, width = configs[stage]["img_resolution"]
     rng = np.random.default_rng(0)
     batch = {
@@ -185,7 +194,7 @@ def _train_step(args, stage: str, num_devices: int | None = None):
         "img_lr": rng.standard_normal((args.batch, height, width, IN_CHANNELS), np.float32),
     }
     step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
-    return step, state, to_global(batch, mesh), frozen
+    return step, init, to_global(batch, mesh), frozen
 
 
 def stepping(compiled, state, batch, frozen):
@@ -212,15 +221,20 @@ def jit_as_generation(sample):
 
 
 def measure_train_step(args, stage: str) -> dict:
-    from jax_corrdiff.host_memory import compile_then_release, release_freed_memory
+    import jax
 
-    step, state, batch, frozen = _train_step(args, stage)
+    from jax_corrdiff.host_memory import compile_then_release, release_freed_memory
+    from jax_corrdiff.training.steps import train_state_shapes
+
+    step, init, batch, frozen = _train_parts(args, stage)
+    # As training compiles it: from the state's shapes, before the state exists, and keeping
+    # neither the jit object nor the lowered module.
+    shapes = train_state_shapes(init, batch["target"].sharding.mesh)
     unlowered, flops = [step], {}
     del step
 
     def lower():
-        # As training compiles it: neither the jit object nor the lowered module is kept.
-        lowered = unlowered.pop().lower(state, batch, frozen)
+        lowered = unlowered.pop().lower(shapes, batch, frozen)
         start = time.perf_counter()
         flops["flops"] = float(_cost(lowered).get("flops", 0.0))  # as ``_program_stats`` counts them
         release_freed_memory()  # the count's working memory: the compile's peak stays training's
@@ -231,6 +245,8 @@ def measure_train_step(args, stage: str) -> dict:
     compiled = compile_then_release(lower)
     compile_s = time.perf_counter() - start - flops.pop("counting_s")
     print(f"{stage} step compiled in {compile_s:.1f} s", file=sys.stderr, flush=True)
+    state = jax.block_until_ready(init())
+    release_freed_memory()  # as training's ``init_state``: initialising compiles and runs a program too
     peak_before = harness.start_running_peak()
     timing = harness.timed_repeats(stepping(compiled, state, batch, frozen), args.warmup, args.repeats)
     memory = _memory_in_use(peak_before)

@@ -11,9 +11,10 @@ import pytest
 
 from jax_corrdiff.config import set_stages
 from jax_corrdiff.model_dir import load_model
+from jax_corrdiff.training import loop
 from jax_corrdiff.training.checkpointing import TrainingCheckpoints
 from jax_corrdiff.training.data_setup import TrainingData
-from jax_corrdiff.training.loop import export, init_state, restore, train_and_evaluate
+from jax_corrdiff.training.loop import export, restore, train_and_evaluate
 from jax_corrdiff.training.stage import build_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,11 +60,28 @@ def _final(workdir):
     return saved.variables, saved.source["step"]
 
 
-def test_kill_and_resume_is_bit_identical(tmp_path):
+def _recording(monkeypatch, calls: list, name: str, label: str):
+    """Append ``label`` to ``calls`` whenever ``loop.<name>`` is called."""
+    original = getattr(loop, name)
+
+    def record(*args, **kwargs):
+        calls.append(label)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, name, record)
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(smoke(16), straight)
+    calls = []
+    _recording(monkeypatch, calls, "compile_then_release", "compile step")
+    _recording(monkeypatch, calls, "init_state", "initialise")
     train_and_evaluate(smoke(8), resumed)  # stopped after 8 steps
+    # The step is compiled before the state exists, and a resumed run never initialises.
+    assert calls == ["compile step", "initialise"]
     train_and_evaluate(smoke(16), resumed)  # the same run, continued to 16
+    assert calls == ["compile step", "initialise", "compile step"]
     a, step_a = _final(straight)
     b, step_b = _final(resumed)
     assert step_a == step_b == 16
@@ -122,7 +140,7 @@ def test_stage_pieces_can_be_called_alone(tmp_path):
     stage = build_stage(config, "regression", str(tmp_path), data)
     assert stage.model_config["cond_channels"] == stage.layout.cond_channels == 3  # t2m | orog, land_frac
     checkpoints = TrainingCheckpoints(str(tmp_path / "checkpoints"), keep=1)
-    state, start = restore(stage, init_state(stage), checkpoints, data.train_iterator(4, seed=0))
+    state, start = restore(stage, checkpoints, data.train_iterator(4, seed=0))
     checkpoints.close()
     assert start == 0 and int(state.step) == 0
     saved = load_model(export(stage, state, data))
