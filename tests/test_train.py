@@ -14,7 +14,7 @@ from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.training import loop
 from jax_corrdiff.training.checkpointing import TrainingCheckpoints
 from jax_corrdiff.training.data_setup import TrainingData
-from jax_corrdiff.training.loop import export, restore, train_and_evaluate
+from jax_corrdiff.training.loop import export, restore, state_shapes, train_and_evaluate
 from jax_corrdiff.training.stage import build_stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_stage_pieces_can_be_called_alone(tmp_path):
     stage = build_stage(config, "regression", str(tmp_path), data)
     assert stage.model_config["cond_channels"] == stage.layout.cond_channels == 3  # t2m | orog, land_frac
     checkpoints = TrainingCheckpoints(str(tmp_path / "checkpoints"), keep=1)
-    state, start = restore(stage, checkpoints, data.train_iterator(4, seed=0))
+    state, start = restore(stage, state_shapes(stage), checkpoints, data.train_iterator(4, seed=0))
     checkpoints.close()
     assert start == 0 and int(state.step) == 0
     saved = load_model(export(stage, state, data))
