@@ -264,3 +264,21 @@ def hourly_times(period: list[str], stride: int = 1) -> list[str]:
     """Every ``stride``-th hour from period[0] to period[1] (inclusive), as ISO strings."""
     start, end = (np.datetime64(t, "h") for t in period)
     return [str(t) for t in np.arange(start, end + np.timedelta64(1, "h"), np.timedelta64(stride, "h"))]
+
+
+def add_model_arguments(parser, *, grid: str, width: str, dtype: str, batch: int) -> None:
+    """--grid, --width, --dtype and --batch: the Taiwan model ``speed.model_configs`` builds."""
+    parser.add_argument("--grid", default=grid)
+    parser.add_argument("--width", default=width)
+    parser.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
+    parser.add_argument("--batch", type=int, default=batch)
+
+
+def check_model_arguments(parser, args, programs: tuple[str, ...]) -> None:
+    """Exit with the parser's message on an unknown grid, width or program (``args.programs``,
+    comma-separated); no rematerialisation (speed.py's builders read ``args.remat``)."""
+    unknown = sorted(set(args.programs.split(",")) - set(programs))
+    if unknown:
+        parser.error(f"--programs: unknown {unknown}; known: {programs}")
+    parse_grid(args.grid), parse_width(args.width)
+    args.remat = "none"

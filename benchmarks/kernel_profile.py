@@ -158,20 +158,13 @@ def profile_program(args, name: str) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="64")
-    parser.add_argument("--width", default="32")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--batch", type=int, default=2)
+    harness.add_model_arguments(parser, grid="64", width="32", dtype="float32", batch=2)
     parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, of {PROGRAMS}")
     parser.add_argument("--devices", type=int, help="training-step devices (default: as training splits a CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", help="results JSON")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.programs.split(",")) - set(PROGRAMS))
-    if unknown:
-        parser.error(f"--programs: unknown {unknown}; known: {PROGRAMS}")
-    harness.parse_grid(args.grid), harness.parse_width(args.width)
-    args.remat = "none"  # speed.py's model builder reads it
+    harness.check_model_arguments(parser, args, PROGRAMS)
     return args
 
 

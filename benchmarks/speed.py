@@ -153,10 +153,27 @@ def _train_step(args, stage: str, num_devices: int | None = None):
 def _train_parts(args, stage: str, num_devices: int | None = None):
     """``_train_step`` with ``init()`` in place of the state: what builds it."""
     import jax
+
+    from jax_corrdiff.mesh import make_mesh, to_global
+
+    if num_devices is None:
+        num_devices = jax.device_count() if jax.default_backend() == "cpu" else 1
+    mesh = make_mesh(num_devices)
+    step, init, batch, frozen_init = train_program(args, stage, mesh)
+    # Compiled, not op by op: training loads these weights, and eager initialisation would
+    # leave hundreds of single-operation executables in the process's memory.
+    frozen = jax.jit(frozen_init)() if frozen_init else {}
+    return step, init, to_global(batch, mesh), frozen
+
+
+def train_program(args, stage: str, mesh):
+    """(jitted step, ``init()`` of its state, the batch as numpy arrays, ``frozen_init()`` of the
+    frozen regression variables or None) for ``stage`` on ``mesh``: nothing computed, so that a
+    program can also be compiled for devices this machine does not have (``gpu_aot_compile.py``)."""
+    import jax
     import numpy as np
 
     from jax_corrdiff.config import base_config
-    from jax_corrdiff.mesh import make_mesh, to_global
     from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
     from jax_corrdiff.training.optimizer import make_optimizer
     from jax_corrdiff.training.steps import (
@@ -167,20 +184,18 @@ def _train_parts(args, stage: str, num_devices: int | None = None):
     )
 
     configs = model_configs(args)
-    if num_devices is None:
-        num_devices = jax.device_count() if jax.default_backend() == "cpu" else 1
-    mesh = make_mesh(num_devices)
     training = base_config()[stage].training
     training.batch_size = args.batch
     model = build_model(configs[stage])
     if stage == "regression":
-        loss_fn, frozen = regression_per_sample_loss(model), {}
+        loss_fn, frozen_init = regression_per_sample_loss(model), None
     else:
-        # Compiled, not op by op: training loads these weights, and eager initialisation would
-        # leave hundreds of single-operation executables in the process's memory.
-        frozen = jax.jit(lambda key: init_variables(configs["regression"], key))(jax.random.key(1))
         regression = build_model(configs["regression"])
         loss_fn = diffusion_per_sample_loss(model, regression, _layout(), p_mean=0.0, p_std=1.2, sigma_data=0.5)
+
+        def frozen_init():
+            return init_variables(configs["regression"], jax.random.key(1))
+
     optimizer = make_optimizer(training, args.batch)
     example_args, example_kwargs = example_inputs(configs[stage])
 
@@ -194,7 +209,7 @@ def _train_parts(args, stage: str, num_devices: int | None = None):
         "img_lr": rng.standard_normal((args.batch, height, width, IN_CHANNELS), np.float32),
     }
     step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
-    return step, init, to_global(batch, mesh), frozen
+    return step, init, batch, frozen_init
 
 
 def stepping(compiled, state, batch, frozen):

@@ -1,4 +1,6 @@
-"""XLA:CPU's convolution library per program: YNNPACK (XLA's default) or Eigen.
+"""Compiler options per program, and the platform programs are compiled for.
+
+XLA:CPU's convolution library: YNNPACK (XLA's default) or Eigen.
 
 YNNPACK runs the 32-channel SongUNet's convolutions on one core: 103 GFLOP/s for a 3 x 3,
 32-channel convolution at 64 x 64 on a 2-core EPYC whose two cores reach 184 GFLOP/s in a
@@ -17,12 +19,26 @@ cores (165 GFLOP/s).
   AVX2-only case is shown to gain, so CPUs with AVX-512 keep XLA's defaults. Split over
   several devices in one process (``cpu_devices``), whose kernels share one Eigen thread pool,
   Eigen is slower (32-channel regression: 1.71x), so a split step keeps YNNPACK everywhere.
+
+On a GPU, training steps compile their matmuls for cuBLAS instead of Triton
+(``xla_gpu_enable_triton_gemm``): with XLA's defaults the 448 x 448 bf16 diffusion step did not
+finish compiling in 250-330 s on an H200 (the last log line from XLA:GPU's autotuner), and
+compiled without a GPU for an H100 (``benchmarks/gpu_aot_compile.py``, no autotuning) both
+training steps failed: Triton found no tiling for a fusion around a 1 x 1 convolution's input
+gradient (a 401,408 x 512 bf16 dot, which compiles alone). With cuBLAS's matmuls they compile
+there in 88-90 s on two CPU cores. Their speed against Triton's is unmeasured on a GPU.
+Sampling keeps XLA's defaults: it compiled in 39.7 s on the H200.
+
+``compiling_for(platform)`` traces and compiles for another platform than this host's default
+backend: a GPU's programs compiled ahead of time on a CPU-only machine.
 README, *Speed and memory*.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import jax
 
@@ -34,6 +50,7 @@ EIGEN_CONVOLUTIONS = {_YNN_OPTION: _YNN_DOTS_AND_REDUCTIONS}
 # XLA's defaults, named: compile options given to ``Lowered.compile`` replace the ones ``jax.jit``
 # was given, so a benchmark compiling a program both ways names the default side too.
 YNNPACK_CONVOLUTIONS = {_YNN_OPTION: _YNN_DOTS_AND_REDUCTIONS + ",LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+CUBLAS_MATMULS = {"xla_gpu_enable_triton_gemm": False}
 
 
 @functools.cache
@@ -47,19 +64,46 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
+# The platform programs are traced and compiled for when it is not this host's (``compiling_for``).
+_target_platform: str | None = None
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+    """Within it, programs take ``platform``'s code paths and compiler options ("cpu" or "gpu"),
+    whatever this host's default backend: to compile a GPU's programs ahead of time on a
+    machine without one (``jax.experimental.topologies``). Only what is traced within it: JAX
+    reuses a function's earlier traces."""
+    global _target_platform
+    previous, _target_platform = _target_platform, platform
+    try:
+        yield
+    finally:
+        _target_platform = previous
+
+
+def target_platform() -> str:
+    """The platform programs are compiled for: ``compiling_for``'s, else the default backend's."""
+    return _target_platform or jax.default_backend()
+
+
 def network_evaluation_options() -> dict[str, str] | None:
     """``compiler_options`` for ``jax.jit`` of a program with no weight gradients: on CPU,
     convolutions through XLA's multi-threaded Eigen kernels; XLA's defaults elsewhere."""
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":
         return None
     return EIGEN_CONVOLUTIONS
 
 
-def training_step_options(local_devices: int) -> dict[str, str] | None:
+def training_step_options(local_devices: int) -> dict[str, str | bool] | None:
     """``compiler_options`` for a training step run on ``local_devices`` devices of this process:
-    Eigen's convolutions on an x86 CPU with AVX2 but no AVX-512 when the step has the process's
-    cores to itself (one device); XLA's defaults otherwise."""
+    on a GPU, cuBLAS's matmuls instead of Triton's; on an x86 CPU with AVX2 but no AVX-512,
+    Eigen's convolutions when the step has the process's cores to itself (one device); XLA's
+    defaults otherwise."""
+    platform = target_platform()
+    if platform == "gpu":
+        return CUBLAS_MATMULS
     flags = cpu_flags()
-    if jax.default_backend() != "cpu" or local_devices != 1 or "avx2" not in flags or "avx512f" in flags:
+    if platform != "cpu" or local_devices != 1 or "avx2" not in flags or "avx512f" in flags:
         return None
     return EIGEN_CONVOLUTIONS

@@ -4,9 +4,10 @@
 # each finished row is printed), so a run cut short keeps what it finished.
 #   bash launch/gpu_benchmark.sh [RESULTS_DIR [PART ...]]     (results: RESULTS_DIR/*_gpu_*.json)
 # Parts, in this order unless named (several device calls can each run some):
-#   autotune  compile of the bf16 diffusion training step under three XLA:GPU autotuning settings,
-#             each capped at AUTOTUNE_TIMEOUT s (default 150): with XLA's defaults it did not
-#             finish in 250-330 s on an H200, its autotuner logging "Delay kernel timed out"
+#   autotune  compile of the bf16 diffusion training step with and without XLA:GPU's autotuner,
+#             each capped at AUTOTUNE_TIMEOUT s (default 150): with XLA's Triton matmuls it did not
+#             finish in 250-330 s on an H200, its autotuner logging "Delay kernel timed out"; the
+#             steps now take cuBLAS's (compiler_options.training_step_options)
 #   train     both training steps side by side with PhysicsNeMo
 #   sample    18-step and 8-step samples side by side
 #   profile   where the 18-step sample's and the training steps' kernel time goes (kernel_profile.py)
@@ -30,10 +31,9 @@ export PHYSICSNEMO_PYTHON=${PHYSICSNEMO_PYTHON:-$PYTHON}
 source launch/xla_flags.sh
 BASE_XLA_FLAGS=$XLA_FLAGS
 TAIWAN_448=(--grid 448 --width full --batch 8)
-AUTOTUNE_SETTINGS=(level0 no_triton_gemm default)
+AUTOTUNE_SETTINGS=(level0 default)
 declare -A AUTOTUNE_FLAGS=(
   [level0]="--xla_gpu_autotune_level=0"
-  [no_triton_gemm]="--xla_gpu_enable_triton_gemm=false"
   [default]=""
 )
 

@@ -1,6 +1,7 @@
-"""XLA:CPU's convolution library per program (``jax_corrdiff.compiler_options``): programs
+"""Compiler options per program (``jax_corrdiff.compiler_options``): on XLA:CPU, programs
 without weight gradients, and training steps on one device of a CPU without AVX-512, compile
-their convolutions outside YNNPACK and compute the same values."""
+their convolutions outside YNNPACK and compute the same values; compiled for a GPU from a CPU
+host, programs take the GPU's code paths."""
 
 import re
 
@@ -14,6 +15,7 @@ from jax_corrdiff import compiler_options
 from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.config import base_config
 from jax_corrdiff.mesh import make_mesh
+from jax_corrdiff.models.conv3x3 import conv3x3
 from jax_corrdiff.training.steps import TrainState, make_eval_step, make_train_step
 
 # Large enough that XLA:CPU hands the convolution to YNNPACK by default (it keeps tiny ones).
@@ -114,3 +116,24 @@ def test_training_step_convolution_library_follows_the_cpu(monkeypatch, flags, d
     # Forward, input-gradient and kernel-gradient convolutions: at least 4 outside YNNPACK.
     assert (_entry_convolutions(compiled) >= 4) == eigen
     assert (_entry_convolutions(compiled) == 0) == (not eigen)
+
+
+def test_compiling_for_a_gpu_takes_its_code_paths_on_a_cpu_host():
+    """Ahead-of-time compilation for a GPU on a CPU machine (``benchmarks/gpu_aot_compile.py``)
+    traces the GPU's programs: XLA's convolution and its gradients (no CPU Winograd custom
+    gradient), cuBLAS matmuls in training steps, XLA's defaults for network evaluations."""
+    x, kernel = _inputs()
+
+    def winograd_gradients() -> bool:
+        # A new function each time: a function already traced would be taken from JAX's cache.
+        return "conv3x3_cpu_gradients" in str(jax.make_jaxpr(lambda x, k: conv3x3(x, k))(x, kernel))
+
+    assert compiler_options.target_platform() == "cpu"
+    assert winograd_gradients()
+    with compiler_options.compiling_for("gpu"):
+        assert compiler_options.target_platform() == "gpu"
+        assert not winograd_gradients()
+        assert compiler_options.training_step_options(1) == {"xla_gpu_enable_triton_gemm": False}
+        assert network_evaluation_options() is None
+    assert compiler_options.target_platform() == "cpu"
+    assert compiler_options.training_step_options(2) is None  # a split CPU step keeps XLA's defaults

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff.compiler_options import target_platform
+
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 _B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 _G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
@@ -159,5 +161,5 @@ conv3x3_cpu_gradients.defvjp(_forward, _backward)
 def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """3 x 3 convolution with zero padding 1: ``conv3x3_cpu_gradients`` for float32 on a CPU,
     XLA's convolution and its gradients elsewhere."""
-    cpu = jax.default_backend() == "cpu" and x.dtype == kernel.dtype == jnp.float32
+    cpu = target_platform() == "cpu" and x.dtype == kernel.dtype == jnp.float32
     return (conv3x3_cpu_gradients if cpu else direct_conv3x3)(x, kernel)

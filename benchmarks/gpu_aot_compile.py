@@ -1,0 +1,157 @@
+"""Compile the Taiwan programs for a GPU on a machine without one: XLA:GPU's deviceless
+ahead-of-time compilation, to know before a GPU is lent that every GPU code path compiles, and
+what XLA:GPU's compile costs without its autotuner (which needs the device).
+
+    pip install -e ".[cuda12]"     # an environment of its own: the CUDA plugin, no GPU needed
+    JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_aot_compile.py \\
+        [--grid 448] [--width full] [--dtype bfloat16] [--batch 8] \\
+        [--programs regression_step,diffusion_step,sample_heun18] [--xla-defaults] \\
+        --out benchmarks/results/gpu_aot_compile_h100.json
+
+The target is an H100 (``TARGETS``: XLA's GPU target description; compute capability, memory,
+cuDNN and CUDA versions; no autotuning without the device, so every fusion gets XLA's default
+tiling). Each program is traced as on the GPU (``compiler_options.compiling_for("gpu")``: XLA's
+convolutions, our GPU compiler options) from shapes alone, then compiled, each in its own process
+under ``--timeout``: lowering and compile seconds, the optimised module's size and XLA's memory
+plan, or the compiler's error. ``--xla-defaults`` compiles the training steps with XLA's own
+matmul settings (Triton GEMM fusions) instead of ``training_step_options``'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+import speed  # noqa: E402
+
+PROGRAMS = ("regression_step", "diffusion_step", "sample_heun18")
+# XLA's GPU target descriptions (``stream_executor::GpuTargetConfigProto``), as a device reports them.
+TARGETS = {
+    "h100": """
+gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 84929347584 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 8 }
+runtime_version { major: 12 minor: 8 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+""",
+}
+# What XLA compiles the training steps' matmuls with when not told otherwise.
+XLA_DEFAULT_MATMULS = {"xla_gpu_enable_triton_gemm": True}
+
+
+def _shapes(tree, sharding):
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _train_lowered(args, stage: str, mesh):
+    import jax
+
+    from jax_corrdiff.mesh import batch_sharded, replicated
+    from jax_corrdiff.training.steps import train_state_shapes
+
+    step, init, batch, frozen_init = speed.train_program(args, stage, mesh)
+    frozen = _shapes(jax.eval_shape(frozen_init), replicated(mesh)) if frozen_init else {}
+    return step.lower(train_state_shapes(init, mesh), _shapes(batch, batch_sharded(mesh)), frozen)
+
+
+def _sample_lowered(args, mesh):
+    import jax
+
+    from jax_corrdiff.mesh import replicated
+
+    built = {}
+
+    def inputs():
+        built["sample"], inputs, _, _ = speed.sample_program(args, "heun")
+        return inputs
+
+    shapes = _shapes(jax.eval_shape(inputs), replicated(mesh))  # the variables, never initialised
+    return speed.jit_as_generation(built["sample"]).lower(*shapes)
+
+
+def compile_program(args) -> dict:
+    """Trace, lower and compile ``args.worker`` for ``args.target`` without its device."""
+    import jax
+    from jax.experimental import topologies
+
+    from jax_corrdiff.compiler_options import compiling_for
+
+    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[args.target], topology="1x1x1")
+    mesh = jax.sharding.Mesh(topology.devices, ("data",))
+    start = time.perf_counter()
+    precision = "highest" if args.dtype == "float32" else "default"
+    with compiling_for("gpu"), jax.default_matmul_precision(precision):
+        if args.worker == "sample_heun18":
+            lowered = _sample_lowered(args, mesh)
+        else:
+            lowered = _train_lowered(args, args.worker.split("_")[0], mesh)
+    lower_s = time.perf_counter() - start
+    options = XLA_DEFAULT_MATMULS if args.xla_defaults and args.worker != "sample_heun18" else None
+    start = time.perf_counter()
+    try:
+        compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    except jax.errors.JaxRuntimeError as error:  # the compiler's own message, not the traceback's tail
+        return {"lower_s": lower_s, "error": str(error).split("\n\n")[0], "jax": jax.__version__}
+    compile_s = time.perf_counter() - start
+    text = compiled.as_text()
+    return {
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "hlo_instructions": text.count(" = "),
+        "fusions": text.count(" fusion("),
+        "custom_calls": text.count(" custom-call("),
+        **speed._compiled_stats(compiled),
+        "device": str(topology.devices[0].device_kind),
+        "jax": jax.__version__,
+    }
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    harness.add_model_arguments(parser, grid="448", width="full", dtype="bfloat16", batch=8)
+    parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, of {PROGRAMS}")
+    parser.add_argument("--target", default="h100", choices=sorted(TARGETS))
+    parser.add_argument("--xla-defaults", action="store_true", help="training steps with XLA's Triton matmuls")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per program")
+    parser.add_argument("--out", help="results JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    harness.check_model_arguments(parser, args, PROGRAMS)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        harness.emit(compile_program(args))
+        return
+    results = {"machine": harness.describe_machine(), "settings": vars(args), "rows": {}}
+    results["machine"]["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    for name in args.programs.split(","):
+        command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--target", args.target]
+        command += ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
+        command += ["--xla-defaults"] if args.xla_defaults else []
+        results["rows"][name] = row = harness.run_worker(command, args.timeout)
+        shown = {k: row[k] for k in ("lower_s", "compile_s", "hlo_instructions", "error") if k in row}
+        print(name, json.dumps(shown), *row.get("output", [])[-3:], sep="\n  ", flush=True)
+    if args.out:
+        harness.write_results(args.out, results)
+
+
+if __name__ == "__main__":
+    main()
