@@ -4,7 +4,7 @@ what XLA:GPU's compile costs without its autotuner (which needs the device).
 
     pip install -e ".[cuda12]"     # an environment of its own: the CUDA plugin, no GPU needed
     JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_aot_compile.py \\
-        [--grid 448] [--width full] [--dtype bfloat16] [--batch 8] \\
+        [--grid 448] [--width full] [--dtype bfloat16] [--batch 8] [--remat none|dots|full] \\
         [--programs regression_step,diffusion_step,sample_heun18] [--xla-defaults] \\
         --out benchmarks/results/gpu_aot_compile_h100.json
 
@@ -145,6 +145,7 @@ def main(argv=None) -> None:
     for name in args.programs.split(","):
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--target", args.target]
         command += ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
+        command += ["--remat", args.remat]
         command += ["--xla-defaults"] if args.xla_defaults else []
         results["rows"][name] = row = harness.run_worker(command, args.timeout)
         shown = {k: row[k] for k in ("lower_s", "compile_s", "hlo_instructions", "error") if k in row}

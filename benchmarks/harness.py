@@ -267,18 +267,19 @@ def hourly_times(period: list[str], stride: int = 1) -> list[str]:
 
 
 def add_model_arguments(parser, *, grid: str, width: str, dtype: str, batch: int) -> None:
-    """--grid, --width, --dtype and --batch: the Taiwan model ``speed.model_configs`` builds."""
+    """--grid, --width, --dtype, --batch and --remat: the Taiwan model ``speed.model_configs``
+    builds."""
     parser.add_argument("--grid", default=grid)
     parser.add_argument("--width", default=width)
     parser.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
     parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="UNet block remat")
 
 
 def check_model_arguments(parser, args, programs: tuple[str, ...]) -> None:
     """Exit with the parser's message on an unknown grid, width or program (``args.programs``,
-    comma-separated); no rematerialisation (speed.py's builders read ``args.remat``)."""
+    comma-separated)."""
     unknown = sorted(set(args.programs.split(",")) - set(programs))
     if unknown:
         parser.error(f"--programs: unknown {unknown}; known: {programs}")
     parse_grid(args.grid), parse_width(args.width)
-    args.remat = "none"

@@ -2,7 +2,7 @@
 sample, each kernel attributed to the operation of our code it was compiled from.
 
     python benchmarks/kernel_profile.py [--grid 64] [--width 32|full] [--dtype float32|bfloat16]
-        [--batch 2] [--programs regression_step,diffusion_step,sample_heun18] [--devices N]
+        [--batch 2] [--remat none|dots|full] [--programs regression_step,diffusion_step,sample_heun18] [--devices N]
         --out benchmarks/results/kernel_profile_cpu_tiny.json
 
 The programs are ``speed.py``'s, built and compiled as it builds them (training steps on
