@@ -5,7 +5,7 @@ what XLA:GPU's compile costs without its autotuner (which needs the device).
     pip install -e ".[cuda12]"     # an environment of its own: the CUDA plugin, no GPU needed
     JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_aot_compile.py \\
         [--grid 448] [--width full] [--dtype bfloat16] [--batch 8] [--remat none|dots|full] \\
-        [--programs regression_step,diffusion_step,sample_heun18] [--xla-defaults] \\
+        [--programs regression_step,diffusion_step,sample_heun18] [--devices 1] [--xla-defaults] \\
         --out benchmarks/results/gpu_aot_compile_h100.json
 
 The target is an H100 (``TARGETS``: XLA's GPU target description; compute capability, memory,
@@ -14,7 +14,9 @@ tiling). Each program is traced as on the GPU (``compiler_options.compiling_for(
 convolutions, our GPU compiler options) from shapes alone, then compiled, each in its own process
 under ``--timeout``: lowering and compile seconds, the optimised module's size and XLA's memory
 plan, or the compiler's error. ``--xla-defaults`` compiles the training steps with XLA's own
-matmul settings (Triton GEMM fusions) instead of ``training_step_options``'.
+matmul settings (Triton GEMM fusions) instead of ``training_step_options``'. ``--devices N``
+splits the training steps' batch over N GPUs of one host, their gradients all-reduced as in a
+cluster job (``XLA_FLAGS``, e.g. ``launch/xla_flags.sh``'s, apply).
 """
 
 from __future__ import annotations
@@ -90,9 +92,14 @@ def compile_program(args) -> dict:
     from jax.experimental import topologies
 
     from jax_corrdiff.compiler_options import compiling_for
+    from jax_corrdiff.mesh import DATA_AXIS
 
-    topology = topologies.get_topology_desc(platform="cuda", target_config=TARGETS[args.target], topology="1x1x1")
-    mesh = jax.sharding.Mesh(topology.devices, ("data",))
+    topology = topologies.get_topology_desc(
+        platform="cuda", target_config=TARGETS[args.target], topology=f"1x1x{args.devices}"
+    )
+    # Training splits its batch over every GPU (``mesh.DATA_AXIS``); the sample runs on one.
+    devices = topology.devices[:1] if args.worker == "sample_heun18" else topology.devices
+    mesh = jax.sharding.Mesh(devices, (DATA_AXIS,))
     start = time.perf_counter()
     precision = "highest" if args.dtype == "float32" else "default"
     with compiling_for("gpu"), jax.default_matmul_precision(precision):
@@ -115,6 +122,7 @@ def compile_program(args) -> dict:
         "hlo_instructions": text.count(" = "),
         "fusions": text.count(" fusion("),
         "custom_calls": text.count(" custom-call("),
+        "all_reduces": text.count(" all-reduce(") + text.count(" all-reduce-start("),
         **speed._compiled_stats(compiled),
         "device": str(topology.devices[0].device_kind),
         "jax": jax.__version__,
@@ -126,6 +134,7 @@ def parse_args(argv=None):
     harness.add_model_arguments(parser, grid="448", width="full", dtype="bfloat16", batch=8)
     parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, of {PROGRAMS}")
     parser.add_argument("--target", default="h100", choices=sorted(TARGETS))
+    parser.add_argument("--devices", type=int, default=1, help="GPUs of one host the training batch is split over")
     parser.add_argument("--xla-defaults", action="store_true", help="training steps with XLA's Triton matmuls")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per program")
     parser.add_argument("--out", help="results JSON")
@@ -145,7 +154,7 @@ def main(argv=None) -> None:
     for name in args.programs.split(","):
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--target", args.target]
         command += ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
-        command += ["--remat", args.remat]
+        command += ["--remat", args.remat, "--devices", str(args.devices)]
         command += ["--xla-defaults"] if args.xla_defaults else []
         results["rows"][name] = row = harness.run_worker(command, args.timeout)
         shown = {k: row[k] for k in ("lower_s", "compile_s", "hlo_instructions", "error") if k in row}
