@@ -1,4 +1,4 @@
-"""Compile the Taiwan programs for a GPU on a machine without one: XLA:GPU's deviceless
+"""Compile CorrDiff's programs for a GPU on a machine without one: XLA:GPU's deviceless
 ahead-of-time compilation, to know before a GPU is lent that every GPU code path compiles, and
 what XLA:GPU's compile costs without its autotuner (which needs the device).
 
@@ -6,6 +6,7 @@ what XLA:GPU's compile costs without its autotuner (which needs the device).
     JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_aot_compile.py \\
         [--grid 448] [--width full] [--dtype bfloat16] [--batch 8] [--remat none|dots|full] \\
         [--programs regression_step,diffusion_step,sample_heun18] [--devices 1] [--xla-defaults] \\
+        [--model taiwan|china3km] \\
         --out benchmarks/results/gpu_aot_compile_h100.json
 
 The target is an H100 (``TARGETS``: XLA's GPU target description; compute capability, memory,
@@ -16,7 +17,10 @@ under ``--timeout``: lowering and compile seconds, the optimised module's size a
 plan, or the compiler's error. ``--xla-defaults`` compiles the training steps with XLA's own
 matmul settings (Triton GEMM fusions) instead of ``training_step_options``'. ``--devices N``
 splits the training steps' batch over N GPUs of one host, their gradients all-reduced as in a
-cluster job (``XLA_FLAGS``, e.g. ``launch/xla_flags.sh``'s, apply).
+cluster job (``XLA_FLAGS``, e.g. ``launch/xla_flags.sh``'s, apply). ``--model china3km``
+compiles China 3 km CorrDiff's training steps instead (``configs/china3km.py``: 34 channels,
+lead times, global residual, a 100-channel learnable position grid, 16 patches of 448 x 448 per
+image) on a ``--grid`` domain, e.g. ``--grid 1664x2496 --batch 1`` for its 1670 x 2500 points.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import harness  # noqa: E402
 import speed  # noqa: E402
 
@@ -71,6 +76,74 @@ def _train_lowered(args, stage: str, mesh):
     return step.lower(train_state_shapes(init, mesh), _shapes(batch, batch_sharded(mesh)), frozen)
 
 
+def _china3km_lowered(args, stage: str, mesh):
+    """China 3 km CorrDiff's training step of ``stage`` (``configs/china3km.py``, built as
+    ``training.stage.build_stage`` builds it) on a ``--grid`` domain: its channels, lead times
+    and static fields come from the config's variable lists instead of its data."""
+    import types
+
+    import china3km
+    import jax
+    import numpy as np
+
+    from jax_corrdiff.mesh import batch_sharded, replicated
+    from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
+    from jax_corrdiff.training.optimizer import make_optimizer
+    from jax_corrdiff.training.stage import conditioning_layout, model_config
+    from jax_corrdiff.training.steps import (
+        diffusion_per_sample_loss,
+        init_train_state,
+        make_train_step,
+        regression_per_sample_loss,
+        train_state_shapes,
+    )
+
+    config = china3km.get_config()
+    config[stage].model.unet.remat = args.remat
+    channels = types.SimpleNamespace(
+        target_channels=list(config.data.target_variables),
+        input_channels=list(config.data.input_variables),
+        static_channels=list(config.data.static_variables),
+    )
+    data = types.SimpleNamespace(normalizer=channels, lead_time_steps=len(config.data.lead_times))
+    grid = harness.parse_grid(args.grid)
+    layout = conditioning_layout(config, stage, data)
+    net_config = model_config(config, stage, layout, grid)
+    regression_config = model_config(config, "regression", conditioning_layout(config, "regression", data), grid)
+    model = build_model(net_config)
+    if stage == "regression":
+        loss_fn, frozen = regression_per_sample_loss(model), {}
+    else:
+        loss = config.diffusion.loss
+        loss_fn = diffusion_per_sample_loss(
+            model,
+            build_model(regression_config),
+            layout,
+            p_mean=loss.p_mean,
+            p_std=loss.p_std,
+            sigma_data=config.diffusion.model.sigma_data,
+        )
+        variables = jax.eval_shape(lambda: init_variables(regression_config, jax.random.key(1)))
+        frozen = _shapes(variables, replicated(mesh))
+    training = config[stage].training
+    optimizer = make_optimizer(training, args.batch)
+    example_args, example_kwargs = example_inputs(net_config)
+
+    def init():
+        return init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
+
+    images = (args.batch, *grid)
+    batch = {
+        "target": jax.ShapeDtypeStruct((*images, len(channels.target_channels)), np.float32),
+        "img_lr": jax.ShapeDtypeStruct(
+            (*images, len(channels.input_channels) + len(channels.static_channels)), np.float32
+        ),
+        "lead_time_label": jax.ShapeDtypeStruct((args.batch,), np.int32),
+    }
+    step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
+    return step.lower(train_state_shapes(init, mesh), _shapes(batch, batch_sharded(mesh)), frozen)
+
+
 def _sample_lowered(args, mesh):
     import jax
 
@@ -105,6 +178,8 @@ def compile_program(args) -> dict:
     with compiling_for("gpu"), jax.default_matmul_precision(precision):
         if args.worker == "sample_heun18":
             lowered = _sample_lowered(args, mesh)
+        elif args.model == "china3km":
+            lowered = _china3km_lowered(args, args.worker.split("_")[0], mesh)
         else:
             lowered = _train_lowered(args, args.worker.split("_")[0], mesh)
     lower_s = time.perf_counter() - start
@@ -132,15 +207,18 @@ def compile_program(args) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_model_arguments(parser, grid="448", width="full", dtype="bfloat16", batch=8)
-    parser.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated, of {PROGRAMS}")
+    parser.add_argument("--programs", help=f"comma-separated, of {PROGRAMS} (default: all the model has)")
     parser.add_argument("--target", default="h100", choices=sorted(TARGETS))
+    parser.add_argument("--model", default="taiwan", choices=("taiwan", "china3km"), help="china3km: training steps")
     parser.add_argument("--devices", type=int, default=1, help="GPUs of one host the training batch is split over")
     parser.add_argument("--xla-defaults", action="store_true", help="training steps with XLA's Triton matmuls")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per program")
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    harness.check_model_arguments(parser, args, PROGRAMS)
+    programs = PROGRAMS if args.model == "taiwan" else PROGRAMS[:2]  # China 3 km: its training steps
+    args.programs = args.programs or ",".join(programs)
+    harness.check_model_arguments(parser, args, programs)
     return args
 
 
@@ -152,9 +230,10 @@ def main(argv=None) -> None:
     results = {"machine": harness.describe_machine(), "settings": vars(args), "rows": {}}
     results["machine"]["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     for name in args.programs.split(","):
-        command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--target", args.target]
+        command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--programs", name]
+        command += ["--target", args.target]
         command += ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
-        command += ["--remat", args.remat, "--devices", str(args.devices)]
+        command += ["--remat", args.remat, "--devices", str(args.devices), "--model", args.model]
         command += ["--xla-defaults"] if args.xla_defaults else []
         results["rows"][name] = row = harness.run_worker(command, args.timeout)
         shown = {k: row[k] for k in ("lower_s", "compile_s", "hlo_instructions", "error") if k in row}

@@ -74,6 +74,12 @@ def get_config(variant: str = ""):
         # A GPU config: bf16 compute with float32 parameters, Adam state and loss, as the
         # reference trains under bf16 autocast (base_config's float32 is the CPU default).
         stage.model.compute_dtype = "bfloat16"
+    # The regression UNet trains on the whole 1670 x 2500 domain: compiled for an H100 at batch 1
+    # per GPU, XLA's plan for its step is 76.2 GB, all of the 76.4 GB JAX takes of the GPU
+    # (launch/xla_flags.sh); rematerialising its blocks' matmuls and convolutions brings it to
+    # 61.1 GB (benchmarks/gpu_aot_compile.py --model china3km; README, *Compiled for a GPU without
+    # one*). The time this costs per step is unmeasured; on a GPU with more memory, "none".
+    config.regression.model.unet.remat = "dots"
     # Widths are the reference's (SongUNet 128 x [1,2,2,2,2], 4 blocks, attention at 28 =
     # 448 >> 4, dropout 0.13; base_config). Patched diffusion as in PhysicsNeMo: a learnable
     # position grid of 100 channels over the whole grid, cropped per patch (at 1670 x 2500
@@ -107,6 +113,7 @@ def get_config(variant: str = ""):
         diffusion.model.unet.num_grid_channels = 4
         for stage in (config.regression, config.diffusion):
             stage.model.compute_dtype = "float32"  # the smoke run is for CPUs
+        config.regression.model.unet.remat = "none"
         diffusion.patch.height = diffusion.patch.width = 32
         diffusion.patch.num_patches = 2
     elif variant:
