@@ -59,21 +59,15 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 XLA_DEFAULT_MATMULS = {"xla_gpu_enable_triton_gemm": True}
 
 
-def _shapes(tree, sharding):
-    import jax
-
-    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
 def _train_lowered(args, stage: str, mesh):
     import jax
 
-    from jax_corrdiff.mesh import batch_sharded, replicated
+    from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
     from jax_corrdiff.training.steps import train_state_shapes
 
     step, init, batch, frozen_init = speed.train_program(args, stage, mesh)
-    frozen = _shapes(jax.eval_shape(frozen_init), replicated(mesh)) if frozen_init else {}
-    return step.lower(train_state_shapes(init, mesh), _shapes(batch, batch_sharded(mesh)), frozen)
+    frozen = placed_shapes(jax.eval_shape(frozen_init), replicated(mesh)) if frozen_init else {}
+    return step.lower(train_state_shapes(init, mesh), placed_shapes(batch, batch_sharded(mesh)), frozen)
 
 
 def _china3km_lowered(args, stage: str, mesh):
@@ -86,7 +80,7 @@ def _china3km_lowered(args, stage: str, mesh):
     import jax
     import numpy as np
 
-    from jax_corrdiff.mesh import batch_sharded, replicated
+    from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
     from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
     from jax_corrdiff.training.optimizer import make_optimizer
     from jax_corrdiff.training.stage import conditioning_layout, model_config
@@ -124,7 +118,7 @@ def _china3km_lowered(args, stage: str, mesh):
             sigma_data=config.diffusion.model.sigma_data,
         )
         variables = jax.eval_shape(lambda: init_variables(regression_config, jax.random.key(1)))
-        frozen = _shapes(variables, replicated(mesh))
+        frozen = placed_shapes(variables, replicated(mesh))
     training = config[stage].training
     optimizer = make_optimizer(training, args.batch)
     example_args, example_kwargs = example_inputs(net_config)
@@ -141,13 +135,13 @@ def _china3km_lowered(args, stage: str, mesh):
         "lead_time_label": jax.ShapeDtypeStruct((args.batch,), np.int32),
     }
     step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
-    return step.lower(train_state_shapes(init, mesh), _shapes(batch, batch_sharded(mesh)), frozen)
+    return step.lower(train_state_shapes(init, mesh), placed_shapes(batch, batch_sharded(mesh)), frozen)
 
 
 def _sample_lowered(args, mesh):
     import jax
 
-    from jax_corrdiff.mesh import replicated
+    from jax_corrdiff.mesh import placed_shapes, replicated
 
     built = {}
 
@@ -155,7 +149,7 @@ def _sample_lowered(args, mesh):
         built["sample"], inputs, _, _ = speed.sample_program(args, "heun")
         return inputs
 
-    shapes = _shapes(jax.eval_shape(inputs), replicated(mesh))  # the variables, never initialised
+    shapes = placed_shapes(jax.eval_shape(inputs), replicated(mesh))  # the variables, never initialised
     return speed.jit_as_generation(built["sample"]).lower(*shapes)
 
 

@@ -61,6 +61,12 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
+def placed_shapes(tree, sharding: NamedSharding):
+    """``tree``'s arrays (or shapes) as ``ShapeDtypeStruct``s placed by ``sharding``: what a
+    program is lowered from when its arguments need not exist."""
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def local_batch_size(global_batch: int, mesh: Mesh) -> int:
     """This process's share of the global batch; the batch must split evenly over devices."""
     if global_batch % data_size(mesh):

@@ -22,7 +22,7 @@ from jax_corrdiff.diffusion.ddpm import ddpm_residual_loss
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import training_batch
 from jax_corrdiff.diffusion.residual_mean import CrossFitMean
-from jax_corrdiff.mesh import batch_sharded, replicated
+from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
 from jax_corrdiff.training.optimizer import ema_decay, gradient_statistics, learning_rate
 
 PerSampleLoss = Callable[..., jax.Array]
@@ -54,10 +54,7 @@ def train_state_shapes(init: Callable[[], TrainState], mesh) -> TrainState:
     checkpoint need no more, so the state need not exist while XLA compiles: on a CPU the
     compiler's working memory (about 2 GB for a CorrDiff step) and the state (1.3 GB at Taiwan
     width) are then not resident together."""
-    sharding = replicated(mesh)
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), jax.eval_shape(init)
-    )
+    return placed_shapes(jax.eval_shape(init), replicated(mesh))
 
 
 def _pixel_mean(per_pixel: jax.Array) -> jax.Array:
