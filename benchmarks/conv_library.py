@@ -1,8 +1,9 @@
 """XLA:CPU's two convolution paths side by side: YNNPACK (XLA's default) against Eigen
 (``compiler_options.EIGEN_CONVOLUTIONS``, which every program without weight gradients uses, and
-training steps on one device of a CPU without AVX-512).
+training steps on one device of an x86 CPU).
 
     python benchmarks/conv_library.py [--grid 64] [--width 32|full] [--repeats 5] [--profile]
+        [--only convolutions,sample_heun18,forward_input_grad,regression_step,diffusion_step]
         --out benchmarks/results/conv_library_cpu.json
 
 Each program is compiled both ways in one process and the two are timed in turn, one call of
@@ -33,6 +34,7 @@ import harness  # noqa: E402
 import speed  # noqa: E402
 
 SIDES = ("ynnpack", "eigen")
+ROWS = ("convolutions", "sample_heun18", "forward_input_grad", "regression_step", "diffusion_step")
 
 
 def _compile_both(lowered) -> dict:
@@ -156,8 +158,12 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.only.split(",")) - set(ROWS))
+    if unknown:
+        parser.error(f"--only: unknown row(s) {unknown}; known: {ROWS}")
     # speed.py's model and training-step builders read these.
     args.dtype, args.batch, args.remat = "float32", 2, "none"
     return args
@@ -175,6 +181,7 @@ def main(argv=None) -> None:
         "regression_step": lambda args: measure_train_step(args, "regression"),
         "diffusion_step": lambda args: measure_train_step(args, "diffusion"),
     }
+    rows = {name: rows[name] for name in args.only.split(",")}
     if args.profile:
         rows["regression_step_profile"] = profile_regression_step
     with jax.default_matmul_precision("highest"):

@@ -13,7 +13,9 @@ category by the JAX source operation in that instruction's metadata; an event ne
 of the same thread counts once. Per program: the call's wall time, each category's kernel time
 (summed over threads or streams, so on a CPU it can exceed the wall time), the 15 costliest
 instructions with their source operation, and on a CPU how long 0, 1, 2, ... of XLA's worker
-threads were busy.
+threads were busy. Eigen's convolutions (``compiler_options.EIGEN_CONVOLUTIONS``: one-device
+training steps on x86, sampling) are split into tasks that run outside any traced kernel at full
+width, so there their time shows as workers not busy, not in a category.
 """
 
 from __future__ import annotations

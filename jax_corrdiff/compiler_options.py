@@ -12,13 +12,16 @@ cores (165 GFLOP/s).
   means) compile their convolutions through Eigen: at 32 channels the 18-step CorrDiff sample
   took 0.80x YNNPACK's time and a forward pass with its input gradient 0.72x; at full width
   0.98x and 1.00x; outputs agree to 6e-8 (``benchmarks/conv_library.py``).
-- Training steps depend on the CPU. On an AVX2-only 2-core Zen 3 EPYC, Eigen is faster on one
-  device: full-width regression step 0.81x, diffusion 0.82x; 32-channel 0.92x and 0.82x. On an
-  earlier machine whose vector extension was not recorded (its convolutions ran 1.6x faster),
-  the 32-channel regression step took 1.11x with Eigen and the full-width one 0.99x; only the
-  AVX2-only case is shown to gain, so CPUs with AVX-512 keep XLA's defaults. Split over
-  several devices in one process (``cpu_devices``), whose kernels share one Eigen thread pool,
-  Eigen is slower (32-channel regression: 1.71x), so a split step keeps YNNPACK everywhere.
+- Training steps on one device (the step has the process's cores to itself) compile their
+  convolutions through Eigen on x86 CPUs, measured on two: on an AVX2-only 2-core Zen 3 EPYC
+  the full-width regression step took 0.81x YNNPACK's time, diffusion 0.82x, 32-channel 0.92x
+  and 0.82x; on a 2-core AVX-512 Xeon (Emerald Rapids, family 6 model 207) full width 0.96x
+  and 0.94x (median of 11), 32-channel 0.78x and 0.86x (median of 5). An earlier 1.11x at 32
+  channels, on a machine whose vector extension was not recorded, was not seen again on
+  either. Split over several devices in one process (``cpu_devices``), whose kernels share one
+  Eigen thread pool, Eigen is slower (32-channel regression 1.71x on the Zen 3, 1.17x on the
+  Xeon, diffusion 1.24x there), so a split step keeps YNNPACK; so do CPUs other than x86,
+  where neither was measured.
 
 On a GPU, training steps compile their matmuls for cuBLAS instead of Triton
 (``xla_gpu_enable_triton_gemm``): with XLA's defaults the 448 x 448 bf16 diffusion step did not
@@ -97,13 +100,13 @@ def network_evaluation_options() -> dict[str, str] | None:
 
 def training_step_options(local_devices: int) -> dict[str, str | bool] | None:
     """``compiler_options`` for a training step run on ``local_devices`` devices of this process:
-    on a GPU, cuBLAS's matmuls instead of Triton's; on an x86 CPU with AVX2 but no AVX-512,
-    Eigen's convolutions when the step has the process's cores to itself (one device); XLA's
-    defaults otherwise."""
+    on a GPU, cuBLAS's matmuls instead of Triton's; on an x86 CPU (AVX2 or later), Eigen's
+    convolutions when the step has the process's cores to itself (one device); XLA's defaults
+    otherwise."""
     platform = target_platform()
     if platform == "gpu":
         return CUBLAS_MATMULS
     flags = cpu_flags()
-    if platform != "cpu" or local_devices != 1 or "avx2" not in flags or "avx512f" in flags:
+    if platform != "cpu" or local_devices != 1 or "avx2" not in flags:
         return None
     return EIGEN_CONVOLUTIONS

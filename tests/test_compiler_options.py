@@ -1,5 +1,5 @@
 """Compiler options per program (``jax_corrdiff.compiler_options``): on XLA:CPU, programs
-without weight gradients, and training steps on one device of a CPU without AVX-512, compile
+without weight gradients, and training steps on one device of an x86 CPU, compile
 their convolutions outside YNNPACK and compute the same values; compiled for a GPU from a CPU
 host, programs take the GPU's code paths."""
 
@@ -94,8 +94,8 @@ def test_named_defaults_compile_as_xla_defaults():
 @pytest.mark.parametrize(
     "flags, devices, eigen",
     [
-        ({"avx2"}, 1, True),  # AVX2 only, the step has the cores to itself
-        ({"avx2", "avx512f"}, 1, False),  # AVX-512: YNNPACK's kernel gradients are faster
+        ({"avx2"}, 1, True),  # AVX2 (Zen 3), the step has the cores to itself
+        ({"avx2", "avx512f"}, 1, True),  # AVX-512 (Emerald Rapids) too
         ({"avx2"}, 2, False),  # split over devices: one Eigen pool shared by both
         (set(), 1, False),  # not x86 (or no /proc/cpuinfo): XLA's defaults
     ],
