@@ -34,7 +34,6 @@ import harness  # noqa: E402
 import speed  # noqa: E402
 
 SIDES = ("ynnpack", "eigen")
-ROWS = ("convolutions", "sample_heun18", "forward_input_grad", "regression_step", "diffusion_step")
 
 
 def _compile_both(lowered) -> dict:
@@ -151,6 +150,16 @@ def profile_regression_step(args) -> dict:
     return {"step_ms": (window[1] - window[0]) / 1e3, "ms_with_workers_busy": harness.worker_occupancy(events, window)}
 
 
+MEASUREMENTS = {
+    "convolutions": measure_convolutions,
+    "sample_heun18": measure_sample,
+    "forward_input_grad": measure_forward_input_grad,
+    "regression_step": lambda args: measure_train_step(args, "regression"),
+    "diffusion_step": lambda args: measure_train_step(args, "diffusion"),
+}
+ROWS = tuple(MEASUREMENTS)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", default="64")
@@ -161,9 +170,7 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.only.split(",")) - set(ROWS))
-    if unknown:
-        parser.error(f"--only: unknown row(s) {unknown}; known: {ROWS}")
+    harness.check_choices(parser, "--only", args.only, ROWS)
     # speed.py's model and training-step builders read these.
     args.dtype, args.batch, args.remat = "float32", 2, "none"
     return args
@@ -174,14 +181,7 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     results = {"machine": harness.describe_machine(), "load": harness.wait_for_idle(), "settings": vars(args)}
-    rows = {
-        "convolutions": measure_convolutions,
-        "sample_heun18": measure_sample,
-        "forward_input_grad": measure_forward_input_grad,
-        "regression_step": lambda args: measure_train_step(args, "regression"),
-        "diffusion_step": lambda args: measure_train_step(args, "diffusion"),
-    }
-    rows = {name: rows[name] for name in args.only.split(",")}
+    rows = {name: MEASUREMENTS[name] for name in args.only.split(",")}
     if args.profile:
         rows["regression_step_profile"] = profile_regression_step
     with jax.default_matmul_precision("highest"):

@@ -86,9 +86,7 @@ def parse_args(argv=None):
     parser.add_argument("--workdir", help="a trained run's directory: time its own stages")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.stages.split(",")) - {"regression", "diffusion"})
-    if unknown:
-        parser.error(f"--stages: unknown {unknown}")
+    harness.check_choices(parser, "--stages", args.stages, ("regression", "diffusion"))
     harness.parse_width(args.width)
     # speed.py's model and training-step builders read these.
     args.dtype, args.remat = "float32", "none"

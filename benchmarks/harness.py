@@ -276,10 +276,16 @@ def add_model_arguments(parser, *, grid: str, width: str, dtype: str, batch: int
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="UNet block remat")
 
 
+def check_choices(parser, option: str, value: str, known) -> None:
+    """Exit with the parser's message when the comma-separated ``value`` of ``option`` names
+    anything not in ``known``."""
+    unknown = sorted(set(value.split(",")) - set(known))
+    if unknown:
+        parser.error(f"{option}: unknown {unknown}; known: {tuple(known)}")
+
+
 def check_model_arguments(parser, args, programs: tuple[str, ...]) -> None:
     """Exit with the parser's message on an unknown grid, width or program (``args.programs``,
     comma-separated)."""
-    unknown = sorted(set(args.programs.split(",")) - set(programs))
-    if unknown:
-        parser.error(f"--programs: unknown {unknown}; known: {programs}")
+    check_choices(parser, "--programs", args.programs, programs)
     parse_grid(args.grid), parse_width(args.width)

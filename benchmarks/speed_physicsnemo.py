@@ -218,9 +218,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.only.split(",")) - set(ROWS))
-    if unknown:
-        parser.error(f"--only: unknown row(s) {unknown}; known: {ROWS}")
+    harness.check_choices(parser, "--only", args.only, ROWS)
     return args
 
 
