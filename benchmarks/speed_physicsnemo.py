@@ -2,14 +2,15 @@
 
     python benchmarks/speed_physicsnemo.py [--physicsnemo-python /work/pnemo-venv/bin/python]
         [--grid 64] [--width full] [--dtype float32|bfloat16] [--batch 2]
-        [--only regression_step,diffusion_step,...] [--repeats 5]
+        [--only regression_step,diffusion_step,...] [--repeats 5] [--rounds 1]
         --out benchmarks/results/vs_physicsnemo_cpu.json
 
-For every row it runs our measurement (a ``speed.py`` worker) and then PhysicsNeMo's (this
-script as a worker under the PhysicsNeMo environment's Python: torch never enters a jax_corrdiff
-process), each in a fresh process after the machine has been idle (``harness.run_worker``), and
-prints ours / theirs. PhysicsNeMo 2.2.2 on torch's CPU build is installed as
-``tests/fixtures/README.md`` describes; it is never a package dependency.
+For every row it runs our measurement (a ``speed.py`` worker) and PhysicsNeMo's (this script as
+a worker under the PhysicsNeMo environment's Python: torch never enters a jax_corrdiff process),
+each in a fresh process after the machine has been idle (``harness.run_worker``), ``--rounds``
+times with the order alternating, and prints ours / theirs per round and its median.
+PhysicsNeMo 2.2.2 on torch's CPU build is installed as ``tests/fixtures/README.md`` describes; it
+is never a package dependency.
 
 PhysicsNeMo's side is what its CorrDiff training and generation run: ``RegressionLoss`` /
 ``ResidualLoss`` (hr-mean conditioning, frozen regression UNet) with Adam and an EMA copy, in
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -172,14 +174,44 @@ def torch_worker(args) -> None:
     )
 
 
+RATIO_KEYS = ("median_s", "min_s", "device_peak_bytes", "peak_rss_bytes", "running_peak_rss_bytes")
+
+
 def _ratio(ours: dict, theirs: dict, key: str) -> float | None:
     if key in ours and key in theirs:
         return ours[key] / theirs[key]
     return None
 
 
+def measure_row(run_ours, run_theirs, rounds: int) -> dict:
+    """``rounds`` pairs of measurements of one row, ours first in even rounds and theirs first in
+    odd ones, each pair's ratios (ours / theirs; below 1 = we are faster) and their medians.
+
+    This VM's speed drifts by tens of percent over minutes (one full-width step took 2.2-3.7 s
+    across one day's sittings), so a single pair's ratio carries that drift; a ratio per adjacent
+    pair, alternating which side runs first, cancels a steady drift and shows the rest as the
+    spread of the rounds."""
+    ours, theirs = [], []
+    for round_index in range(rounds):
+        if round_index % 2 == 0:
+            ours.append(run_ours())
+            theirs.append(run_theirs())
+        else:
+            theirs.append(run_theirs())
+            ours.append(run_ours())
+    per_round = {key: [_ratio(a, b, key) for a, b in zip(ours, theirs)] for key in RATIO_KEYS}
+    per_round = {key: values for key, values in per_round.items() if None not in values}
+    return {
+        "ours": ours,
+        "physicsnemo": theirs,
+        "ours_over_theirs": {key: statistics.median(values) for key, values in per_round.items()},
+        "ours_over_theirs_per_round": per_round,
+    }
+
+
 def compare(args) -> dict:
-    """Every row: ours, then theirs, then the ratios (ours / theirs; below 1 = we are faster)."""
+    """Every row: ``measure_row`` with ``args.rounds`` rounds of ours and theirs, each in a fresh
+    process after an idle machine."""
     shape = ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
     ours_args = speed.parse_args(shape)
     ours_args.repeats, ours_args.warmup = args.repeats, args.warmup
@@ -188,14 +220,16 @@ def compare(args) -> dict:
     rows = {}
     for row in args.only.split(","):
         print(f"measuring {row} ...", flush=True)
-        ours = harness.run_worker(speed._worker_command(ours_args, row), args.timeout)
-        theirs = harness.run_worker([*theirs_command, "--worker", row], args.timeout)
-        keys = ("median_s", "min_s", "device_peak_bytes", "peak_rss_bytes", "running_peak_rss_bytes")
-        ratios = {key: _ratio(ours, theirs, key) for key in keys}
-        rows[row] = {"ours": ours, "physicsnemo": theirs, "ours_over_theirs": ratios}
+        rows[row] = measure_row(
+            lambda row=row: harness.run_worker(speed._worker_command(ours_args, row), args.timeout),
+            lambda row=row: harness.run_worker([*theirs_command, "--worker", row], args.timeout),
+            args.rounds,
+        )
+        per_round = rows[row]["ours_over_theirs_per_round"].get("median_s", [])
         print(
-            f"{row:16s} ours {ours.get('median_s', float('nan')):8.3f} s  physicsnemo "
-            f"{theirs.get('median_s', float('nan')):8.3f} s  ratio {ratios['median_s']}",
+            f"{row:16s} ours {[run.get('median_s') for run in rows[row]['ours']]} s  physicsnemo "
+            f"{[run.get('median_s') for run in rows[row]['physicsnemo']]} s  ratio per round {per_round}, "
+            f"median {rows[row]['ours_over_theirs'].get('median_s')}",
             flush=True,
         )
         print(json.dumps(rows[row]), flush=True)  # the whole row, in case a later one never ends
@@ -214,11 +248,14 @@ def parse_args(argv=None):
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of runs per row, alternating which goes first")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     harness.check_choices(parser, "--only", args.only, ROWS)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     return args
 
 
@@ -227,7 +264,7 @@ def main(argv=None) -> None:
     if args.worker:
         return torch_worker(args)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    settings = {k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "repeats", "warmup")}
+    settings = {k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "repeats", "warmup", "rounds")}
     results = {"machine": harness.describe_machine(), "started": started, "settings": settings, "rows": compare(args)}
     if args.out:
         harness.write_results(args.out, results)
