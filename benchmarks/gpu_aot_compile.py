@@ -81,16 +81,9 @@ def _china3km_lowered(args, stage: str, mesh):
     import numpy as np
 
     from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
-    from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
-    from jax_corrdiff.training.optimizer import make_optimizer
+    from jax_corrdiff.models.factory import build_model, init_variables
     from jax_corrdiff.training.stage import conditioning_layout, model_config
-    from jax_corrdiff.training.steps import (
-        diffusion_per_sample_loss,
-        init_train_state,
-        make_train_step,
-        regression_per_sample_loss,
-        train_state_shapes,
-    )
+    from jax_corrdiff.training.steps import diffusion_per_sample_loss, regression_per_sample_loss, train_state_shapes
 
     config = china3km.get_config()
     config[stage].model.unet.remat = args.remat
@@ -119,13 +112,7 @@ def _china3km_lowered(args, stage: str, mesh):
         )
         variables = jax.eval_shape(lambda: init_variables(regression_config, jax.random.key(1)))
         frozen = placed_shapes(variables, replicated(mesh))
-    training = config[stage].training
-    optimizer = make_optimizer(training, args.batch)
-    example_args, example_kwargs = example_inputs(net_config)
-
-    def init():
-        return init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
-
+    step, init = speed.step_and_init(model, net_config, loss_fn, config[stage].training, args.batch, mesh)
     images = (args.batch, *grid)
     batch = {
         "target": jax.ShapeDtypeStruct((*images, len(channels.target_channels)), np.float32),
@@ -134,7 +121,6 @@ def _china3km_lowered(args, stage: str, mesh):
         ),
         "lead_time_label": jax.ShapeDtypeStruct((args.batch,), np.int32),
     }
-    step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
     return step.lower(train_state_shapes(init, mesh), placed_shapes(batch, batch_sharded(mesh)), frozen)
 
 

@@ -174,14 +174,8 @@ def train_program(args, stage: str, mesh):
     import numpy as np
 
     from jax_corrdiff.config import base_config
-    from jax_corrdiff.models.factory import build_model, example_inputs, init_variables
-    from jax_corrdiff.training.optimizer import make_optimizer
-    from jax_corrdiff.training.steps import (
-        diffusion_per_sample_loss,
-        init_train_state,
-        make_train_step,
-        regression_per_sample_loss,
-    )
+    from jax_corrdiff.models.factory import build_model, init_variables
+    from jax_corrdiff.training.steps import diffusion_per_sample_loss, regression_per_sample_loss
 
     configs = model_configs(args)
     training = base_config()[stage].training
@@ -196,20 +190,30 @@ def train_program(args, stage: str, mesh):
         def frozen_init():
             return init_variables(configs["regression"], jax.random.key(1))
 
-    optimizer = make_optimizer(training, args.batch)
-    example_args, example_kwargs = example_inputs(configs[stage])
-
-    def init():
-        return init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
-
     height, width = configs[stage]["img_resolution"]
     rng = np.random.default_rng(0)
     batch = {
         "target": rng.standard_normal((args.batch, height, width, OUT_CHANNELS), np.float32),
         "img_lr": rng.standard_normal((args.batch, height, width, IN_CHANNELS), np.float32),
     }
-    step = make_train_step(loss_fn, optimizer, training, args.batch, 0, mesh)
-    return step, init, batch, frozen_init
+    return (*step_and_init(model, configs[stage], loss_fn, training, args.batch, mesh), batch, frozen_init)
+
+
+def step_and_init(model, model_config, loss_fn, training, batch_size: int, mesh):
+    """(jitted training step, ``init()`` of its state) for ``model`` as training builds them."""
+    import jax
+
+    from jax_corrdiff.models.factory import example_inputs
+    from jax_corrdiff.training.optimizer import make_optimizer
+    from jax_corrdiff.training.steps import init_train_state, make_train_step
+
+    optimizer = make_optimizer(training, batch_size)
+    example_args, example_kwargs = example_inputs(model_config)
+
+    def init():
+        return init_train_state(model, example_args, example_kwargs, optimizer, jax.random.key(0), mesh)
+
+    return make_train_step(loss_fn, optimizer, training, batch_size, 0, mesh), init
 
 
 def stepping(compiled, state, batch, frozen):
