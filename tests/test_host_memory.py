@@ -10,7 +10,7 @@ import pytest
 from jax_corrdiff.host_memory import release_freed_memory
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from harness import current_rss_bytes, rss_after_running, start_running_peak  # noqa: E402
+from harness import current_rss_bytes, heap_bytes_in_use, rss_after_running, start_running_peak  # noqa: E402
 
 CHUNK = 64 * 1024  # below glibc's mmap threshold, so the chunks come from the heap
 CHUNKS = 2000  # 131 MB
@@ -48,3 +48,14 @@ def test_running_peak_leaves_out_what_ran_before():
     del inside
     assert memory["peak_rss_bytes"] - memory["running_peak_rss_bytes"] > 250e6
     assert memory["running_peak_rss_bytes"] >= 100e6
+
+
+@pytest.mark.skipif(heap_bytes_in_use() is None, reason="needs TCMalloc or glibc's mallinfo2")
+def test_heap_in_use_counts_an_object_until_it_is_freed():
+    """What ``speed.py``'s ``executable_heap_bytes`` rests on: 100 MB held, then freed."""
+    before = heap_bytes_in_use()
+    held = np.ones(12_500_000)
+    holding = heap_bytes_in_use()
+    del held
+    assert 100e6 <= holding - before < 101e6
+    assert heap_bytes_in_use() - before < 1e6
