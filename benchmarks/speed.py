@@ -285,7 +285,7 @@ def measure_train_step(args, stage: str) -> dict:
 
 def _heap_held_by(program: list) -> dict:
     """The host heap freed by dropping ``program``'s one item, a compiled executable no one else
-    holds (call it last). XLA keeps the optimised module, its proto and the buffer assignment with
+    holds (call it last). XLA keeps the optimised module, its proto and its dataflow analysis with
     the program, so on a CPU this grows with the HLO instruction count, not with the model's arrays;
     one loaded from the persistent cache holds about twice what a freshly compiled one does."""
     from jax_corrdiff.host_memory import release_freed_memory
