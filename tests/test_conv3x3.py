@@ -1,4 +1,4 @@
-"""3 x 3 convolutions whose gradients run through Winograd's F(2x2, 3x3) on CPU, their turned
+"""3 x 3 convolutions whose gradients run through Winograd's F(4x4, 3x3) on CPU, their turned
 kernels built late."""
 
 import flax.linen as nn
@@ -25,10 +25,10 @@ def assert_close(actual, desired, tolerance):
 @pytest.mark.parametrize(
     "shape, out_channels",
     [
-        ((2, 32, 34, 5), 7),
+        ((2, 32, 36, 5), 7),
         ((1, 32, 32, MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS), MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS),
-        ((2, 6, 10, 5), 7),  # below MIN_WINOGRAD_PIXELS: XLA's gradients
-        ((1, 33, 32, 3), 4),  # odd height: no whole 2 x 2 tiles
+        ((2, 8, 12, 5), 7),  # below MIN_WINOGRAD_PIXELS: XLA's gradients
+        ((1, 34, 32, 3), 4),  # height not a multiple of 4: no whole 4 x 4 tiles
     ],
 )
 def test_cpu_gradients_equal_the_direct_convolution_s_borders_included(shape, out_channels):
@@ -40,8 +40,10 @@ def test_cpu_gradients_equal_the_direct_convolution_s_borders_included(shape, ou
     out, vjp = jax.vjp(conv3x3_cpu_gradients, x, kernel)
     want, want_vjp = jax.vjp(direct_conv3x3, x, kernel)
     np.testing.assert_array_equal(out, want)
+    # Winograd's transforms round more than the direct sums: within 5.5e-6 of XLA's float32
+    # gradients at 128-256 channels (module docstring).
     for actual, desired in zip(vjp(cotangent), want_vjp(cotangent)):
-        assert_close(actual, desired, 5e-6)
+        assert_close(actual, desired, 1e-5)
 
 
 def _planned_step_bytes(convolution, layers, size=32, channels=32):
@@ -96,9 +98,9 @@ def _uses_cpu_gradients(module, params, x):
     [
         ((32, 32), (128, 128), jnp.float32),  # Winograd's kernel and input gradients
         ((16, 64), (128, 256), jnp.float32),
-        ((32, 34), (12, 4), jnp.float32),  # Winograd's kernel gradient, XLA's input gradient
+        ((32, 36), (12, 4), jnp.float32),  # Winograd's kernel gradient, XLA's input gradient
         ((16, 16), (128, 128), jnp.float32),  # below MIN_WINOGRAD_PIXELS: XLA's gradients
-        ((32, 33), (128, 128), jnp.float32),  # odd width: XLA's gradients
+        ((32, 34), (128, 128), jnp.float32),  # width not a multiple of 4: XLA's gradients
         ((32, 32), (128, 128), jnp.bfloat16),  # XLA's convolution and autodiff
     ],
 )

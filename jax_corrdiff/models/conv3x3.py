@@ -1,31 +1,39 @@
-"""3 x 3 convolutions whose gradients run through Winograd's F(2x2, 3x3) on CPU.
+"""3 x 3 convolutions whose gradients run through Winograd's F(4x4, 3x3) on CPU.
 
-Lavin & Gray (2016, "Fast algorithms for convolutional neural networks", section 4): a 2 x 2
+Lavin & Gray (2016, "Fast algorithms for convolutional neural networks", section 4): a 4 x 4
 output tile of a 3 x 3 correlation (stride 1) is  Y = A^T [(G g G^T) . (B^T d B)] A  for the
-4 x 4 input tile d that covers it, with
+6 x 6 input tile d that covers it (the matrices below). Their interpolation points 0, +-1, +-2
+and infinity round worse than 0, +-1, 1/2, -2 and infinity (Barabasz et al. 2020, "Error
+analysis and improving the accuracy of Winograd convolution for deep neural networks"): one
+tile of a 128-channel correlation of normal random numbers in float32 is off the exact one by
+up to 1.15e-5 against 6.7e-6 of its largest value (median 2.7e-6 against 1.6e-6).
 
-    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
-    G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]],
-    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]].
-
-Differentiating it, the kernel gradient is  dg = G^T dU G  with, per position p of the 4 x 4
-transformed tile,  dU_p = sum over tiles of V_p^T (A dY A^T)_p,  V = B^T d B: 16 matmuls of
-(C_in, tiles) by (tiles, C_out), 16 multiply-adds per 2 x 2 output tile and channel pair
-instead of the 36 of the direct kernel gradient. Each transform is one small matmul over the
-flattened tiles (16 x 16, 16 x 4 and 9 x 16 matrices of Kronecker products), memory-bound, and
-each reads its operand once: written as 16 separate sums of shifted slices, XLA fused the output
-gradient's producers (up to six skip-connection gradients added together) into every one of the
-16, recomputing them each time. This form and the late input tiles (``_after``) took the
-full-width regression step from 159 k to 134 k instructions and 0.88-0.94x its time.
+Differentiating it, the kernel gradient is  dg = G^T dU G  with, per position p of the 6 x 6
+transformed tile,  dU_p = sum over tiles of V_p^T (A dY A^T)_p,  V = B^T d B: 36 matmuls of
+(C_in, tiles) by (tiles, C_out), 36 multiply-adds per 4 x 4 output tile and channel pair
+instead of the 144 of the direct kernel gradient (F(2x2, 3x3): 64). Each transform is one small
+matmul over the flattened tiles (36 x 36, 36 x 16, 36 x 9, 9 x 36 and 16 x 36 matrices of
+Kronecker products), memory-bound, and each reads its operand once: written as separate sums of
+shifted slices, XLA fused the output gradient's producers (up to six skip-connection gradients
+added together) into every one of them, recomputing them each time. The tiles are 2.25x the
+image (F(2x2, 3x3)'s were 4x), which makes gathering them cheap enough: in-process A/B on the
+AVX-512 Xeon against F(2x2, 3x3) with its input transform as sums of strided slices (faster
+there than its 4x gather and matmul: full-width regression step 0.925x), the full-width
+regression step took 0.955x its time, diffusion 0.963x, the 32-channel split regression step
+0.948x; F(4x4, 3x3)'s input transform as sums of strided slices took 0.967x, with 72 k more
+HLO instructions against 5 k. Its larger transform entries round more: the gradients of random
+128- to 256-channel convolutions are off the exact ones (float64) by 1.4e-6 - 5.6e-6 of their
+largest value, XLA's float32 convolutions' by 0.6e-6 - 3.6e-6, far below bfloat16's rounding
+(4e-3).
 
 XLA:CPU computes a kernel gradient as a convolution of the input with the output gradient, its
-slowest convolution. Kernel gradient alone, measured on a 2-core EPYC (float32, batch 2, one
-process, timed in turn): 64 x 64, 128 -> 128: 16.0 against 36.1 ms; 32 x 32, 256 -> 256: 10.6
-against 29.2 ms; 64 x 64, 16 -> 16: 0.93 against 2.19 ms. The input gradient, a correlation of
-the output gradient with the turned kernel, runs as Winograd's forward form from 128 channels
-(``MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS``). The forward stays XLA's direct convolution, so its
-output is the reference's to the bit and generation does not change. GPUs keep their
-libraries' convolutions (cuDNN chooses its own algorithms, Winograd among them).
+slowest convolution. Kernel gradient alone, F(2x2, 3x3) measured on a 2-core EPYC (float32,
+batch 2, one process, timed in turn): 64 x 64, 128 -> 128: 16.0 against 36.1 ms; 32 x 32,
+256 -> 256: 10.6 against 29.2 ms; 64 x 64, 16 -> 16: 0.93 against 2.19 ms. The input gradient,
+a correlation of the output gradient with the turned kernel, runs as Winograd's forward form
+from 128 channels (``MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS``). The forward stays XLA's direct
+convolution, so its output is the reference's to the bit and generation does not change. GPUs
+keep their libraries' convolutions (cuDNN chooses its own algorithms, Winograd among them).
 """
 
 from __future__ import annotations
@@ -37,23 +45,51 @@ import numpy as np
 from jax_corrdiff.compiler_options import target_platform
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-_B_T = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
-_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32)
-_A = np.array([[1, 0], [1, 1], [1, -1], [0, -1]], np.float32)
+_TILE = 4  # output pixels per tile side; input tiles are _TILE + 2 pixels wide
+# Interpolation points 0, 1, -1, 1/2, -2 and infinity; the rows of A^T are their powers, those
+# of G their powers over prod_{l != j} (a_j - a_l), and B^T completes the identity.
+_B_T = np.array(
+    [
+        [1, -3 / 2, -2, 3 / 2, 1, 0],
+        [0, -1, 1 / 2, 5 / 2, 1, 0],
+        [0, 1, -5 / 2, 1 / 2, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 1 / 2, -1, -1 / 2, 1, 0],
+        [0, 1, -3 / 2, -2, 3 / 2, 1],
+    ],
+    np.float64,
+)
+_G = np.array(
+    [
+        [1, 0, 0],
+        [1 / 3, 1 / 3, 1 / 3],
+        [-1 / 3, 1 / 3, -1 / 3],
+        [-16 / 15, -8 / 15, -4 / 15],
+        [1 / 15, -2 / 15, 4 / 15],
+        [0, 0, 1],
+    ],
+    np.float64,
+)
+_A_T = np.array(
+    [[1, 1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, -2, 0], [0, 1, 1, 1 / 4, 4, 0], [0, 1, -1, 1 / 8, -8, 1]], np.float64
+)
 # The two-sided transforms as matrices on row-major flattened tiles, vec(M X N^T) =
 # (M kron N) vec(X): each runs as one matmul over all tiles and channels.
-_INPUT_TRANSFORM = np.kron(_B_T, _B_T)  # (16, 16): B^T d B
-_OUTPUT_GRADIENT_TRANSFORM = np.kron(_A, _A)  # (16, 4): A dY A^T
-_KERNEL_GRADIENT_TRANSFORM = np.kron(_G, _G).T  # (9, 16): G^T dU G
-_KERNEL_TRANSFORM = np.kron(_G, _G)  # (16, 9): G g G^T
-_OUTPUT_TRANSFORM = np.kron(_A.T, _A.T)  # (4, 16): A^T M A
+_INPUT_TRANSFORM = np.kron(_B_T, _B_T).astype(np.float32)  # (36, 36): B^T d B
+_OUTPUT_GRADIENT_TRANSFORM = np.kron(_A_T.T, _A_T.T).astype(np.float32)  # (36, 16): A dY A^T
+_KERNEL_GRADIENT_TRANSFORM = np.kron(_G, _G).T.astype(np.float32)  # (9, 36): G^T dU G
+_KERNEL_TRANSFORM = np.kron(_G, _G).astype(np.float32)  # (36, 9): G g G^T
+_OUTPUT_TRANSFORM = np.kron(_A_T, _A_T).astype(np.float32)  # (16, 36): A^T M A
 # Smaller images keep XLA's kernel gradient: the full-width Taiwan UNet's training step gained
-# nothing from Winograd at its 16 x 16 and smaller levels (64 x 64 input, 1.01x), though single
-# kernel gradients there gained (16 x 16, 256 channels: 3.4 against 9.3 ms).
+# nothing from F(2x2, 3x3) at its 16 x 16 and smaller levels (64 x 64 input, 1.01x), though
+# single kernel gradients there gained (16 x 16, 256 channels: 3.4 against 9.3 ms). F(4x4, 3x3)
+# from 16 x 16 (in-process A/B, AVX-512 Xeon): full-width regression step 0.966x, diffusion
+# 0.998x, 32-channel split regression 1.002x, for 13 k more HLO instructions.
 MIN_WINOGRAD_PIXELS = 32 * 32
-# The input gradient through Winograd too from this many channels: the full-width regression
-# step took 0.958x its time (Eigen convolutions, 64 x 64: 11.5 against 14.1 ms at 128 channels),
-# the 32-channel split step 1.004x.
+# The input gradient through Winograd too from this many channels: with F(2x2, 3x3) the
+# full-width regression step took 0.958x its time (Eigen convolutions, 64 x 64: 11.5 against
+# 14.1 ms at 128 channels), the 32-channel split step 1.004x; with F(4x4, 3x3) from 64 or 32
+# channels the 32-channel split step took 0.989x and 0.995x, for 6 k and 13 k more instructions.
 MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS = 128
 
 
@@ -63,31 +99,38 @@ def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _input_tiles(x: jax.Array) -> jax.Array:
-    """B^T d B for every 4 x 4 tile d of the zero-padded image, tiles at stride 2: (16, tiles, C)."""
+    """B^T d B for every 6 x 6 tile d of the zero-padded image, tiles at stride 4: (36, tiles, C)."""
     b, h, w, c = x.shape
-    th, tw = h // 2, w // 2
-    # Tile (t, s) covers padded rows 2t .. 2t + 3: pixel pairs t and t + 1 of the padded image.
-    pairs = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(b, th + 1, 2, tw + 1, 2, c)
-    shifted = jnp.stack([pairs[:, dt : dt + th, :, ds : ds + tw] for dt in (0, 1) for ds in (0, 1)])
-    # (dt, ds, b, t, row in pair, s, column in pair, c) -> (tile row, tile column, tiles, c)
-    pixels = shifted.reshape(2, 2, b, th, 2, tw, 2, c).transpose(0, 4, 1, 6, 2, 3, 5, 7)
-    return jnp.einsum("pq,qnc->pnc", _INPUT_TRANSFORM, pixels.reshape(16, b * th * tw, c))
+    th, tw = h // _TILE, w // _TILE
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Entry (i, j) of tile (t, s) is padded pixel (4t + i, 4s + j).
+    pixels = jnp.stack(
+        [
+            jax.lax.slice(
+                padded, (0, i, j, 0), (b, i + _TILE * (th - 1) + 1, j + _TILE * (tw - 1) + 1, c), (1, _TILE, _TILE, 1)
+            )
+            for i in range(_TILE + 2)
+            for j in range(_TILE + 2)
+        ]
+    )
+    return jnp.einsum("pq,qnc->pnc", _INPUT_TRANSFORM, pixels.reshape((_TILE + 2) ** 2, b * th * tw, c))
 
 
 def _output_gradient_tiles(cotangent: jax.Array) -> jax.Array:
-    """A dY A^T for every 2 x 2 output tile dY: (16, tiles, C)."""
+    """A dY A^T for every 4 x 4 output tile dY: (36, tiles, C)."""
     b, h, w, c = cotangent.shape
-    pixels = cotangent.reshape(b, h // 2, 2, w // 2, 2, c).transpose(2, 4, 0, 1, 3, 5)
-    return jnp.einsum("pq,qnc->pnc", _OUTPUT_GRADIENT_TRANSFORM, pixels.reshape(4, -1, c))
+    pixels = cotangent.reshape(b, h // _TILE, _TILE, w // _TILE, _TILE, c).transpose(2, 4, 0, 1, 3, 5)
+    return jnp.einsum("pq,qnc->pnc", _OUTPUT_GRADIENT_TRANSFORM, pixels.reshape(_TILE**2, -1, c))
 
 
 def _winograd_correlation(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``direct_conv3x3(x, kernel)`` as  Y = A^T [(G g G^T) . (B^T d B)] A  per 2 x 2 output tile."""
+    """``direct_conv3x3(x, kernel)`` as  Y = A^T [(G g G^T) . (B^T d B)] A  per 4 x 4 output tile."""
     b, h, w, _ = x.shape
     c_in, c_out = kernel.shape[2:]
     transformed_kernel = jnp.einsum("pk,kio->pio", _KERNEL_TRANSFORM, kernel.reshape(9, c_in, c_out))
     products = jnp.einsum("pnc,pco->pno", _input_tiles(x), transformed_kernel)
-    tiles = jnp.einsum("qp,pno->qno", _OUTPUT_TRANSFORM, products).reshape(2, 2, b, h // 2, w // 2, c_out)
+    tiles = jnp.einsum("qp,pno->qno", _OUTPUT_TRANSFORM, products)
+    tiles = tiles.reshape(_TILE, _TILE, b, h // _TILE, w // _TILE, c_out)
     return tiles.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, w, c_out)
 
 
@@ -95,12 +138,12 @@ def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
     """``x`` (its values unchanged for a finite cotangent), computed only once ``cotangent`` is.
 
     The input tiles need nothing but the forward pass's ``x``, so XLA:CPU's scheduler builds
-    them, four times the size of ``x``, in the forward pass and keeps every layer's until its
-    backward step: 81.3 against 56.8 GB of temporaries planned for the 448 x 448 diffusion
-    step. An ``optimization_barrier`` orders nothing here (XLA:CPU drops it before scheduling);
-    a data dependency does, and XLA does not fold 0 * y for floats. It is per image, so a batch
-    split over devices needs no communication. A non-finite cotangent makes the image's kernel
-    gradient non-finite, as it would be anyway."""
+    them, 2.25 times the size of ``x``, in the forward pass and keeps every layer's until its
+    backward step (with F(2x2, 3x3)'s tiles, 4x: 81.3 against 56.8 GB of temporaries planned
+    for the 448 x 448 diffusion step). An ``optimization_barrier`` orders nothing here
+    (XLA:CPU drops it before scheduling); a data dependency does, and XLA does not fold 0 * y
+    for floats. It is per image, so a batch split over devices needs no communication. A
+    non-finite cotangent makes the image's kernel gradient non-finite, as it would be anyway."""
     return x + 0 * cotangent[:, :1, :1, :1]
 
 
@@ -119,13 +162,13 @@ def _kernel_after(kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
 
 
 def _winograd_applies(height: int, width: int) -> bool:
-    """Whether an image of this size has whole 2 x 2 output tiles and enough of them."""
-    return height % 2 == 0 and width % 2 == 0 and height * width >= MIN_WINOGRAD_PIXELS
+    """Whether an image of this size has whole 4 x 4 output tiles and enough of them."""
+    return height % _TILE == 0 and width % _TILE == 0 and height * width >= MIN_WINOGRAD_PIXELS
 
 
 @jax.custom_vjp
 def conv3x3_cpu_gradients(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``direct_conv3x3``, whose gradients run through Winograd's F(2x2, 3x3) where it applies
+    """``direct_conv3x3``, whose gradients run through Winograd's F(4x4, 3x3) where it applies
     (``_winograd_applies``; the input gradient from ``MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS``
     channels in and out) and through XLA's convolutions otherwise, the turned kernel built in
     the layer's backward step in either case (``_kernel_after``)."""

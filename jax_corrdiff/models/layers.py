@@ -51,7 +51,7 @@ def conv(features: int, kernel: int, *, init_scale: float = 1.0, dtype: Dtype, n
 
 class Conv3x3(nn.Module):
     """3 x 3 convolution, zero padding 1, with ``nn.Conv(features, (3, 3))``'s parameters and
-    output; on CPU its gradients run through Winograd's F(2x2, 3x3) (``conv3x3.conv3x3``)."""
+    output; on CPU its gradients run through Winograd's F(4x4, 3x3) (``conv3x3.conv3x3``)."""
 
     features: int
     kernel_init: nn.initializers.Initializer
