@@ -77,8 +77,8 @@ _A_T = np.array(
 # (M kron N) vec(X): each runs as one matmul over all tiles and channels.
 _INPUT_TRANSFORM = np.kron(_B_T, _B_T).astype(np.float32)  # (36, 36): B^T d B
 _OUTPUT_GRADIENT_TRANSFORM = np.kron(_A_T.T, _A_T.T).astype(np.float32)  # (36, 16): A dY A^T
-_KERNEL_GRADIENT_TRANSFORM = np.kron(_G, _G).T.astype(np.float32)  # (9, 36): G^T dU G
 _KERNEL_TRANSFORM = np.kron(_G, _G).astype(np.float32)  # (36, 9): G g G^T
+_KERNEL_GRADIENT_TRANSFORM = _KERNEL_TRANSFORM.T  # (9, 36): G^T dU G
 _OUTPUT_TRANSFORM = np.kron(_A_T, _A_T).astype(np.float32)  # (16, 36): A^T M A
 # Smaller images keep XLA's kernel gradient: the full-width Taiwan UNet's training step gained
 # nothing from F(2x2, 3x3) at its 16 x 16 and smaller levels (64 x 64 input, 1.01x), though
