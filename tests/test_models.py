@@ -1,6 +1,7 @@
 """SongUNet, regression UNet and EDM denoiser: shapes, parameter counts, options."""
 
 import logging
+import re
 
 import flax.linen as nn
 import jax
@@ -256,8 +257,24 @@ def test_pointwise_conv_is_a_1x1_conv_with_the_same_parameters():
     np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
     params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
     np.testing.assert_allclose(pointwise.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
-    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (pointwise, reference)]
+    loss = lambda p, x, m: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
+    grads = [jax.grad(loss, (0, 1))(params, x, m) for m in (pointwise, reference)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)
+
+
+def test_pointwise_kernel_gradient_reads_the_output_gradient_as_stored():
+    """XLA:CPU compiles the kernel gradient as one matmul of the input and the output gradient as
+    they lie, without a channel-major copy of the output gradient (the copy JAX's own transpose
+    of the einsum led to)."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 24))
+    pointwise = PointwiseConv(40, kernel_init=scaled_xavier_uniform())
+    params = pointwise.init(jax.random.key(1), x)
+    loss = lambda p, x: jnp.sum(jnp.tanh(pointwise.apply(p, x)))  # noqa: E731
+    text = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+    kernel_gradients = [line for line in text.split("\n") if re.search(r"= f32\[24,40\]\{1,0\} dot\(", line)]
+    assert len(kernel_gradients) == 1
+    assert "lhs_contracting_dims={0}, rhs_contracting_dims={0}" in kernel_gradients[0]
+    assert not re.search(r"= f32\[40,512\]", text), "the output gradient was copied channel-major"
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -11,8 +11,9 @@ up to 1.15e-5 against 6.7e-6 of its largest value (median 2.7e-6 against 1.6e-6)
 Differentiating it, the kernel gradient is  dg = G^T dU G  with, per position p of the 6 x 6
 transformed tile,  dU_p = sum over tiles of V_p^T (A dY A^T)_p,  V = B^T d B: 36 matmuls of
 (C_in, tiles) by (tiles, C_out), 36 multiply-adds per 4 x 4 output tile and channel pair
-instead of the 144 of the direct kernel gradient (F(2x2, 3x3): 64). Each transform is one small
-matmul over the flattened tiles (36 x 36, 36 x 16, 36 x 9, 9 x 36 and 16 x 36 matrices of
+instead of the 144 of the direct kernel gradient (F(2x2, 3x3): 64). The input transform runs
+as two 6 x 6 matmuls, one per side of the tile (``_input_tiles``); each other transform is one
+small matmul over the flattened tiles (36 x 16, 36 x 9, 9 x 36 and 16 x 36 matrices of
 Kronecker products), memory-bound, and each reads its operand once: written as separate sums of
 shifted slices, XLA fused the output gradient's producers (up to six skip-connection gradients
 added together) into every one of them, recomputing them each time. The tiles are 2.25x the
@@ -21,10 +22,11 @@ AVX-512 Xeon against F(2x2, 3x3) with its input transform as sums of strided sli
 there than its 4x gather and matmul: full-width regression step 0.925x), the full-width
 regression step took 0.955x its time, diffusion 0.963x, the 32-channel split regression step
 0.948x; F(4x4, 3x3)'s input transform as sums of strided slices took 0.967x, with 72 k more
-HLO instructions against 5 k. Its larger transform entries round more: the gradients of random
-128- to 256-channel convolutions are off the exact ones (float64) by 1.4e-6 - 5.6e-6 of their
-largest value, XLA's float32 convolutions' by 0.6e-6 - 3.6e-6, far below bfloat16's rounding
-(4e-3).
+HLO instructions against 5 k. Its larger transform entries round more: the gradients of the
+full-width Taiwan UNet's Winograd layers (128 and 256 channels, normal random numbers) are off
+the exact ones (float64) by 3.0e-6 - 6.0e-6 of their largest value, XLA's float32 convolutions'
+by 0.5e-6 - 3.9e-6, far below bfloat16's rounding (4e-3). ``benchmarks/winograd_accuracy.py``
+measures both accuracy comparisons.
 
 XLA:CPU computes a kernel gradient as a convolution of the input with the output gradient, its
 slowest convolution. Kernel gradient alone, F(2x2, 3x3) measured on a 2-core EPYC (float32,
@@ -73,9 +75,10 @@ _G = np.array(
 _A_T = np.array(
     [[1, 1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, -2, 0], [0, 1, 1, 1 / 4, 4, 0], [0, 1, -1, 1 / 8, -8, 1]], np.float64
 )
-# The two-sided transforms as matrices on row-major flattened tiles, vec(M X N^T) =
+_B_T32 = _B_T.astype(np.float32)
+_B_T_PER_ROW = np.broadcast_to(_B_T32, (_TILE + 2, *_B_T.shape))
+# The other two-sided transforms as matrices on row-major flattened tiles, vec(M X N^T) =
 # (M kron N) vec(X): each runs as one matmul over all tiles and channels.
-_INPUT_TRANSFORM = np.kron(_B_T, _B_T).astype(np.float32)  # (36, 36): B^T d B
 _OUTPUT_GRADIENT_TRANSFORM = np.kron(_A_T.T, _A_T.T).astype(np.float32)  # (36, 16): A dY A^T
 _KERNEL_TRANSFORM = np.kron(_G, _G).astype(np.float32)  # (36, 9): G g G^T
 _KERNEL_GRADIENT_TRANSFORM = _KERNEL_TRANSFORM.T  # (9, 36): G^T dU G
@@ -99,21 +102,26 @@ def direct_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _input_tiles(x: jax.Array) -> jax.Array:
-    """B^T d B for every 6 x 6 tile d of the zero-padded image, tiles at stride 4: (36, tiles, C)."""
+    """B^T d B for every 6 x 6 tile d of the zero-padded image, tiles at stride 4: (36, tiles, C).
+
+    Separably: B^T from the left, applied to the image's six row-strided copies (1.5 times its
+    size), then B from the right, applied to the six column-strided copies of the result: 12
+    multiply-adds per tile entry where one 36 x 36 Kronecker-product matmul takes 36. In-process
+    A/B on the AVX-512 Xeon against that matmul on 36 gathered pixel slices: full-width
+    regression step 0.958x, diffusion 0.932x, 32-channel split regression 0.984x, diffusion
+    0.996x, with 17 k fewer HLO instructions; the two separable transforms on the 36 gathered
+    slices were as fast at full width (0.960x) and 1.005x at 32 channels. A and A^T the same
+    way (output gradient, output) took 1.00x-1.01x."""
     b, h, w, c = x.shape
     th, tw = h // _TILE, w // _TILE
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     # Entry (i, j) of tile (t, s) is padded pixel (4t + i, 4s + j).
-    pixels = jnp.stack(
-        [
-            jax.lax.slice(
-                padded, (0, i, j, 0), (b, i + _TILE * (th - 1) + 1, j + _TILE * (tw - 1) + 1, c), (1, _TILE, _TILE, 1)
-            )
-            for i in range(_TILE + 2)
-            for j in range(_TILE + 2)
-        ]
-    )
-    return jnp.einsum("pq,qnc->pnc", _INPUT_TRANSFORM, pixels.reshape((_TILE + 2) ** 2, b * th * tw, c))
+    rows = [jax.lax.slice_in_dim(padded, i, i + _TILE * (th - 1) + 1, _TILE, axis=1) for i in range(_TILE + 2)]
+    rows = jnp.einsum("ai,ibtxc->abtxc", _B_T32, jnp.stack(rows))
+    tiles = [jax.lax.slice_in_dim(rows, j, j + _TILE * (tw - 1) + 1, _TILE, axis=3) for j in range(_TILE + 2)]
+    tiles = jnp.stack(tiles, axis=1).reshape(_TILE + 2, _TILE + 2, b * th * tw, c)
+    # Batched over the tile rows a, so that the matmul needs no transpose of its operand.
+    return jnp.einsum("abj,ajnc->abnc", _B_T_PER_ROW, tiles).reshape((_TILE + 2) ** 2, b * th * tw, c)
 
 
 def _output_gradient_tiles(cotangent: jax.Array) -> jax.Array:
