@@ -24,7 +24,8 @@ import numpy as np
 from jax_corrdiff.models import conv3x3
 
 TILE, TAPS = 4, 3
-POINT_SETS = {"Lavin & Gray: 0, 1, -1, 2, -2": (0, 1, -1, 2, -2), "module: 0, 1, -1, 1/2, -2": (0, 1, -1, 0.5, -2)}
+MODULE_POINTS = (0, 1, -1, 0.5, -2)
+POINT_SETS = {"Lavin & Gray: 0, 1, -1, 2, -2": (0, 1, -1, 2, -2), "module: 0, 1, -1, 1/2, -2": MODULE_POINTS}
 # (batch, height, width, in channels), out channels: the full-width Taiwan UNet's Winograd layers.
 LAYERS = (((2, 64, 64, 128), 128), ((2, 64, 64, 256), 128), ((2, 32, 32, 256), 256))
 
@@ -57,6 +58,19 @@ def cook_toom(points) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return b_t.reshape(n, n), g, a_t
 
 
+def check_module_matrices() -> None:
+    """Stop unless the construction gives ``conv3x3``'s own B^T, G and A^T for its points."""
+    constructed = cook_toom(MODULE_POINTS)
+    module = (conv3x3._B_T, conv3x3._G, conv3x3._A_T)
+    if not all(np.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(constructed, module, strict=True)):
+        raise ValueError("the Cook-Toom construction does not give conv3x3's matrices for its points")
+
+
+def relative_error(actual, exact: np.ndarray) -> float:
+    """Largest error relative to the largest exact value."""
+    return float(np.abs(np.asarray(actual, np.float64) - exact).max() / np.abs(exact).max())
+
+
 def tile_errors(points, channels: int, trials: int, seed: int = 0) -> dict:
     """Errors of float32 tiles against the float64 correlation, relative to each tile's largest value."""
     b_t, g, a_t = (m.astype(np.float32) for m in cook_toom(points))
@@ -69,7 +83,7 @@ def tile_errors(points, channels: int, trials: int, seed: int = 0) -> dict:
         u = np.einsum("pk,ckl,ql->cpq", g, kernel.astype(np.float32), g)
         v = np.einsum("pk,ckl,ql->cpq", b_t, d.astype(np.float32), b_t)
         tile = a_t @ (u * v).sum(0, dtype=np.float32) @ a_t.T
-        errors.append(np.abs(tile - exact).max() / np.abs(exact).max())
+        errors.append(relative_error(tile, exact))
     return {"median": float(np.median(errors)), "max": float(np.max(errors))}
 
 
@@ -86,10 +100,6 @@ def exact_gradients(x: np.ndarray, kernel: np.ndarray, cotangent: np.ndarray) ->
             kernel_gradient[i, j] = np.einsum("bhwc,bhwo->co", window, cotangent)
             padded_gradient[:, i : i + h, j : j + w] += cotangent @ kernel[i, j].T
     return padded_gradient[:, 1:-1, 1:-1], kernel_gradient
-
-
-def relative_error(actual, exact: np.ndarray) -> float:
-    return float(np.abs(np.asarray(actual, np.float64) - exact).max() / np.abs(exact).max())
 
 
 def layer_errors(shape, out_channels: int, seed: int) -> dict:
@@ -114,10 +124,7 @@ def main() -> None:
     parser.add_argument("--out", help="results JSON")
     args = parser.parse_args()
 
-    module = (conv3x3._B_T, conv3x3._G, conv3x3._A_T)
-    constructed = cook_toom(POINT_SETS["module: 0, 1, -1, 1/2, -2"])
-    if not all(np.allclose(a, b, atol=1e-12) for a, b in zip(constructed, module, strict=True)):
-        raise SystemExit("the Cook-Toom construction does not give conv3x3's matrices for its points")
+    check_module_matrices()
     tiles = {name: tile_errors(points, args.channels, args.trials) for name, points in POINT_SETS.items()}
     for name, errors in tiles.items():
         print(f"tile, {args.channels} channels, points {name}: median {errors['median']:.2e}, max {errors['max']:.2e}")
