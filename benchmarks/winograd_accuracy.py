@@ -123,6 +123,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="random draws per layer")
     parser.add_argument("--out", help="results JSON")
     args = parser.parse_args()
+    for option in ("channels", "trials", "seeds"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1, not {getattr(args, option)}")
 
     check_module_matrices()
     tiles = {name: tile_errors(points, args.channels, args.trials) for name, points in POINT_SETS.items()}
