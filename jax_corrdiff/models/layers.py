@@ -8,6 +8,7 @@ Normalisation statistics are always taken in float32.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -108,6 +109,60 @@ class PointwiseConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return channel_matmul(x, kernel[0, 0]) + bias
+
+
+# Odd constants of the keyed hash below: lowbias32's two multipliers (C. Wellons, "Hash function
+# prospector", 2018) and 2^32 / golden ratio, which spreads the sample index over the key.
+_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
+_GOLDEN_32 = 0x9E3779B9
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """lowbias32: xor-shift, multiply, xor-shift, multiply, xor-shift on uint32 words. A
+    bijection of 32-bit words whose every output bit depends on every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(_MIX_MULTIPLIERS[0])
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(_MIX_MULTIPLIERS[1])
+    return h ^ (h >> 16)
+
+
+def layer_dropout_seed(seed: jax.Array, layer: str) -> jax.Array:
+    """Two uint32 key words for one layer's mask, from the step's two words and the layer's name."""
+    salt = jnp.uint32(zlib.crc32(layer.encode()))
+    first = _mix32(seed[0] ^ salt)
+    return jnp.stack([first, _mix32(seed[1] ^ first)])
+
+
+def dropout(x: jax.Array, seed: jax.Array, rate: float) -> jax.Array:
+    """Inverted dropout: x / (1 - rate) where the element is kept, 0 where it is dropped.
+
+    Element (b, i) of sample b at row-major index i within the sample is dropped when
+    H = mix(mix(i ^ k0) ^ (k1 + b * 2^32/phi)) < rate * 2^32, with (k0, k1) = ``seed`` (the
+    layer's, from ``layer_dropout_seed``) and mix lowbias32: a counter-based generator, as
+    Philox is (Salmon et al. 2011). Because the mask is a function of each element's index it
+    is recomputed wherever it is needed, so XLA fuses its ~30 integer operations into the
+    dropout's consumers in the forward and the backward pass and no mask is written to memory;
+    it is also the same however the batch is sharded. Flax's ``nn.Dropout`` draws a 32-bit
+    threefry word per element, which XLA:CPU runs as a loop writing the whole mask, after a key
+    derivation loop per layer: about 290 HLO instructions per layer. In-process A/Bs against
+    it on the AVX-512 Xeon (each step compiled both ways and timed in turn, median of 18-24
+    steps): training steps 0.939x (regression) and 0.956x (diffusion) their time at full width,
+    0.936x and 0.953x at 32 channels split over two devices; 15-17 k fewer HLO lines.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return x
+    per_sample = math.prod(x.shape[1:])
+    if per_sample >= 2**32:
+        raise ValueError(f"dropout counts elements per sample in 32 bits; {x.shape} has {per_sample}")
+    strides = [math.prod(x.shape[d + 1 :]) for d in range(1, x.ndim)]
+    index = sum(jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(s) for d, s in enumerate(strides, 1))
+    sample = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0)
+    bits = _mix32(_mix32(index ^ seed[0]) ^ (seed[1] + sample * jnp.uint32(_GOLDEN_32)))
+    keep = bits >= jnp.uint32(min(round(rate * 2**32), 2**32 - 1))
+    return jnp.where(keep, x * (1.0 / (1.0 - rate)), jnp.zeros_like(x))
 
 
 # Row 2i + p (p in {0, 1}) of a nearest-neighbour 2x upsampled image copies source row i, so a
@@ -253,7 +308,8 @@ class UNetBlock(nn.Module):
         return GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name=name)
 
     @nn.compact
-    def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, emb: jax.Array, dropout_seed: jax.Array | None) -> jax.Array:
+        """``dropout_seed``: the training step's two uint32 dropout words, or None (no dropout)."""
         in_channels = x.shape[-1]
         out = self.out_channels
         h = nn.silu(self._norm("norm0")(x))
@@ -263,7 +319,8 @@ class UNetBlock(nn.Module):
             h = conv(out, 3, dtype=self.dtype, name="conv0")(downsample2x(h) if self.down else h)
         h = h + dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
         h = nn.silu(self._norm("norm1")(h))
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        if dropout_seed is not None:
+            h = dropout(h, layer_dropout_seed(dropout_seed, "/".join(self.path)), self.dropout)
         h = conv(out, 3, init_scale=1e-5, dtype=self.dtype, name="conv1")(h)
         skip = x
         if out != in_channels or self.up or self.down:

@@ -117,7 +117,11 @@ class SongUNet(nn.Module):
             if pad_h >= height or pad_w >= width:
                 raise ValueError(f"grid {height}x{width} is too small to pad to a multiple of {m}")
             x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
-        out = self._unet(x.astype(self.dtype), emb.astype(self.dtype), train)
+        # One draw of two uint32 words per step; each block hashes its own mask from them.
+        dropout_seed = (
+            jax.random.bits(self.make_rng("dropout"), (2,), jnp.uint32) if train and self.dropout > 0 else None
+        )
+        out = self._unet(x.astype(self.dtype), emb.astype(self.dtype), dropout_seed)
         out = out[:, :height, :width, :].astype(jnp.float32)
         if self.prob_channels:
             out = self._probabilities(out, train)
@@ -189,11 +193,10 @@ class SongUNet(nn.Module):
         emb = nn.silu(dense(emb_channels, dtype=jnp.float32, name="map_layer0")(emb))
         return nn.silu(dense(emb_channels, dtype=jnp.float32, name="map_layer1")(emb))
 
-    def _unet(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    def _unet(self, x: jax.Array, emb: jax.Array, dropout_seed: jax.Array | None) -> jax.Array:
         block_cls = UNetBlock
         if self.remat != "none":
-            # Argument 3 (train) is a Python bool that selects dropout: static under remat.
-            block_cls = nn.remat(UNetBlock, policy=REMAT_POLICIES[self.remat], static_argnums=(3,))
+            block_cls = nn.remat(UNetBlock, policy=REMAT_POLICIES[self.remat])
         block = lambda name, out, **kw: block_cls(  # noqa: E731
             out,
             dropout=self.dropout,
@@ -212,11 +215,11 @@ class SongUNet(nn.Module):
         skips = [x]
         for level, mult in enumerate(self.channel_mult):
             if level > 0:
-                x = block(f"enc_l{level}_down", x.shape[-1], down=True)(x, emb, train)
+                x = block(f"enc_l{level}_down", x.shape[-1], down=True)(x, emb, dropout_seed)
                 skips.append(x)
             for i in range(self.num_blocks):
                 x = block(f"enc_l{level}_block{i}", self.model_channels * mult, attention=has_attention[level])(
-                    x, emb, train
+                    x, emb, dropout_seed
                 )
                 skips.append(x)
 
@@ -226,14 +229,14 @@ class SongUNet(nn.Module):
         for level in reversed(range(levels)):
             mult = self.channel_mult[level]
             if level == levels - 1:
-                x = block(f"dec_l{level}_in0", x.shape[-1], attention=True)(x, emb, train)
-                x = block(f"dec_l{level}_in1", x.shape[-1])(x, emb, train)
+                x = block(f"dec_l{level}_in0", x.shape[-1], attention=True)(x, emb, dropout_seed)
+                x = block(f"dec_l{level}_in1", x.shape[-1])(x, emb, dropout_seed)
             else:
-                x = block(f"dec_l{level}_up", x.shape[-1], up=True)(x, emb, train)
+                x = block(f"dec_l{level}_up", x.shape[-1], up=True)(x, emb, dropout_seed)
             for i in range(self.num_blocks + 1):
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
                 attn = i == self.num_blocks and has_attention[level]
-                x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(x, emb, train)
+                x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(x, emb, dropout_seed)
 
         x = nn.silu(GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name="out_norm")(x))
         return conv(self.out_channels, 3, init_scale=1e-5, dtype=self.dtype, name="out_conv")(x)
