@@ -88,3 +88,12 @@ def test_dropout_mask_is_recomputed_where_it_is_used_not_stored():
     entry = hlo[hlo.index("ENTRY") :]
     mask_sized = [line for line in entry.splitlines() if re.search(r"= (u32|pred)\[2,32,32,16\]", line)]
     assert "f32[2,32,32,16]" in entry and not mask_sized, mask_sized
+
+
+def test_dropout_keeps_bfloat16_and_drops_the_same_elements():
+    """The GPU configs compute in bfloat16: the output stays bfloat16, with float32's mask."""
+    x = jax.random.normal(jax.random.key(0), (2, 16, 16, 8))
+    seed = layer_dropout_seed(STEP_SEED, "a")
+    low = dropout(x.astype(jnp.bfloat16), seed, 0.13)
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(low) == 0, np.asarray(dropout(x, seed, 0.13)) == 0)
