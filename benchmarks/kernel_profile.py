@@ -32,6 +32,8 @@ import speed  # noqa: E402
 
 PROGRAMS = ("regression_step", "diffusion_step", "sample_heun18")
 
+# jax.random's generators: the diffusion loss's noise, patch origins. The UNet's dropout hashes
+# element indices (``models/layers.py`` ``dropout``), fused into its consumers: it counts with them.
 _RANDOM = ("threefry", "random_bits", "_bernoulli", "_uniform", "_normal")
 _LARGEST_KERNEL = 7
 _PREFERRED_BODY_SOURCES = ("conv_general_dilated", "dot_general", "XLA convolution")
@@ -49,7 +51,7 @@ def category(instruction: str, source: str) -> str:
     if window:  # a kernel gradient's window is the image, a forward convolution's the kernel
         return "convolution gradients" if int(window.group(1)) > _LARGEST_KERNEL else "convolutions"
     if any(word in source for word in _RANDOM):
-        return "random numbers (dropout, noise)"
+        return "random numbers (jax.random)"
     backward = "transpose(" in source
     if "conv_general_dilated" in source:
         return "convolution gradients" if backward else "convolutions"
