@@ -142,8 +142,8 @@ def _winograd_correlation(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return tiles.transpose(2, 3, 0, 4, 1, 5).reshape(b, h, w, c_out)
 
 
-def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
-    """``x`` (its values unchanged for a finite cotangent), computed only once ``cotangent`` is.
+def _after(x: jax.Array, later: jax.Array) -> jax.Array:
+    """``x`` (its values unchanged for a finite ``later``), computed only once ``later`` is.
 
     The input tiles need nothing but the forward pass's ``x``, so XLA:CPU's scheduler builds
     them, 2.25 times the size of ``x``, in the forward pass and keeps every layer's until its
@@ -151,21 +151,21 @@ def _after(x: jax.Array, cotangent: jax.Array) -> jax.Array:
     for the 448 x 448 diffusion step). An ``optimization_barrier`` orders nothing here
     (XLA:CPU drops it before scheduling); a data dependency does, and XLA does not fold 0 * y
     for floats. It is per image, so a batch split over devices needs no communication. A
-    non-finite cotangent makes the image's kernel gradient non-finite, as it would be anyway."""
-    return x + 0 * cotangent[:, :1, :1, :1]
+    non-finite ``later`` makes the image's kernel gradient non-finite, as it would be anyway."""
+    return x + 0 * later[:, :1, :1, :1]
 
 
 def _kernel_after(kernel: jax.Array, cotangent: jax.Array) -> jax.Array:
     """``kernel`` (unchanged for a finite cotangent), computed only once ``cotangent`` is.
 
     The turned kernel of the input gradient (and its Winograd transform) needs only the
-    parameters. XLA copies each donated parameter at the start of a training step, so that its
-    update may overwrite it early, and turned every layer's kernel in that copy, kept to the
-    layer's backward step: 0.32 of the 1.34 GB of temporaries planned for the full-width
-    regression step. The dependency is on the whole batch's cotangent: on a batch split over
-    devices it costs one scalar all-reduce per layer (unmeasurable at 32 channels on 2 devices).
-    A non-finite cotangent anywhere makes every input gradient of the layer non-finite, where
-    it made its image's; the kernel gradients, summed over the batch, were non-finite anyway."""
+    parameters, so XLA's scheduler turned every layer's kernel at the start of the training
+    step and kept it to the layer's backward step: 0.48 GB more temporaries planned for the
+    full-width regression step. The dependency is on the whole batch's cotangent: on a batch
+    split over devices it costs one scalar all-reduce per layer (unmeasurable at 32 channels
+    on 2 devices). A non-finite cotangent anywhere makes every input gradient of the layer
+    non-finite, where it made its image's; the kernel gradients, summed over the batch, were
+    non-finite anyway."""
     return kernel + 0 * cotangent[:, :1, :1, :1].sum()
 
 
@@ -196,11 +196,16 @@ def _backward(residuals, cotangent):
     turned = jnp.flip(_kernel_after(kernel, cotangent), (0, 1)).swapaxes(2, 3)
     wide = winograd and min(kernel.shape[2:]) >= MIN_WINOGRAD_INPUT_GRADIENT_CHANNELS
     input_gradient = (_winograd_correlation if wide else direct_conv3x3)(cotangent, turned)
+    # The kernel gradient, and so the parameter's update, after the input gradient: then
+    # every read of the kernel precedes the update, and XLA updates the donated parameter in
+    # place instead of copying it at the start of the step to read the copy (0.26 GB of
+    # copies per full-width step, 24 MB less planned at its peak).
+    x = _after(x, input_gradient)
     if not winograd:
         return input_gradient, jax.vjp(lambda k: direct_conv3x3(x, k), kernel)[1](cotangent)[0]
     # Kernel gradient in the transformed domain: dU = V^T (A dY A^T) per tile position, summed
     # over tiles, then dg = G^T dU G.
-    tiles = _input_tiles(_after(x, cotangent))
+    tiles = _input_tiles(x)
     tiles_gradient = jnp.einsum("pnc,pno->pco", tiles, _output_gradient_tiles(cotangent))
     kernel_gradient = jnp.einsum("kp,pio->kio", _KERNEL_GRADIENT_TRANSFORM, tiles_gradient)
     return input_gradient, kernel_gradient.reshape(kernel.shape).astype(kernel.dtype)
