@@ -49,8 +49,13 @@ def test_cpu_gradients_equal_the_direct_convolution_s_borders_included(shape, ou
 
 
 def _planned_step_bytes(convolution, layers, size=32, channels=32):
-    """XLA's planned temporaries for a training step (gradient, then SGD on the donated kernels,
-    as training updates its parameters in place) of a chain of convolutions."""
+    """XLA's planned temporaries for ``_compiled_step``."""
+    return _compiled_step(convolution, layers, size, channels).memory_analysis().temp_size_in_bytes
+
+
+def _compiled_step(convolution, layers, size, channels):
+    """A training step (gradient, then SGD on the donated kernels, as training updates its
+    parameters in place) of a chain of convolutions, compiled."""
     x = jnp.ones((2, size, size, channels))
 
     def loss(kernels):
@@ -63,7 +68,7 @@ def _planned_step_bytes(convolution, layers, size=32, channels=32):
         return [kernel - 0.1 * gradient for kernel, gradient in zip(kernels, jax.grad(loss)(kernels))]
 
     kernels = [jnp.full((3, 3, channels, channels), 0.01)] * layers
-    return jax.jit(step, donate_argnums=0).lower(kernels).compile().memory_analysis().temp_size_in_bytes
+    return jax.jit(step, donate_argnums=0).lower(kernels).compile()
 
 
 def test_winograd_tiles_do_not_outlive_their_layer_s_backward_step():
@@ -94,19 +99,7 @@ def test_donated_kernels_are_updated_in_place():
     """Each kernel's gradient, and so its update, follows its input gradient, the last read of
     the kernel: XLA then writes the update into the donated kernel instead of copying every
     kernel at the start of the step (0.26 GB of copies per full-width Taiwan training step)."""
-    x = jnp.ones((2, 32, 32, 16))
-
-    def loss(kernels):
-        h = x
-        for kernel in kernels:
-            h = jnp.tanh(conv3x3_cpu_gradients(h, kernel))
-        return jnp.sum(h)
-
-    def step(kernels):
-        return [kernel - 0.1 * gradient for kernel, gradient in zip(kernels, jax.grad(loss)(kernels))]
-
-    kernels = [jnp.full((3, 3, 16, 16), 0.01)] * 3
-    text = jax.jit(step, donate_argnums=0).lower(kernels).compile().as_text()
+    text = _compiled_step(conv3x3_cpu_gradients, 3, 32, 16).as_text()
     entry = text[text.index("ENTRY") :]
     arguments = set(re.findall(r"%(\S+) = \S+ parameter\(", entry))
     copied = [name for name in re.findall(r" copy\(%(\S+?)\)", entry) if name in arguments]

@@ -256,8 +256,13 @@ def _group_moments(x32: jax.Array, unbiased_variance: bool):
     centered = x32 - mean
     var = group_mean(jnp.square(centered))
     if unbiased_variance:
-        var = var * (n / max(n - 1, 1))
+        var = var * _bessel_correction(n)
     return centered, mean, var
+
+
+def _bessel_correction(n: int) -> float:
+    """n / (n - 1): the biased variance of n values to the unbiased one (1 for a single value)."""
+    return n / max(n - 1, 1)
 
 
 def _group_sum(per_channel: jax.Array, groups: int) -> jax.Array:
@@ -325,7 +330,7 @@ def _group_norm_silu_backward(eps, unbiased_variance, residuals, cotangent):
     rstd = rstd[:, 0, 0, :]
     d_var = -0.5 * rstd**3 * _group_sum(d_a * scale, groups)
     if unbiased_variance:
-        d_var = d_var * (n / max(n - 1, 1))
+        d_var = d_var * _bessel_correction(n)
     d_mean = -_group_sum(dy_sum * a[:, 0, 0, :], groups)
     dx = dy * a + (d_mean / n)[:, None, None, :] + centered * (2 / n * d_var)[:, None, None, :]
     d_scale = (d_a * rstd).sum(axis=0)
