@@ -78,8 +78,8 @@ def get_config(variant: str = ""):
     # per GPU, XLA's plan for its step is 76.2 GB, all of the 76.4 GB JAX takes of the GPU
     # (launch/xla_flags.sh). Keeping only its blocks' matmul and convolution outputs for the
     # backward pass and recomputing the rest brings it to 61.1 GB (benchmarks/gpu_aot_compile.py
-    # --model china3km; README, *Compiled for a GPU without one*). What this costs per step is
-    # unmeasured; on a GPU with more memory, "none".
+    # --model china3km; benchmarks/README.md, *Compiled for a GPU without one*). What this costs
+    # per step is unmeasured; on a GPU with more memory, "none".
     config.regression.model.unet.remat = "dots"
     # Widths are the reference's (SongUNet 128 x [1,2,2,2,2], 4 blocks, attention at 28 =
     # 448 >> 4, dropout 0.13; base_config). Patched diffusion as in PhysicsNeMo: a learnable

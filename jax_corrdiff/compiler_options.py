@@ -34,7 +34,8 @@ Sampling keeps XLA's defaults: it compiled in 39.7 s on the H200.
 
 ``compiling_for(platform)`` traces and compiles for another platform than this host's default
 backend: a GPU's programs compiled ahead of time on a CPU-only machine.
-README, *Speed and memory*.
+benchmarks/README.md (*Eigen's convolutions for programs without weight gradients*, *Which
+library trains faster depends on the CPU*, *Compiled for a GPU without one*).
 """
 
 from __future__ import annotations

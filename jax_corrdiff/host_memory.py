@@ -4,10 +4,10 @@ XLA's compiler frees most of its working memory when it is done (1.6 GB for the 
 CorrDiff diffusion step on CPU), but the allocator keeps the freed pages mapped, scattered
 among live objects. A training step's temporaries are one large block (1.4 GB for that step)
 that cannot reuse scattered pages, so the first step mapped it on top and the process's peak
-resident memory held both (README, *Speed and memory*). Handing the freed pages back after
-compiling lets the peak be the larger of the two instead of their sum: for that step, peak
-resident memory 5.14 -> 4.72 GB under TCMalloc and 5.72 -> 4.34 GB under glibc
-(``benchmarks/results/peak_rss_release_cpu*.json``).
+resident memory held both (benchmarks/README.md, *Memory, and the warm start*). Handing the
+freed pages back after compiling lets the peak be the larger of the two instead of their sum:
+for that step, peak resident memory 5.14 -> 4.72 GB under TCMalloc and 5.72 -> 4.34 GB under
+glibc (``benchmarks/results/peak_rss_release_cpu*.json``).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@
 # block by mmap and unmaps it after the step, so every step the kernel zeroes and faults the
 # whole block in again (strace: one mmap/munmap pair per step; 0.17-0.22 s of system time per
 # full-width step even with huge pages). TCMalloc keeps the freed block for reuse (0.01-0.02 s of
-# system time per step): full-width training steps run 11-20% faster, PyTorch's 7-11% (README,
-# "Speed and memory"). Where it is not installed (Debian/Ubuntu: apt install
+# system time per step): full-width training steps run 11-20% faster, PyTorch's 7-11%
+# (benchmarks/README.md, "TCMalloc"). Where it is not installed (Debian/Ubuntu: apt install
 # libtcmalloc-minimal4), transparent huge pages at least cut the number of faults. An LD_PRELOAD
 # or GLIBC_TUNABLES already set is kept.
 if [[ -z "${LD_PRELOAD:-}" ]]; then
