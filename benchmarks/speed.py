@@ -15,7 +15,9 @@ given width (full = 128 channels, 80 M parameters). Rows:
 - ``sample_heun18``: regression mean + 18-step Heun residual sample (35 network evaluations),
   one input, one member: CorrDiff's generation. ``sample_euler8``: the 8-step Euler preset.
 - ``compile``: compiling the diffusion training step cold, then warm from the persistent
-  compilation cache (a second process reading the first one's cache).
+  compilation cache (a second process reading the first one's cache). ``compile_s`` counts
+  from the call that traces the step to the compiled executable, so it includes ``lower_s``
+  (tracing and lowering to StableHLO, which the cache key needs: a warm start pays it too).
 - ``matmul_peak``: the best FLOP/s of a large matmul in the same dtype: the yardstick for
   the achieved share of peak.
 
