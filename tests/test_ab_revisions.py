@@ -29,6 +29,9 @@ def test_pairs_alternate_and_ratios_are_taken_per_pair():
     assert order == ["baseline", "candidate", "candidate", "baseline"] * 2
     assert result["candidate_over_baseline_per_pair"] == pytest.approx([0.99, 0.9 / 1.1, 0.99, 0.9 / 1.1])
     assert result["candidate_over_baseline"] == pytest.approx((0.99 + 0.9 / 1.1) / 2)
+    low, median, high = result["candidate_over_baseline_quartiles"]
+    assert low == pytest.approx(0.9 / 1.1) and high == pytest.approx(0.99)
+    assert median == pytest.approx(result["candidate_over_baseline"])
     assert result["baseline"]["seconds"] == pytest.approx([1.1, 1.1**4, 1.1**5, 1.1**8])
 
 
