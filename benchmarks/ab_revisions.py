@@ -15,8 +15,8 @@ machine. Running a revision against itself shows how far the ratios spread on th
 Uncommitted changes are measured as ``HEAD $(git stash create)``: ``git stash create`` makes a
 commit of the working tree without touching it.
 
-Each worker also reports its compiled step's HLO instruction count and XLA's planned
-temporaries. The workers hold their states at the same time (two training states in memory).
+Each worker also reports its compiled step's HLO instruction and YNNPACK fusion counts and XLA's
+planned temporaries. The workers hold their states at the same time (two training states in memory).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def worker(args) -> None:
         state = init()
         compiled = step.lower(state, batch, frozen).compile()
         program = {
-            "hlo_instructions": compiled.as_text().count(" = "),
+            **speed._module_size(compiled),
             "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
             "devices": jax.device_count(),
         }
