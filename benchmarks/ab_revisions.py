@@ -112,8 +112,9 @@ def worker(args) -> None:
 
     if not jax_corrdiff.__file__.startswith(args.worker):
         raise SystemExit(f"imported {jax_corrdiff.__file__}, not the revision under {args.worker}")
-    options = speed.parse_args(["--grid", args.grid, "--width", args.width, "--dtype", args.dtype])
-    options.batch = args.batch
+    options = speed.parse_args(
+        ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
+    )
     speed._split_cores(options)
     with jax.default_matmul_precision("highest" if args.dtype == "float32" else "default"):
         step, init, batch, frozen = speed._train_parts(options, args.stage)
