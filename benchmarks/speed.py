@@ -14,10 +14,11 @@ given width (full = 128 channels, 80 M parameters). Rows:
   on CPU over the devices training would split the cores into (``jax_corrdiff.cpu_devices``).
 - ``sample_heun18``: regression mean + 18-step Heun residual sample (35 network evaluations),
   one input, one member: CorrDiff's generation. ``sample_euler8``: the 8-step Euler preset.
-- ``compile``: compiling the diffusion training step cold, then warm from the persistent
-  compilation cache (a second process reading the first one's cache). ``compile_s`` counts
-  from the call that traces the step to the compiled executable, so it includes ``lower_s``
-  (tracing and lowering to StableHLO, which the cache key needs: a warm start pays it too).
+- ``compile``: the diffusion training step as training gets it, cold (traced, lowered,
+  compiled and written to the caches), then warm (a second process loading the first one's
+  executable without tracing: ``jax_corrdiff.executable_cache``). ``compile_s`` counts from
+  the call that gets the step to the executable, so cold it includes ``lower_s`` (tracing the
+  state's shapes and the step, and lowering to StableHLO).
 - ``matmul_peak``: the best FLOP/s of a large matmul in the same dtype: the yardstick for
   the achieved share of peak.
 
@@ -380,26 +381,44 @@ def measure_sample(args, solver: str) -> dict:
 
 
 def measure_compile(args) -> dict:
-    """Lower + compile of the diffusion training step with the persistent cache in ``args.cache``,
-    and the compiled step's memory plan (how ``--remat`` trades memory at a grid too large to run)."""
+    """The diffusion training step got as training gets it (``executable_cache.load_or_compile``,
+    JAX's persistent cache in ``args.cache`` and the executable cache under it): cold, traced,
+    lowered and compiled; warm, loaded without tracing. Also the compiled step's memory plan (how
+    ``--remat`` trades memory at a grid too large to run)."""
     import jax
 
+    from jax_corrdiff import executable_cache
     from jax_corrdiff.compilation_cache import enable_compilation_cache
+    from jax_corrdiff.training.steps import train_state_shapes
 
     enable_compilation_cache(args.cache)
-    step, state, batch, frozen = _train_step(args, "diffusion")
-    start = time.perf_counter()
-    lowered = step.lower(state, batch, frozen)
-    lowered_s = time.perf_counter() - start
-    compiled = lowered.compile()
+    step, init, batch, frozen = _train_parts(args, "diffusion")
+    mesh = batch["target"].sharding.mesh
+    description = {
+        "program": "speed.py diffusion step",
+        **{k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "remat")},
+    }
+    unlowered, traced = [step], {}
+    del step  # the jit object keeps its lowering and so its executable
+
+    def lower():
+        traced["lowered"] = unlowered.pop().lower(train_state_shapes(init, mesh), batch, frozen)
+        traced["lower_s"] = time.perf_counter() - start
+        return traced["lowered"]
+
+    executables, start = os.path.join(args.cache, executable_cache.SUBDIR), time.perf_counter()
+    compiled = executable_cache.load_or_compile(executables, description, mesh, lower)
     compile_s = time.perf_counter() - start
-    stats = {**_program_stats(lowered, compiled), **_module_size(compiled)}
+    lowered = traced.pop("lowered", None)
+    stats = _program_stats(lowered, compiled) if lowered else _compiled_stats(compiled)
     program = [compiled]
-    del compiled, lowered, step  # the jit object keeps its lowering and so its executable
+    del compiled, lowered
     return {
         "compile_s": compile_s,
-        "lower_s": lowered_s,
+        "traced": bool(traced),
+        **traced,
         **stats,
+        **_module_size(program[0]),
         "cache_entries": len(os.listdir(args.cache)),
         "jax": jax.__version__,
         **_heap_held_by(program),

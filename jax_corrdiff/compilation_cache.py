@@ -11,6 +11,10 @@ A cache directory set for JAX itself (``JAX_COMPILATION_CACHE_DIR``, or
 a site-wide cache shared by many runs is what that variable is for, and JAX's cache cannot be
 moved once a process has compiled anything.
 
+JAX's cache keys a program by its lowered module, so a hit still traces the program in Python;
+training keeps its compiled steps under DIRECTORY/executables too (``executable_cache``), keyed
+on what the step is traced from, and a restart loads them without tracing.
+
 On a CPU the cache trades memory for time: XLA:CPU keeps a program loaded from it with twice the
 host heap of one it has just compiled (the full-width 64 x 64 diffusion step: 632 against 315 MB,
 README, *Speed and memory*); ``"off"`` compiles every time instead.

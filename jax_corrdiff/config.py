@@ -158,8 +158,9 @@ def base_config() -> ml_collections.ConfigDict:
     # jax.default_matmul_precision of training, saved with the models and used by generation:
     # "highest" keeps float32 matmuls/convs exact on GPUs (XLA defaults to TF32 there).
     config.matmul_precision = "highest"
-    # Persistent XLA compilation cache (jax_corrdiff.compilation_cache): "" = JAX_COMPILATION_CACHE_DIR
-    # when set, else WORKDIR/compilation_cache; a path; or "off".
+    # Persistent XLA compilation cache (jax_corrdiff.compilation_cache) and, in its executables/,
+    # the compiled training steps a restart loads without tracing (jax_corrdiff.executable_cache):
+    # "" = JAX_COMPILATION_CACHE_DIR when set, else WORKDIR/compilation_cache; a path; or "off".
     config.compilation_cache_dir = ""
     config.data = _data()
     config.regression = ml_collections.ConfigDict()

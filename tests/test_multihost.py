@@ -114,6 +114,7 @@ def test_two_processes_train_like_one_checkpoint_once_and_resume(tmp_path):
 
     (output,) = _wait(_start(2, 2, _train_args(two, 32), tmp_path / "two_b.log"))
     assert output.count("resumed from step 4") == 2  # both processes
+    assert output.count("train_step loaded from") == 2  # ... each its own compiled step, untraced
     assert sorted(os.listdir(checkpoints), key=int) == ["4", "6", "8"]  # keep_checkpoints = 3
 
     # Logs written once (process 0): one training-metrics line per logged step.

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from jax_corrdiff import executable_cache
 from jax_corrdiff.config import set_stages
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.training import loop
@@ -60,33 +61,56 @@ def _final(workdir):
     return saved.variables, saved.source["step"]
 
 
-def _recording(monkeypatch, calls: list, name: str, label: str):
-    """Append ``label`` to ``calls`` whenever ``loop.<name>`` is called."""
-    original = getattr(loop, name)
+def _recording(monkeypatch, calls: list, module, name: str, label: str):
+    """Append ``label`` to ``calls`` whenever ``module.<name>`` is called."""
+    original = getattr(module, name)
 
     def record(*args, **kwargs):
         calls.append(label)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, name, record)
+    monkeypatch.setattr(module, name, record)
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, monkeypatch):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     train_and_evaluate(smoke(16), straight)
     calls = []
-    _recording(monkeypatch, calls, "compile_then_release", "compile step")
-    _recording(monkeypatch, calls, "init_state", "initialise")
+    _recording(monkeypatch, calls, executable_cache, "compile_then_release", "compile step")
+    _recording(monkeypatch, calls, loop, "init_state", "initialise")
     train_and_evaluate(smoke(8), resumed)  # stopped after 8 steps
-    # The step is compiled before the state exists, and a resumed run never initialises.
-    assert calls == ["compile step", "initialise"]
+    # The step is compiled (or loaded) before the state exists.
+    assert calls[-1] == "initialise" and calls.count("initialise") == 1
     train_and_evaluate(smoke(16), resumed)  # the same run, continued to 16
-    assert calls == ["compile step", "initialise", "compile step"]
+    assert calls.count("initialise") == 1  # a resumed run never initialises
     a, step_a = _final(straight)
     b, step_b = _final(resumed)
     assert step_a == step_b == 16
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
     assert history(resumed, "regression")[-1]["step"] == 16
+
+
+def test_a_restarted_run_loads_its_training_step_without_tracing(tmp_path):
+    """Two processes, the second extending the first's run: the first compiles the step and
+    keeps it in the workdir's executable cache, the second loads it and traces nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # the workdir's caches
+    outputs = []
+    for samples in (16, 32):
+        command = [
+            sys.executable,
+            "-m",
+            "jax_corrdiff.train",
+            "--config=configs/demo.py:smoke",
+            "--config.stage=regression",
+        ]
+        command += [f"--workdir={tmp_path}", f"--config.regression.training.total_samples={samples}"]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    assert "train_step compiled in" in outputs[0] and "train_step loaded from" not in outputs[0]
+    assert "train_step loaded from" in outputs[1] and "train_step compiled in" not in outputs[1]
+    assert "resumed from step 4" in outputs[1]
+    assert len(os.listdir(tmp_path / "compilation_cache" / "executables")) == 1
 
 
 def test_a_run_stopped_on_one_device_resumes_on_four(tmp_path):

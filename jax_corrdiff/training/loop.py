@@ -3,8 +3,9 @@
 ``train_stage`` composes five pieces that can also be called alone:
     build_stage (training.stage) -> compile_train_step -> restore (or init_state) -> run -> export
 and runs them at the config's matmul precision. The step is compiled from the shapes of the
-state and batches before the state exists, and a resumed run reads its checkpoint into those
-shapes without initialising.
+state and batches before the state exists, or loaded from the executable cache without tracing
+it (``executable_cache``), and a resumed run reads its checkpoint into the shapes the compiled
+step takes without initialising.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import shutil
 import jax
 import numpy as np
 
+from jax_corrdiff import executable_cache
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
 from jax_corrdiff.config import check_training_config
-from jax_corrdiff.host_memory import compile_then_release, release_freed_memory
+from jax_corrdiff.host_memory import release_freed_memory
 from jax_corrdiff.mesh import batch_sharded, local_batch_size, to_global
 from jax_corrdiff.model_dir import SavedModel, save_model
 from jax_corrdiff.models.factory import example_inputs
@@ -76,21 +78,39 @@ def batch_shapes(stage: Stage, data: TrainingData) -> dict[str, jax.ShapeDtypeSt
     }
 
 
-def compile_train_step(stage: Stage, state: TrainState, batch: dict[str, jax.ShapeDtypeStruct]):
-    """The stage's training step compiled for the shapes ``state`` (``state_shapes``) and
-    ``batch`` (``batch_shapes``), so before the state exists (``compile_then_release``: the jit
-    object is built there and dropped with its traces)."""
-    return compile_then_release(
-        lambda: make_train_step(
-            stage.loss_fn, stage.optimizer, stage.training, stage.global_batch, stage.seed, stage.mesh
-        ).lower(state, batch, stage.frozen)
+def lower_train_step(stage: Stage, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+    """The stage's training step traced and lowered for the state's shapes (``state_shapes``)
+    and ``batch`` (``batch_shapes``)."""
+    step = make_train_step(stage.loss_fn, stage.optimizer, stage.training, stage.global_batch, stage.seed, stage.mesh)
+    return step.lower(state_shapes(stage), batch, stage.frozen)
+
+
+def compile_train_step(stage: Stage, batch: dict[str, jax.ShapeDtypeStruct], executables: str | None):
+    """The stage's training step (``lower_train_step``): loaded from the executable cache in
+    directory ``executables`` when a run compiled it before, else compiled before the state
+    exists (``compile_then_release``: the jit object is built there and dropped with its traces)
+    and added to the cache (None: no cache). ``train_state_shapes_of`` gives the state's shapes."""
+    description = {
+        "program": "train_step",
+        **stage.description,
+        "batch": executable_cache.describe_arguments(batch),
+        "frozen": executable_cache.describe_arguments(stage.frozen),
+    }
+    return executable_cache.load_or_compile(
+        executables, description, stage.mesh, lambda: lower_train_step(stage, batch)
     )
+
+
+def train_state_shapes_of(train_step) -> TrainState:
+    """The shapes, dtypes and shardings of the state a compiled training step takes."""
+    return executable_cache.argument_shapes(train_step)[0]
 
 
 def restore(stage: Stage, shapes: TrainState, checkpoints: TrainingCheckpoints, iterator) -> tuple[TrainState, int]:
     """The latest checkpoint's state and step, the data iterator moved to the checkpoint's
     position in place; a fresh state (``init_state``) and 0 when there is none. A resumed run
-    never initialises: the checkpoint is read into ``shapes`` (``state_shapes(stage)``)."""
+    never initialises: the checkpoint is read into ``shapes`` (``train_state_shapes_of`` the
+    compiled step, or ``state_shapes(stage)``)."""
     start = checkpoints.latest_step() or 0
     if not start:
         return init_state(stage), 0
@@ -215,10 +235,10 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
             "model_config": built.model_config,
             "normalization": data.normalizer.to_dict(),
         }
-        # Traced once: each trace of the initialisation takes 1.4 s at Taiwan width.
-        shapes = state_shapes(built)
-        train_step = compile_train_step(built, shapes, batch_shapes(built, data))
-        state, start = restore(built, shapes, checkpoints, iterator)
+        cache = cache_dir(config.compilation_cache_dir, workdir)
+        executables = cache and os.path.join(cache, executable_cache.SUBDIR)
+        train_step = compile_train_step(built, batch_shapes(built, data), executables)
+        state, start = restore(built, train_state_shapes_of(train_step), checkpoints, iterator)
         state = run(built, train_step, state, start, iterator, data, checkpoints, meta)
         checkpoints.close()
         return export(built, state, data)

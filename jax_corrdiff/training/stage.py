@@ -7,6 +7,7 @@ initialises or restores the state, runs the steps and exports the model director
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -99,6 +100,9 @@ class Stage:
     loss_fn: PerSampleLoss
     frozen: Any  # variables that are inputs but not trained: the diffusion stage's regression network
     optimizer: optax.GradientTransformation
+    # What the training step is traced from besides the source and its arguments' shapes: the
+    # compiled step's cache key (``executable_cache``). What ``build_stage`` reads must be here.
+    description: dict
     # Written into the exported model's provenance ("source"): the diffusion stage's residual_mean.
     export_source: dict = dataclasses.field(default_factory=dict)
 
@@ -111,27 +115,28 @@ class Stage:
         return int(self.training.total_samples) // self.global_batch
 
 
-def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any]:
+def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any, list]:
     """The residual's mean (``diffusion.mean``): the trained regression network the diffusion
     stage conditions on (variables replicated), its cross-fitted fold models (variables stacked,
-    ``diffusion.cross_fit``), or the interpolated coarse input (no variables)."""
+    ``diffusion.cross_fit``), or the interpolated coarse input (no variables); and the configs of
+    the networks it loaded."""
     if config.diffusion.mean not in RESIDUAL_MEANS:
         raise ValueError(f"diffusion.mean must be one of {RESIDUAL_MEANS}, got {config.diffusion.mean!r}")
     if config.diffusion.mean == "interpolation":
-        return InterpolationMean.from_data(layout, data.normalizer), {}
+        return InterpolationMean.from_data(layout, data.normalizer), {}, []
     cross_fit = CrossFit.from_config(config)
     if cross_fit is None:
         path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
         saved = load_model(path)
         _check_conditioning(saved, path, layout)
-        return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh))
+        return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh)), [saved.config]
     folds = load_fold_models(workdir)
     if len(folds) != cross_fit.folds:
         raise ValueError(f"{workdir}: {len(folds)} regression fold models, diffusion.cross_fit.folds={cross_fit.folds}")
     for k, fold in enumerate(folds):
         _check_conditioning(fold, fold_directory(workdir, k), layout)
     mean, stacked = fold_mean(folds)
-    return mean, jax.device_put(stacked, replicated(mesh))
+    return mean, jax.device_put(stacked, replicated(mesh)), [fold.config for fold in folds]
 
 
 def _check_conditioning(saved, path: str, layout: ConditioningLayout) -> None:
@@ -161,6 +166,7 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
     layout = conditioning_layout(config, stage, data)
     net_config = model_config(config, stage, layout, data.grid[0].shape)
     model = build_model(net_config)
+    frozen_models = []
     if stage == "regression":
         loss_fn, frozen = regression_per_sample_loss(model), {}
     elif stage == "prior":
@@ -171,7 +177,7 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         )
         frozen = {}
     else:
-        regression, frozen = _frozen_regression(config, workdir, layout, mesh, data)
+        regression, frozen, frozen_models = _frozen_regression(config, workdir, layout, mesh, data)
         loss_fn = _diffusion_loss(config, model, regression, layout)
     if fold is not None and stage != "regression":
         raise ValueError(f"only the regression stage has cross-fitting folds, not {stage!r}")
@@ -189,7 +195,39 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         frozen=frozen,
         optimizer=make_optimizer(training, int(training.batch_size)),
         export_source=_export_source(config, stage, fold),
+        description={
+            "config": step_config(config),
+            "stage": stage,
+            "normalization": data.normalizer.to_dict(),
+            "grid": list(data.grid[0].shape),
+            "lead_time_steps": data.lead_time_steps,
+            "frozen_models": frozen_models,
+        },
     )
+
+
+# Training settings only the loop reads (how long, how often to log, validate and checkpoint),
+# and which stages run and where the compilation cache lives: a run extended or resumed with
+# other values of these trains with the same step.
+_LOOP_ONLY = (
+    "total_samples",
+    "log_every_steps",
+    "eval_every_steps",
+    "eval_batches",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+)
+
+
+def step_config(config) -> dict:
+    """The run config as the training step depends on it: without the loop's own settings."""
+    settings = json.loads(config.to_json())
+    for name in ("stage", "compilation_cache_dir"):
+        settings.pop(name)
+    for stage in ("regression", "diffusion", "prior"):
+        for name in _LOOP_ONLY:
+            settings[stage]["training"].pop(name)
+    return settings
 
 
 def _export_source(config, stage: str, fold: int | None) -> dict:
