@@ -115,7 +115,9 @@ def test_settings_left_out_of_the_key_do_not_change_the_step(tmp_path):
 
 
 def test_a_compiled_or_loaded_step_takes_the_traced_state_shapes(tmp_path):
-    stage, batch = _stage_and_batch(smoke(4), str(tmp_path))
+    # A learning rate no other test trains with: a program JAX's cache (the run's) has not seen,
+    # which XLA compiles and the executable cache keeps.
+    stage, batch = _stage_and_batch(smoke(4, **{"regression.training.lr": 1.234e-3}), str(tmp_path))
     executables = str(tmp_path / "executables")
     with jax.default_matmul_precision("highest"):
         compiled = compile_train_step(stage, batch, executables)
