@@ -11,7 +11,8 @@
 #   train     both training steps side by side with PhysicsNeMo
 #   sample    18-step and 8-step samples side by side
 #   profile   where the 18-step sample's and the training steps' kernel time goes (kernel_profile.py)
-#   compile   matmul peak; compile cold and warm from the persistent cache
+#   compile   matmul peak; the diffusion step compiled cold, then loaded warm from the executable
+#             cache without tracing (the warm start target: <= 5 s)
 #   remat     rematerialisation's memory/time effect, and whether XLA:GPU keeps it
 #   conus     a 1056 x 1792 CONUS sample
 #   fp32      float32 side by side
