@@ -2,10 +2,11 @@
 neither traces nor compiles its training step.
 
 JAX's persistent compilation cache (``compilation_cache``) keys a program by its lowered
-module: a warm start there still traces and lowers the step in Python, 6.3 s of the 448 x 448
-Taiwan diffusion step's 16 s warm start on a 2-core Xeon, and tracing alone is 4 of the
-32-channel 64 x 64 step's 13.5 s (benchmarks/README.md, *A warm start without tracing*). This
-cache keys the compiled executable on what the traced program is a function of:
+module: a warm start there still traces and lowers the step in Python, 6.0 s of the 448 x 448
+Taiwan diffusion step's 15.7 s warm start on a 2-core Xeon (10.1 s loaded from this cache), and
+tracing alone is 4 of the 32-channel 64 x 64 step's 13.5 s (benchmarks/README.md, *A warm start
+without tracing*). This cache keys the compiled executable on what the traced program is a
+function of:
 
 - the caller's description of the program: for training, ``Stage.description`` (the run config
   without the loop's own settings, the stage, the data's grid, lead times and normalisation, the
@@ -19,6 +20,9 @@ A description must therefore name every input of the trace that the source does 
 left out would serve runs that differ in it a program traced for another value. A cache
 directory is trusted as the code is: what it holds runs (native code and pickled tree
 structures), as in JAX's own cache.
+
+Entries are never evicted (one per program and version of the source, 32 MB for the full-width
+Taiwan diffusion step); deleting any of them costs only a compile.
 
 Only programs XLA compiled are kept. When JAX's persistent cache serves one instead (the same
 module under another key: an edit that left the program unchanged), it is used and not kept:
