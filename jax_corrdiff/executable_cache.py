@@ -138,13 +138,12 @@ def load_or_compile(
         log.info("%s came from JAX's persistent cache: not kept in %s", description.get("program"), directory)
         return compiled
     try:
-        serialized = pickle.dumps(serialize_executable.serialize(compiled))
-    except Exception as error:  # noqa: BLE001 - a backend that cannot serialise this program
-        log.warning("the compiled program cannot be cached (%s: %s)", type(error).__name__, error)
-    else:
-        _write_atomically(path, serialized)
-        del serialized
-        release_freed_memory()  # the serialised copy's pages, before the program first runs
+        _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
+    except Exception as error:  # noqa: BLE001 - a backend that cannot serialise it, a directory not writable
+        log.warning(
+            "%s cannot be cached in %s (%s: %s)", description.get("program"), directory, type(error).__name__, error
+        )
+    release_freed_memory()  # the serialised copy's pages, before the program first runs
     return compiled
 
 

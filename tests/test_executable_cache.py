@@ -57,6 +57,19 @@ def test_a_cached_program_is_loaded_without_tracing_and_runs_as_compiled(tmp_pat
     assert calls == ["traced", "traced"]
 
 
+def test_a_cache_that_cannot_be_written_warns_and_the_program_runs(tmp_path, caplog):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    calls, mesh = [], make_mesh(2)
+    with caplog.at_level(logging.WARNING, logger="jax_corrdiff"):
+        compiled = executable_cache.load_or_compile(
+            str(blocked / "cache"), {"program": "p"}, mesh, _lowering(calls, 4.0)
+        )
+    assert "cannot be cached" in caplog.text
+    sharding = executable_cache.argument_shapes(compiled)[0]["w"].sharding
+    np.testing.assert_array_equal(compiled({"w": jax.device_put(np.ones(3, np.float32), sharding)})[0]["w"], [4.0] * 3)
+
+
 @pytest.fixture
 def jax_cache_keeps_everything():
     """JAX's persistent cache (the test run's, conftest.py) keeps programs however fast they compiled."""
