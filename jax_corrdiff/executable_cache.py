@@ -1,5 +1,5 @@
 """Compiled programs kept across runs under a key known before tracing, so a restarted job
-neither traces nor compiles its training step.
+neither traces nor compiles its training step or its sampling program.
 
 JAX's persistent compilation cache (``compilation_cache``) keys a program by its lowered
 module: a warm start there still traces and lowers the step in Python, 6.0 s of the 448 x 448
@@ -10,7 +10,9 @@ function of:
 
 - the caller's description of the program: for training, ``Stage.description`` (the run config
   without the loop's own settings, the stage, the data's grid, lead times and normalisation, the
-  frozen networks' configs) and the shapes of the batch and the frozen variables;
+  frozen networks' configs) and the shapes of the batch and the frozen variables; for
+  generation, the reprs of the networks, conditioning and sampler it closes over
+  (``describe_objects``) and the shapes of its arguments;
 - this package's source, the versions of the libraries that trace and compile it, XLA_FLAGS and
   JAX's configuration;
 - the backend, the mesh with its devices, this process's place in the job, and the host CPU's
@@ -90,6 +92,21 @@ def _environment(mesh: Mesh) -> dict:
         "process": [jax.process_index(), jax.process_count()],
         "cpu_flags": sorted(cpu_flags()),
     }
+
+
+def directory() -> str | None:
+    """The executable cache of this process: ``executables/`` in JAX's persistent cache
+    directory (``compilation_cache.enable_compilation_cache``), none where that is unset."""
+    jax_cache = jax.config.jax_compilation_cache_dir
+    return os.path.join(jax_cache, SUBDIR) if jax_cache else None
+
+
+def describe_objects(*objects: Any) -> list[str] | None:
+    """The reprs of Flax modules, dataclasses and plain values a program closes over: for Flax
+    modules every attribute, so the network's whole definition. None where a repr would not
+    tell two objects apart (numpy's summary of a long array, an object known only by address)."""
+    texts = [repr(o) for o in objects]
+    return None if any("..." in t or " at 0x" in t for t in texts) else texts
 
 
 def describe_arguments(tree: Any) -> list:

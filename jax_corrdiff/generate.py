@@ -70,8 +70,8 @@ _TILE_DEVICES = flags.DEFINE_integer(
 _CACHE = flags.DEFINE_string(
     "compilation_cache",
     "",
-    "Persistent XLA compilation cache: a directory, 'off', or '' = JAX_COMPILATION_CACHE_DIR when set, else"
-    " WORKDIR/compilation_cache.",
+    "Persistent XLA compilation cache, and in its executables/ the compiled sampling program a later run loads"
+    " untraced: a directory, 'off', or '' = JAX_COMPILATION_CACHE_DIR when set, else WORKDIR/compilation_cache.",
 )
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace an existing output (a rerun otherwise finishes it, with the same settings only)."

@@ -106,6 +106,20 @@ def test_the_key_follows_the_description_the_mesh_and_the_environment(monkeypatc
     assert key({"a": 1}, mesh) != plain
 
 
+def test_objects_are_described_by_their_whole_repr_or_not_at_all():
+    import flax.linen as nn
+
+    class Tiny(nn.Module):
+        width: int
+        kind: str = "a"
+
+    described = executable_cache.describe_objects(Tiny(3), (1, "a"), 2.5)
+    assert "width = 3" in described[0] and "kind = 'a'" in described[0] and described[1:] == ["(1, 'a')", "2.5"]
+    assert described != executable_cache.describe_objects(Tiny(4), (1, "a"), 2.5)
+    assert executable_cache.describe_objects(np.zeros(2000)) is None  # numpy's summary: "..."
+    assert executable_cache.describe_objects(lambda x: x) is None  # known only by its address
+
+
 def _stage_and_batch(config, workdir):
     data = TrainingData.open(config, workdir)
     stage = build_stage(config, "regression", workdir, data)

@@ -1,5 +1,6 @@
 """python -m jax_corrdiff.generate on the smoke demo: CF output, reproducibility, resume, errors."""
 
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,25 @@ def test_command_writes_cf_netcdf_in_physical_units(smoke_workdir, tmp_path):
     assert ds.lat.attrs["standard_name"] == "latitude" and ds.time.values[0] == np.datetime64("2019-03-22T00")
     assert ds.completed.values.tolist() == [1, 1]
     assert "dpmpp_2m" in ds.attrs["sampler"]  # --solver replaces the preset's Euler
+
+
+def test_a_second_run_loads_its_program_without_tracing_and_writes_the_same(smoke_workdir, tmp_path):
+    """The compiled sampling program is kept in the executable cache: a second process loads it."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # a cache of its own
+    command = [sys.executable, "-m", "jax_corrdiff.generate", f"--workdir={smoke_workdir}", f"--input={ERA5}"]
+    command += ["--coarsen", "--members=2", "--times=2019-03-22T00,2019-03-22T01", "--steps=3"]
+    command += [f"--compilation_cache={tmp_path / 'cache'}"]
+    logs = []
+    for name in ("first", "second"):
+        result = subprocess.run(
+            [*command, f"--output={tmp_path / name}.nc"], env=env, capture_output=True, text=True, check=False
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(result.stdout + result.stderr)
+    assert "generate compiled in" in logs[0] and "generate loaded from" not in logs[0]
+    assert "generate loaded from" in logs[1] and "generate compiled in" not in logs[1]
+    first, second = (xr.open_dataset(tmp_path / f"{name}.nc") for name in ("first", "second"))
+    np.testing.assert_array_equal(first.t2m.values, second.t2m.values)
 
 
 def test_same_seed_same_output_whatever_the_batching(smoke_workdir, tmp_path):

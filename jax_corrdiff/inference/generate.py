@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff import executable_cache
 from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.data.normalization import Normalizer
@@ -203,17 +204,39 @@ def _check_inputs(model: CorrDiffModel, inputs: InferenceInputs) -> None:
 
 
 def _step_maker(model: CorrDiffModel, inputs: InferenceInputs, sampler, members: int, member_batch_size: int | None):
-    """``make_step(mesh)`` for ``write_ensembles``: a batch's regression mean and members, compiled."""
+    """``make_step(mesh)`` for ``write_ensembles``: a batch's regression mean and members,
+    compiled for the first batch's shapes, or loaded untraced from the executable cache
+    (``executable_cache``: every batch has the first one's shapes, ``Batch.sharded``)."""
     norm, static = model.normalizer, model.normalizer.normalize_static(inputs.static).astype(np.float32)
     labels = np.zeros(len(inputs), np.int32) if inputs.lead_time_labels is None else inputs.lead_time_labels
+    # What make_generate_fn's program is traced from besides the source and its arguments.
+    described = executable_cache.describe_objects(
+        model.regression,
+        model.diffusion,
+        model.conditioning,
+        tuple(norm.target_channels),
+        model.inference_mode,
+        sampler,
+    )
 
     def make_step(mesh):
         fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
         variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
+        program = []
 
         def step(batch: Batch):
             img_lr = batch.sharded(norm.img_lr(batch.raw_inputs, static))
-            return fn(*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
+            args = (*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
+            if not program:
+                description = {
+                    "program": "generate",
+                    "closed_over": described,
+                    "members": [members, member_batch_size],
+                    "arguments": executable_cache.describe_arguments(args),
+                }
+                directory = executable_cache.directory() if described else None
+                program.append(executable_cache.load_or_compile(directory, description, mesh, lambda: fn.lower(*args)))
+            return program[0](*args)
 
         return step
 

@@ -235,9 +235,7 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
             "model_config": built.model_config,
             "normalization": data.normalizer.to_dict(),
         }
-        cache = cache_dir(config.compilation_cache_dir, workdir)
-        executables = cache and os.path.join(cache, executable_cache.SUBDIR)
-        train_step = compile_train_step(built, batch_shapes(built, data), executables)
+        train_step = compile_train_step(built, batch_shapes(built, data), executable_cache.directory())
         state, start = restore(built, train_state_shapes_of(train_step), checkpoints, iterator)
         state = run(built, train_step, state, start, iterator, data, checkpoints, meta)
         checkpoints.close()
