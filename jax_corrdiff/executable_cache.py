@@ -10,9 +10,10 @@ function of:
 
 - the caller's description of the program: for training, ``Stage.description`` (the run config
   without the loop's own settings, the stage, the data's grid, lead times and normalisation, the
-  frozen networks' configs) and the shapes of the batch and the frozen variables; for
-  generation, the reprs of the networks, conditioning and sampler it closes over
-  (``describe_objects``) and the shapes of its arguments;
+  reprs of the networks the loss closes over) and the shapes of the batch and the frozen
+  variables; for generation, the reprs of the networks, conditioning and sampler it closes over
+  and the shapes of its arguments (``describe_objects``: a Flax module's repr lists every
+  attribute);
 - this package's source, the versions of the libraries that trace and compile it, XLA_FLAGS and
   JAX's configuration;
 - the backend, the mesh with its devices, this process's place in the job, and the host CPU's
@@ -124,12 +125,13 @@ def program_key(description: dict, mesh: Mesh) -> str:
 
 
 def load_or_compile(
-    directory: str | None, description: dict, mesh: Mesh, lower: Callable[[], jax.stages.Lowered]
+    directory: str | None, description: dict | None, mesh: Mesh, lower: Callable[[], jax.stages.Lowered]
 ) -> jax.stages.Compiled:
     """The program ``description`` names, for ``mesh``: loaded from ``directory`` when cached
-    there, else ``lower()`` compiled (``compile_then_release``) and written there. None: no
-    cache, always compiled."""
-    if directory is None:
+    there, else ``lower()`` compiled (``compile_then_release``) and written there. Always
+    compiled where there is no directory, or no description (``describe_objects`` could not
+    tell what the program closes over)."""
+    if directory is None or description is None:
         return compile_then_release(lower)
     path = os.path.join(directory, f"{program_key(description, mesh)}.executable")
     start = time.perf_counter()

@@ -55,6 +55,9 @@ def test_a_cached_program_is_loaded_without_tracing_and_runs_as_compiled(tmp_pat
     assert calls == ["traced", "traced"] and "cannot be loaded" in caplog.text
     executable_cache.load_or_compile(str(tmp_path), description, mesh, _lowering(calls, 2.0))
     assert calls == ["traced", "traced"]
+    # A program that could not be described (describe_objects gave None) is compiled, not kept.
+    executable_cache.load_or_compile(str(tmp_path / "undescribed"), None, mesh, _lowering(calls, 2.0))
+    assert calls == ["traced", "traced", "traced"] and not os.path.exists(tmp_path / "undescribed")
 
 
 def test_a_cache_that_cannot_be_written_warns_and_the_program_runs(tmp_path, caplog):

@@ -228,13 +228,13 @@ def _step_maker(model: CorrDiffModel, inputs: InferenceInputs, sampler, members:
             img_lr = batch.sharded(norm.img_lr(batch.raw_inputs, static))
             args = (*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
             if not program:
-                description = {
+                description = described and {
                     "program": "generate",
                     "closed_over": described,
                     "members": [members, member_batch_size],
                     "arguments": executable_cache.describe_arguments(args),
                 }
-                directory = executable_cache.directory() if described else None
+                directory = executable_cache.directory()
                 program.append(executable_cache.load_or_compile(directory, description, mesh, lambda: fn.lower(*args)))
             return program[0](*args)
 

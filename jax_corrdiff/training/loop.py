@@ -90,7 +90,7 @@ def compile_train_step(stage: Stage, batch: dict[str, jax.ShapeDtypeStruct], exe
     directory ``executables`` when a run compiled it before, else compiled before the state
     exists (``compile_then_release``: the jit object is built there and dropped with its traces)
     and added to the cache (None: no cache). ``train_state_shapes_of`` gives the state's shapes."""
-    description = {
+    description = stage.description and {
         "program": "train_step",
         **stage.description,
         "batch": executable_cache.describe_arguments(batch),

@@ -15,6 +15,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
+from jax_corrdiff import executable_cache
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout, PatchSettings
 from jax_corrdiff.diffusion.ddpm import alpha_bar
 from jax_corrdiff.diffusion.residual_mean import RESIDUAL_MEANS, InterpolationMean
@@ -101,8 +102,9 @@ class Stage:
     frozen: Any  # variables that are inputs but not trained: the diffusion stage's regression network
     optimizer: optax.GradientTransformation
     # What the training step is traced from besides the source and its arguments' shapes: the
-    # compiled step's cache key (``executable_cache``). What ``build_stage`` reads must be here.
-    description: dict
+    # compiled step's cache key (``executable_cache``; None: not cached). What ``build_stage``
+    # reads must be here.
+    description: dict | None
     # Written into the exported model's provenance ("source"): the diffusion stage's residual_mean.
     export_source: dict = dataclasses.field(default_factory=dict)
 
@@ -115,28 +117,27 @@ class Stage:
         return int(self.training.total_samples) // self.global_batch
 
 
-def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any, list]:
+def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any]:
     """The residual's mean (``diffusion.mean``): the trained regression network the diffusion
     stage conditions on (variables replicated), its cross-fitted fold models (variables stacked,
-    ``diffusion.cross_fit``), or the interpolated coarse input (no variables); and the configs of
-    the networks it loaded."""
+    ``diffusion.cross_fit``), or the interpolated coarse input (no variables)."""
     if config.diffusion.mean not in RESIDUAL_MEANS:
         raise ValueError(f"diffusion.mean must be one of {RESIDUAL_MEANS}, got {config.diffusion.mean!r}")
     if config.diffusion.mean == "interpolation":
-        return InterpolationMean.from_data(layout, data.normalizer), {}, []
+        return InterpolationMean.from_data(layout, data.normalizer), {}
     cross_fit = CrossFit.from_config(config)
     if cross_fit is None:
         path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
         saved = load_model(path)
         _check_conditioning(saved, path, layout)
-        return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh)), [saved.config]
+        return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh))
     folds = load_fold_models(workdir)
     if len(folds) != cross_fit.folds:
         raise ValueError(f"{workdir}: {len(folds)} regression fold models, diffusion.cross_fit.folds={cross_fit.folds}")
     for k, fold in enumerate(folds):
         _check_conditioning(fold, fold_directory(workdir, k), layout)
     mean, stacked = fold_mean(folds)
-    return mean, jax.device_put(stacked, replicated(mesh)), [fold.config for fold in folds]
+    return mean, jax.device_put(stacked, replicated(mesh))
 
 
 def _check_conditioning(saved, path: str, layout: ConditioningLayout) -> None:
@@ -166,7 +167,7 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
     layout = conditioning_layout(config, stage, data)
     net_config = model_config(config, stage, layout, data.grid[0].shape)
     model = build_model(net_config)
-    frozen_models = []
+    regression = None  # the residual's mean, for the diffusion stage
     if stage == "regression":
         loss_fn, frozen = regression_per_sample_loss(model), {}
     elif stage == "prior":
@@ -177,7 +178,7 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         )
         frozen = {}
     else:
-        regression, frozen, frozen_models = _frozen_regression(config, workdir, layout, mesh, data)
+        regression, frozen = _frozen_regression(config, workdir, layout, mesh, data)
         loss_fn = _diffusion_loss(config, model, regression, layout)
     if fold is not None and stage != "regression":
         raise ValueError(f"only the regression stage has cross-fitting folds, not {stage!r}")
@@ -195,15 +196,22 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         frozen=frozen,
         optimizer=make_optimizer(training, int(training.batch_size)),
         export_source=_export_source(config, stage, fold),
-        description={
-            "config": step_config(config),
-            "stage": stage,
-            "normalization": data.normalizer.to_dict(),
-            "grid": list(data.grid[0].shape),
-            "lead_time_steps": data.lead_time_steps,
-            "frozen_models": frozen_models,
-        },
+        description=_step_description(config, stage, data, executable_cache.describe_objects(model, regression)),
     )
+
+
+def _step_description(config, stage: str, data: TrainingData, networks: list[str] | None) -> dict | None:
+    """``Stage.description``: none where the networks the loss closes over cannot be described."""
+    if networks is None:
+        return None
+    return {
+        "config": step_config(config),
+        "stage": stage,
+        "normalization": data.normalizer.to_dict(),
+        "grid": list(data.grid[0].shape),
+        "lead_time_steps": data.lead_time_steps,
+        "networks": networks,
+    }
 
 
 # Training settings only the loop reads (how long, how often to log, validate and checkpoint),
