@@ -42,7 +42,7 @@ def _trained_run_steps(config, workdir: str):
     def build(stage_name: str, devices: int):
         config.num_devices = devices
         stage = build_stage(config, stage_name, workdir, data)
-        batch = step_batch(next(data.train_iterator(stage.global_batch, seed=0)))
+        batch = step_batch(next(stage.data.train_iterator(stage.global_batch, seed=0)))
         step = make_train_step(
             stage.loss_fn, stage.optimizer, stage.training, stage.global_batch, stage.seed, stage.mesh
         )

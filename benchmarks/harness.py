@@ -303,13 +303,20 @@ def hourly_times(period: list[str], stride: int = 1) -> list[str]:
 
 
 def add_model_arguments(parser, *, grid: str, width: str, dtype: str, batch: int) -> None:
-    """--grid, --width, --dtype, --batch and --remat: the Taiwan model ``speed.model_configs``
-    builds."""
+    """--grid, --width, --dtype, --batch, --remat and --mean: the Taiwan model ``speed.model_configs``
+    builds, and where its diffusion step takes the regression mean from."""
     parser.add_argument("--grid", default=grid)
     parser.add_argument("--width", default=width)
     parser.add_argument("--dtype", default=dtype, choices=("float32", "bfloat16"))
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--remat", default="none", choices=("none", "dots", "full"), help="UNet block remat")
+    parser.add_argument(
+        "--mean",
+        default="precomputed",
+        choices=("precomputed", "in_step"),
+        help="the diffusion step's regression mean: read with the batch, as training does "
+        "(diffusion.precompute_mean), or a regression forward in the step, as PhysicsNeMo's",
+    )
 
 
 def check_choices(parser, option: str, value: str, known) -> None:

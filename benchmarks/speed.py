@@ -1,7 +1,7 @@
 """Speed and memory of CorrDiff training and sampling with jax_corrdiff.
 
     python benchmarks/speed.py [--grid 64 | 448 | 1056x1792] [--width full|tiny|N]
-        [--dtype float32|bfloat16] [--batch B] [--remat none|dots|full]
+        [--dtype float32|bfloat16] [--batch B] [--remat none|dots|full] [--mean precomputed|in_step]
         [--only regression_step,diffusion_step,sample_heun18,sample_euler8,compile,matmul_peak]
         [--repeats N] --out benchmarks/results/speed_cpu.json
 
@@ -10,8 +10,12 @@ attention at the coarsest level, 12 inputs, 4 outputs, sinusoidal position grid)
 given width (full = 128 channels, 80 M parameters). Rows:
 
 - ``regression_step`` / ``diffusion_step``: one whole training step as training runs it (loss,
-  gradient, Adam, EMA; the diffusion step includes the frozen regression forward), batch B,
-  on CPU over the devices training would split the cores into (``jax_corrdiff.cpu_devices``).
+  gradient, Adam, EMA), batch B, on CPU over the devices training would split the cores into
+  (``jax_corrdiff.cpu_devices``). The diffusion step reads each sample's regression mean with
+  the batch, as training does (``jax_corrdiff.training.regression_means``); its row adds
+  ``regression_mean_s_per_sample``, the forward that computes a mean once per sample before
+  training. ``--mean in_step`` runs the regression forward in every step instead, as PhysicsNeMo's
+  step does.
 - ``sample_heun18``: regression mean + 18-step Heun residual sample (35 network evaluations),
   one input, one member: CorrDiff's generation. ``sample_euler8``: the 8-step Euler preset.
 - ``compile``: the diffusion training step as training gets it, cold (traced, lowered,
@@ -179,6 +183,7 @@ def train_program(args, stage: str, mesh):
     import numpy as np
 
     from jax_corrdiff.config import base_config
+    from jax_corrdiff.diffusion.residual_mean import PrecomputedMean
     from jax_corrdiff.models.factory import build_model, init_variables
     from jax_corrdiff.training.steps import diffusion_per_sample_loss, regression_per_sample_loss
 
@@ -186,8 +191,18 @@ def train_program(args, stage: str, mesh):
     training = base_config()[stage].training
     training.batch_size = args.batch
     model = build_model(configs[stage])
+    height, width = configs[stage]["img_resolution"]
+    rng = np.random.default_rng(0)
+    batch = {
+        "target": rng.standard_normal((args.batch, height, width, OUT_CHANNELS), np.float32),
+        "img_lr": rng.standard_normal((args.batch, height, width, IN_CHANNELS), np.float32),
+    }
+    frozen_init = None
     if stage == "regression":
-        loss_fn, frozen_init = regression_per_sample_loss(model), None
+        loss_fn = regression_per_sample_loss(model)
+    elif args.mean == "precomputed":
+        loss_fn = diffusion_per_sample_loss(model, PrecomputedMean(), _layout(), p_mean=0.0, p_std=1.2, sigma_data=0.5)
+        batch["regression_mean"] = rng.standard_normal((args.batch, height, width, OUT_CHANNELS), np.float32)
     else:
         regression = build_model(configs["regression"])
         loss_fn = diffusion_per_sample_loss(model, regression, _layout(), p_mean=0.0, p_std=1.2, sigma_data=0.5)
@@ -195,12 +210,6 @@ def train_program(args, stage: str, mesh):
         def frozen_init():
             return init_variables(configs["regression"], jax.random.key(1))
 
-    height, width = configs[stage]["img_resolution"]
-    rng = np.random.default_rng(0)
-    batch = {
-        "target": rng.standard_normal((args.batch, height, width, OUT_CHANNELS), np.float32),
-        "img_lr": rng.standard_normal((args.batch, height, width, IN_CHANNELS), np.float32),
-    }
     return (*step_and_init(model, configs[stage], loss_fn, training, args.batch, mesh), batch, frozen_init)
 
 
@@ -285,7 +294,25 @@ def measure_train_step(args, stage: str) -> dict:
         "flops_per_s": stats["flops"] / timing["min_s"],
         **memory,
         **_heap_held_by(program),
+        **(_regression_mean_cost(args, batch) if "regression_mean" in batch else {}),
     }
+
+
+def _regression_mean_cost(args, batch) -> dict:
+    """Seconds per sample of the forward that computes the regression means once before
+    training (``regression_means.mean_forward``), on the step's batch and devices."""
+    import jax
+
+    from jax_corrdiff.mesh import replicated
+    from jax_corrdiff.models.factory import build_model, init_variables
+    from jax_corrdiff.training.regression_means import mean_forward
+
+    config = model_configs(args)["regression"]
+    mesh = batch["img_lr"].sharding.mesh
+    variables = jax.jit(lambda: init_variables(config, jax.random.key(1)), out_shardings=replicated(mesh))()
+    forward, inputs = mean_forward(build_model(config), mesh), {"img_lr": batch["img_lr"]}
+    timing = harness.timed_repeats(lambda: jax.block_until_ready(forward(variables, inputs)), args.warmup, args.repeats)
+    return {"regression_mean_s_per_sample": timing["median_s"] / args.batch}
 
 
 def _heap_held_by(program: list) -> dict:
@@ -462,7 +489,7 @@ def worker(args) -> None:
 
 def _worker_command(args, row: str, cache: str | None = None) -> list[str]:
     command = [sys.executable, os.path.abspath(__file__), "--worker", row, "--grid", args.grid, "--width", args.width]
-    command += ["--dtype", args.dtype, "--batch", str(args.batch), "--remat", args.remat]
+    command += ["--dtype", args.dtype, "--batch", str(args.batch), "--remat", args.remat, "--mean", args.mean]
     command += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     return command + (["--cache", cache] if cache else [])
 
@@ -488,11 +515,7 @@ def measure_rows(args, rows: list[str]) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="64")
-    parser.add_argument("--width", default="full")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--remat", default="none", choices=("none", "dots", "full"))
+    harness.add_model_arguments(parser, grid="64", width="full", dtype="float32", batch=2)
     parser.add_argument("--only", default=",".join(ROWS), help=f"comma-separated rows of {ROWS}")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -510,7 +533,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    settings = {k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "remat", "repeats", "warmup")}
+    settings = {k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "remat", "mean", "repeats", "warmup")}
     results = {
         "machine": harness.describe_machine(),
         "settings": settings,

@@ -116,6 +116,10 @@ def _diffusion() -> ml_collections.ConfigDict:
     # The residual's mean: "regression" (the trained regression UNet, CorrDiff) or
     # "interpolation" (the interpolated coarse input of each target; no regression stage).
     diffusion.mean = "regression"
+    # The regression mean of each sample computed once before training and read with the
+    # sample (training.regression_means: a target-sized float32 array per sample on disk),
+    # rather than recomputed by a regression forward in every step.
+    diffusion.precompute_mean = True
     # Patch-based diffusion for domains too large for one device (China 3 km CorrDiff):
     # training on num_patches random height x width crops per image, sampling by
     # multi-diffusion over tiles of that size overlapping by `overlap` pixels, with a

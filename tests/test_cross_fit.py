@@ -11,6 +11,7 @@ import pytest
 
 from jax_corrdiff.diffusion.residual_mean import CrossFitMean
 from jax_corrdiff.model_dir import load_model
+from jax_corrdiff.models.factory import build_model
 from jax_corrdiff.training.cross_fit import CrossFit, fold_directory
 from jax_corrdiff.training.data_setup import TrainingData
 from jax_corrdiff.training.loop import init_state, train_and_evaluate
@@ -106,19 +107,32 @@ def test_smoke_run_trains_fold_models_without_their_blocks_and_diffuses_on_them(
 
     # The diffusion loss takes each sample's mean from its fold's model: same batch, same noise,
     # other fold labels, another loss; the stacked fold variables are the exported fold models'.
-    stage = build_stage(config, "diffusion", workdir, data)
+    config.diffusion.precompute_mean = False
+    in_step = build_stage(config, "diffusion", workdir, data)
     fold_variables = [load_model(exported[f"regression_fold{k}"]).variables for k in (0, 1)]
     for k in (0, 1):
         for stacked, alone in zip(
-            jax.tree_util.tree_leaves(stage.frozen), jax.tree_util.tree_leaves(fold_variables[k]), strict=True
+            jax.tree_util.tree_leaves(in_step.frozen), jax.tree_util.tree_leaves(fold_variables[k]), strict=True
         ):
             np.testing.assert_array_equal(np.asarray(stacked[k]), alone)
     batch = {k: jnp.asarray(v) for k, v in next(data.valid_iterator(2)).items() if k in ("target", "img_lr")}
-    state = init_state(stage)
+    state = init_state(in_step)
     losses = [
-        stage.loss_fn(
-            state.params, state.constants, dict(batch, fold=jnp.full(2, k)), jax.random.key(1), stage.frozen, False
+        in_step.loss_fn(
+            state.params, state.constants, dict(batch, fold=jnp.full(2, k)), jax.random.key(1), in_step.frozen, False
         )
         for k in (0, 1)
     ]
     assert not np.allclose(np.asarray(losses[0]), np.asarray(losses[1]))
+
+    # Precomputed (the default, which the run trained with): a sample's stored mean is its own
+    # fold model's, the same as the step computes; the step holds no regression weights.
+    config.diffusion.precompute_mean = True
+    stage = build_stage(config, "diffusion", workdir, data)
+    assert stage.frozen == {}
+    network = build_model(load_model(exported["regression_fold0"]).config)
+    train = next(stage.data.train_iterator(4, seed=0))
+    assert len(set(train["fold"].tolist())) == 2, "the batch should hold samples of both folds"
+    for b, k in enumerate(train["fold"]):
+        mean = network.apply(fold_variables[k], jnp.asarray(train["img_lr"][b : b + 1]))
+        np.testing.assert_allclose(train["regression_mean"][b], np.asarray(mean)[0], rtol=1e-5, atol=1e-5)

@@ -126,7 +126,7 @@ def test_objects_are_described_by_their_whole_repr_or_not_at_all():
 def _stage_and_batch(config, workdir):
     data = TrainingData.open(config, workdir)
     stage = build_stage(config, "regression", workdir, data)
-    return stage, batch_shapes(stage, data)
+    return stage, batch_shapes(stage)
 
 
 def test_settings_left_out_of_the_key_do_not_change_the_step(tmp_path):

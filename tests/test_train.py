@@ -167,6 +167,6 @@ def test_stage_pieces_can_be_called_alone(tmp_path):
     state, start = restore(stage, state_shapes(stage), checkpoints, data.train_iterator(4, seed=0))
     checkpoints.close()
     assert start == 0 and int(state.step) == 0
-    saved = load_model(export(stage, state, data))
+    saved = load_model(export(stage, state))
     assert saved.config == stage.model_config and saved.conditioning == stage.layout
     assert saved.matmul_precision == config.matmul_precision and saved.source["step"] == 0

@@ -6,6 +6,8 @@ Samples are dicts of float32 NumPy arrays, normalized, NHWC:
     time_index  int64, index into the prepared store's time axis (to find the time again)
     time_features (4,)  cyclic (valid) time, ``data.calendar.cyclic_time_features``
     fold        int32, the sample's cross-fitting fold (only on sources ``with_folds``)
+    regression_mean (H, W, C_out)  the frozen regression's mean of the sample (only on sources
+                ``with_regression_means``, ``training.regression_means``)
 Batches add a leading batch axis; eval batches also carry ``mask`` (B,) bool.
 
 Training iterator = one global sample order, range(N) -> shuffle(seed) -> repeat (a new
@@ -77,6 +79,27 @@ class DownscalingSource:
         self.lead_times = store.lead_times
         self.lead_time_labels = None if store.lead_time_labels is None else store.lead_time_labels[self.indices]
         self.folds = None  # cross-fitting fold of each sample (``with_folds``)
+        self.regression_means_path = None  # (T, H, W, C_out) .npy by store index (``with_regression_means``)
+        self._regression_means = None  # its memory map, opened on first read in each process
+
+    def __getstate__(self):
+        return {**self.__dict__, "_regression_means": None}
+
+    @property
+    def store_identity(self) -> dict:
+        """What identifies the prepared store's samples: its config hash, input fingerprint and
+        sample count (``data.store``)."""
+        attrs = self._store.attrs
+        return {
+            "config_hash": attrs["config_hash"],
+            "input_fingerprint": attrs["input_fingerprint"],
+            "samples": len(self._store.times),
+        }
+
+    @property
+    def store_length(self) -> int:
+        """Samples in the whole prepared store (both splits): the rows of a regression-means file."""
+        return len(self._store.times)
 
     def with_folds(self, folds: np.ndarray) -> DownscalingSource:
         """A copy whose samples carry ``fold`` (one int per sample, in this source's order)."""
@@ -86,6 +109,17 @@ class DownscalingSource:
         labelled = copy.copy(self)
         labelled.folds = folds
         return labelled
+
+    def with_regression_means(self, path: str) -> DownscalingSource:
+        """A copy whose samples carry ``regression_mean``: row ``time_index`` of the float32
+        (store samples, H, W, C_out) array in the .npy file ``path``."""
+        means = np.load(path, mmap_mode="r")
+        expected = (self.store_length, *self.shape, len(self.target_channels))
+        if means.shape != expected or means.dtype != np.float32:
+            raise DataError(f"{path}: {means.dtype} {means.shape} regression means, expected float32 {expected}")
+        carrying = copy.copy(self)
+        carrying.regression_means_path, carrying._regression_means = path, None
+        return carrying
 
     def without_fold(self, fold: int) -> DownscalingSource:
         """A copy without the samples of ``fold`` (the training data of that fold's model)."""
@@ -118,6 +152,10 @@ class DownscalingSource:
             sample["lead_time_label"] = np.int32(self.lead_time_labels[i])
         if self.folds is not None:
             sample["fold"] = self.folds[i]
+        if self.regression_means_path is not None:
+            if self._regression_means is None:
+                self._regression_means = np.load(self.regression_means_path, mmap_mode="r")
+            sample["regression_mean"] = np.array(self._regression_means[t])
         return sample
 
     def __repr__(self) -> str:
@@ -216,5 +254,7 @@ def make_eval_iterator(
         blank["lead_time_label"] = np.int32(0)  # a valid label; the slot is masked out
     if source.folds is not None:
         blank["fold"] = np.int32(0)
+    if source.regression_means_path is not None:
+        blank["regression_mean"] = np.zeros_like(blank["target"])
     ds = grain.MapDataset.range(n_batches * batch_size).map(_PadToLength(shard, blank)).batch(batch_size)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))

@@ -16,7 +16,7 @@ from jax_corrdiff.distributed import barrier
 from jax_corrdiff.training.cross_fit import CrossFit
 
 # Batch entries the steps consume (time_index stays on the host).
-STEP_KEYS = ("target", "img_lr", "lead_time_label", "time_features", "mask", "fold")
+STEP_KEYS = ("target", "img_lr", "lead_time_label", "time_features", "mask", "fold", "regression_mean")
 
 
 def step_batch(batch: dict) -> dict:
@@ -53,6 +53,15 @@ class TrainingData:
         if cross_fit is not None and len(train):
             train, valid = cross_fit.label(train, valid)
         return cls(normalizer, train, valid, data_config=train.data_config, worker_count=int(config.data.worker_count))
+
+    def with_regression_means(self, path: str) -> TrainingData:
+        """This data with every sample carrying its row of the regression-means file ``path``
+        (``training.regression_means``)."""
+        return dataclasses.replace(
+            self,
+            train_source=self.train_source.with_regression_means(path),
+            valid_source=self.valid_source.with_regression_means(path),
+        )
 
     def without_fold(self, fold: int) -> TrainingData:
         """This data with the training samples of cross-fitting ``fold`` left out (validation kept)."""

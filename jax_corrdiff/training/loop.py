@@ -64,9 +64,9 @@ def state_shapes(stage: Stage) -> TrainState:
     return train_state_shapes(lambda: _initialised(stage), stage.mesh)
 
 
-def batch_shapes(stage: Stage, data: TrainingData) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_shapes(stage: Stage) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes, dtypes and sharding of the global batches the step takes: the pipeline stacks
-    ``global_batch`` samples shaped like the training source's first (``step_batch`` entries)."""
+    ``global_batch`` samples shaped like the stage's first training sample (``step_batch`` entries)."""
     sharding = batch_sharded(stage.mesh)
     return {
         key: jax.ShapeDtypeStruct(
@@ -74,7 +74,7 @@ def batch_shapes(stage: Stage, data: TrainingData) -> dict[str, jax.ShapeDtypeSt
             jax.dtypes.canonicalize_dtype(np.asarray(value).dtype),
             sharding=sharding,
         )
-        for key, value in step_batch(data.train_source[0]).items()
+        for key, value in step_batch(stage.data.train_source[0]).items()
     }
 
 
@@ -121,12 +121,12 @@ def restore(stage: Stage, shapes: TrainState, checkpoints: TrainingCheckpoints, 
     return state, start
 
 
-def validation_losses(stage: Stage, eval_step, state: TrainState, data: TrainingData) -> dict[str, float]:
+def validation_losses(stage: Stage, eval_step, state: TrainState) -> dict[str, float]:
     """Mean per-sample loss of the raw and the EMA weights over the first ``eval_batches``
     validation batches, on fixed noise (so successive values are comparable)."""
     losses = {}
     for name, params in (("valid_loss", state.params), ("valid_loss_ema", state.ema_params)):
-        batches = data.valid_iterator(local_batch_size(stage.global_batch, stage.mesh))
+        batches = stage.data.valid_iterator(local_batch_size(stage.global_batch, stage.mesh))
         total, count = 0.0, 0.0
         for _, batch in zip(range(stage.training.eval_batches), batches):
             loss_sum, n = eval_step(params, state.constants, to_global(step_batch(batch), stage.mesh), stage.frozen)
@@ -146,7 +146,6 @@ def run(
     state: TrainState,
     start: int,
     iterator,
-    data: TrainingData,
     checkpoints: TrainingCheckpoints,
     meta,
 ) -> TrainState:
@@ -168,7 +167,7 @@ def run(
     )
 
     def validate(step: int) -> None:
-        losses = validation_losses(stage, eval_step, state, data)
+        losses = validation_losses(stage, eval_step, state)
         log.info("%s step %d | validation loss %.5f (EMA %.5f)", stage.name, step, *losses.values())
         progress.scalars(step, losses)
 
@@ -191,10 +190,10 @@ def run(
     return state
 
 
-def export(stage: Stage, state: TrainState, data: TrainingData) -> str:
+def export(stage: Stage, state: TrainState) -> str:
     """Write the EMA weights as WORKDIR/<stage>/model (replacing an earlier export) with the
     model config, conditioning layout, matmul precision, grid and data description."""
-    path = os.path.join(stage.directory, MODEL_DIR)
+    path, data = os.path.join(stage.directory, MODEL_DIR), stage.data
     if jax.process_index() == 0:
         shutil.rmtree(path, ignore_errors=True)
     source = {
@@ -228,18 +227,18 @@ def train_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
     """
     with jax.default_matmul_precision(config.matmul_precision):
         built = build_stage(config, stage, workdir, data, fold)
-        iterator = data.train_iterator(local_batch_size(built.global_batch, built.mesh), seed=built.seed)
+        iterator = built.data.train_iterator(local_batch_size(built.global_batch, built.mesh), seed=built.seed)
         checkpoints = TrainingCheckpoints(os.path.join(built.directory, "checkpoints"), built.training.keep_checkpoints)
         meta = {
             "config": json.loads(config.to_json()),
             "model_config": built.model_config,
             "normalization": data.normalizer.to_dict(),
         }
-        train_step = compile_train_step(built, batch_shapes(built, data), executable_cache.directory())
+        train_step = compile_train_step(built, batch_shapes(built), executable_cache.directory())
         state, start = restore(built, train_state_shapes_of(train_step), checkpoints, iterator)
-        state = run(built, train_step, state, start, iterator, data, checkpoints, meta)
+        state = run(built, train_step, state, start, iterator, checkpoints, meta)
         checkpoints.close()
-        return export(built, state, data)
+        return export(built, state)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, str]:

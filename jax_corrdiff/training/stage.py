@@ -18,13 +18,14 @@ from jax.sharding import Mesh
 from jax_corrdiff import executable_cache
 from jax_corrdiff.diffusion.conditioning import ConditioningLayout, PatchSettings
 from jax_corrdiff.diffusion.ddpm import alpha_bar
-from jax_corrdiff.diffusion.residual_mean import RESIDUAL_MEANS, InterpolationMean
-from jax_corrdiff.mesh import make_mesh, replicated
+from jax_corrdiff.diffusion.residual_mean import RESIDUAL_MEANS, InterpolationMean, PrecomputedMean
+from jax_corrdiff.mesh import local_batch_size, make_mesh, replicated
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
 from jax_corrdiff.training.cross_fit import CrossFit, fold_directory, fold_mean, load_fold_models
 from jax_corrdiff.training.data_setup import TrainingData
 from jax_corrdiff.training.optimizer import make_optimizer
+from jax_corrdiff.training.regression_means import with_regression_means
 from jax_corrdiff.training.steps import (
     PerSampleLoss,
     ddpm_per_sample_loss,
@@ -91,6 +92,7 @@ class Stage:
 
     name: str
     directory: str  # WORKDIR/<name>: checkpoints/, model/, tensorboard/, metrics.jsonl
+    data: TrainingData  # what it trains on: ``build_stage``'s data, with the diffusion stage's regression means
     training: Any  # config[name].training
     seed: int
     matmul_precision: str
@@ -99,7 +101,7 @@ class Stage:
     model_config: dict
     model: Any
     loss_fn: PerSampleLoss
-    frozen: Any  # variables that are inputs but not trained: the diffusion stage's regression network
+    frozen: Any  # variables that are inputs but not trained: the regression network the diffusion step runs
     optimizer: optax.GradientTransformation
     # What the training step is traced from besides the source and its arguments' shapes: the
     # compiled step's cache key (``executable_cache``; None: not cached). What ``build_stage``
@@ -117,10 +119,10 @@ class Stage:
         return int(self.training.total_samples) // self.global_batch
 
 
-def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: Mesh, data) -> tuple[Any, Any]:
+def _frozen_regression(config, workdir: str, layout: ConditioningLayout, data) -> tuple[Any, Any]:
     """The residual's mean (``diffusion.mean``): the trained regression network the diffusion
-    stage conditions on (variables replicated), its cross-fitted fold models (variables stacked,
-    ``diffusion.cross_fit``), or the interpolated coarse input (no variables)."""
+    stage conditions on, its cross-fitted fold models (variables stacked, ``diffusion.cross_fit``),
+    or the interpolated coarse input (no variables); variables as host arrays."""
     if config.diffusion.mean not in RESIDUAL_MEANS:
         raise ValueError(f"diffusion.mean must be one of {RESIDUAL_MEANS}, got {config.diffusion.mean!r}")
     if config.diffusion.mean == "interpolation":
@@ -130,14 +132,13 @@ def _frozen_regression(config, workdir: str, layout: ConditioningLayout, mesh: M
         path = config.diffusion.regression_model or os.path.join(workdir, "regression", MODEL_DIR)
         saved = load_model(path)
         _check_conditioning(saved, path, layout)
-        return build_model(saved.config), jax.device_put(saved.variables, replicated(mesh))
+        return build_model(saved.config), saved.variables
     folds = load_fold_models(workdir)
     if len(folds) != cross_fit.folds:
         raise ValueError(f"{workdir}: {len(folds)} regression fold models, diffusion.cross_fit.folds={cross_fit.folds}")
     for k, fold in enumerate(folds):
         _check_conditioning(fold, fold_directory(workdir, k), layout)
-    mean, stacked = fold_mean(folds)
-    return mean, jax.device_put(stacked, replicated(mesh))
+    return fold_mean(folds)
 
 
 def _check_conditioning(saved, path: str, layout: ConditioningLayout) -> None:
@@ -178,13 +179,20 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         )
         frozen = {}
     else:
-        regression, frozen = _frozen_regression(config, workdir, layout, mesh, data)
+        regression, frozen = _frozen_regression(config, workdir, layout, data)
+        if config.diffusion.precompute_mean and config.diffusion.mean == "regression":
+            batch = local_batch_size(int(training.batch_size), mesh)
+            directory = os.path.join(workdir, stage)
+            data = with_regression_means(data, regression, frozen, directory, batch, config.matmul_precision)
+            regression, frozen = PrecomputedMean(), {}
+        frozen = jax.device_put(frozen, replicated(mesh))
         loss_fn = _diffusion_loss(config, model, regression, layout)
     if fold is not None and stage != "regression":
         raise ValueError(f"only the regression stage has cross-fitting folds, not {stage!r}")
     return Stage(
         name=stage if fold is None else f"regression_fold{fold}",
         directory=os.path.join(workdir, stage) if fold is None else fold_directory(workdir, fold),
+        data=data,
         training=training,
         seed=int(config.seed),
         matmul_precision=config.matmul_precision,

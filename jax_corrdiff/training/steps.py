@@ -21,7 +21,7 @@ from jax_corrdiff.diffusion.conditioning import ConditioningLayout
 from jax_corrdiff.diffusion.ddpm import ddpm_residual_loss
 from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import training_batch
-from jax_corrdiff.diffusion.residual_mean import CrossFitMean
+from jax_corrdiff.diffusion.residual_mean import batch_mean
 from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
 from jax_corrdiff.training.optimizer import ema_decay, gradient_statistics, learning_rate
 
@@ -105,14 +105,11 @@ def ddpm_per_sample_loss(model, regression_model, layout: ConditioningLayout, *,
 
 def _residual_per_sample_loss(model, regression_model, layout: ConditioningLayout, pixel_loss) -> PerSampleLoss:
     """``pixel_loss(net_fn, key, target, mean)`` on the residual to ``regression_model``'s mean
-    (a network, ``InterpolationMean`` or ``CrossFitMean``, which takes the batch's folds),
-    ``net_fn(x, noise_level)`` being the conditioned model."""
+    (``residual_mean.batch_mean``), ``net_fn(x, noise_level)`` being the conditioned model."""
 
     def loss(params, constants, batch, rng, frozen, train):
         lead_time = batch.get("lead_time_label")
-        folds = {"fold": batch["fold"]} if isinstance(regression_model, CrossFitMean) else {}
-        mean = regression_model.apply(frozen, batch["img_lr"], lead_time_label=lead_time, **folds)
-        mean = jax.lax.stop_gradient(mean)
+        mean = jax.lax.stop_gradient(batch_mean(regression_model, frozen, batch))
         patch_rng, dropout_rng, noise_rng = jax.random.split(rng, 3)
         cut = training_batch(patch_rng, layout, batch["target"], mean, batch["img_lr"], lead_time)
 
