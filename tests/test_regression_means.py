@@ -27,12 +27,17 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """The demo data and an untrained smoke-width regression network (random weights)."""
+    """The demo data and a smoke-width regression network with random weights everywhere (an
+    initialised one's output layer starts near zero, and so would every mean)."""
     workdir = str(tmp_path_factory.mktemp("means"))
     config = smoke(1, stage="diffusion")
     data = TrainingData.open(config, workdir)
     net_config = model_config(config, "regression", conditioning_layout(config, "regression", data), data.grid[0].shape)
-    variables = jax.device_get(init_variables(net_config, jax.random.key(3)))
+    variables = init_variables(net_config, jax.random.key(3))
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(jax.random.key(6), len(leaves))
+    noisy = [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+    variables = jax.device_get(jax.tree_util.tree_unflatten(tree, noisy))
     return config, data, build_model(net_config), variables, workdir
 
 
@@ -69,6 +74,7 @@ def test_each_sample_carries_the_mean_the_step_computes_and_the_loss_is_unchange
                 computed = np.asarray(forward(variables, jnp.asarray(batch["img_lr"])))
                 np.testing.assert_allclose(batch["regression_mean"][keep], computed[keep], rtol=1e-5, atol=1e-5)
                 seen += int(keep.sum())
+                assert np.abs(computed[keep]).mean() > 0.05, "means this small could not tell a wrong one"
                 if i < 2:
                     args = (diff_variables["params"], {}, {k: jnp.asarray(v) for k, v in batch.items()})
                     step_loss = losses["in the step"](*args, jax.random.key(5), variables, True)
