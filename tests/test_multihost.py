@@ -169,6 +169,32 @@ def test_generation_across_two_processes_writes_one_file(smoke_workdir, tmp_path
             np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-4, err_msg=name)
 
 
+def test_two_processes_compute_their_halves_of_the_regression_means(smoke_workdir, tmp_path):
+    """Each process computes the diffusion stage's regression means of its own samples into one
+    shared file (``training.regression_means``): the file and its key equal the one-process run's."""
+    workdir = tmp_path / "two"
+    args = [
+        *SMOKE[:2],
+        f"--config={os.path.join(ROOT, 'configs', 'demo.py')}:smoke",
+        "--config.stage=diffusion",
+        f"--config.diffusion.regression_model={os.path.join(smoke_workdir, 'regression', 'model')}",
+        "--config.diffusion.training.total_samples=8",
+        "--config.diffusion.training.eval_batches=1",
+        f"--workdir={workdir}",
+    ]
+    (output,) = _wait(_start(2, 1, args, tmp_path / "means_two.log"))
+    halves = sorted(
+        int(line.split("regression means: ")[1].split()[0]) for line in output.splitlines() if " samples in " in line
+    )
+    one, two = (os.path.join(w, "diffusion", "regression_means") for w in (smoke_workdir, str(workdir)))
+    alone = np.load(os.path.join(one, "means.npy"))
+    assert len(halves) == 2 and sum(halves) == len(alone) and halves[1] - halves[0] <= 1
+    np.testing.assert_allclose(np.load(os.path.join(two, "means.npy")), alone, rtol=1e-5, atol=1e-6)
+    with open(os.path.join(one, "key.json")) as a, open(os.path.join(two, "key.json")) as b:
+        assert json.load(a) == json.load(b)
+    assert load_model(str(workdir / "diffusion" / "model")).source["step"] == 2
+
+
 def test_environment_rules(monkeypatch):
     from jax_corrdiff import distributed
 
