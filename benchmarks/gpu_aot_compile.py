@@ -5,6 +5,7 @@ what XLA:GPU's compile costs without its autotuner (which needs the device).
     pip install -e ".[cuda12]"     # an environment of its own: the CUDA plugin, no GPU needed
     JAX_PLATFORMS=cpu JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_aot_compile.py \\
         [--grid 448] [--width full] [--dtype bfloat16] [--batch 8] [--remat none|dots|full] \\
+        [--mean precomputed|in_step] \\
         [--programs regression_step,diffusion_step,sample_heun18] [--devices 1] [--xla-defaults] \\
         [--model taiwan|china3km] \\
         --out benchmarks/results/gpu_aot_compile_h100.json
@@ -21,6 +22,8 @@ cluster job (``XLA_FLAGS``, e.g. ``launch/xla_flags.sh``'s, apply). ``--model ch
 compiles China 3 km CorrDiff's training steps instead (``configs/china3km.py``: 34 channels,
 lead times, global residual, a 100-channel learnable position grid, 16 patches of 448 x 448 per
 image) on a ``--grid`` domain, e.g. ``--grid 1664x2496 --batch 1`` for its 1670 x 2500 points.
+The diffusion steps read the regression mean with the batch, as training does; ``--mean in_step``
+runs the frozen regression network on the whole image in the step instead.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ def _china3km_lowered(args, stage: str, mesh):
     import jax
     import numpy as np
 
+    from jax_corrdiff.diffusion.residual_mean import PrecomputedMean
     from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
     from jax_corrdiff.models.factory import build_model, init_variables
     from jax_corrdiff.training.stage import conditioning_layout, model_config
@@ -98,21 +102,6 @@ def _china3km_lowered(args, stage: str, mesh):
     net_config = model_config(config, stage, layout, grid)
     regression_config = model_config(config, "regression", conditioning_layout(config, "regression", data), grid)
     model = build_model(net_config)
-    if stage == "regression":
-        loss_fn, frozen = regression_per_sample_loss(model), {}
-    else:
-        loss = config.diffusion.loss
-        loss_fn = diffusion_per_sample_loss(
-            model,
-            build_model(regression_config),
-            layout,
-            p_mean=loss.p_mean,
-            p_std=loss.p_std,
-            sigma_data=config.diffusion.model.sigma_data,
-        )
-        variables = jax.eval_shape(lambda: init_variables(regression_config, jax.random.key(1)))
-        frozen = placed_shapes(variables, replicated(mesh))
-    step, init = speed.step_and_init(model, net_config, loss_fn, config[stage].training, args.batch, mesh)
     images = (args.batch, *grid)
     batch = {
         "target": jax.ShapeDtypeStruct((*images, len(channels.target_channels)), np.float32),
@@ -121,6 +110,22 @@ def _china3km_lowered(args, stage: str, mesh):
         ),
         "lead_time_label": jax.ShapeDtypeStruct((args.batch,), np.int32),
     }
+    frozen = {}
+    if stage == "regression":
+        loss_fn = regression_per_sample_loss(model)
+    else:
+        if args.mean == "precomputed":
+            mean = PrecomputedMean()
+            batch["regression_mean"] = batch["target"]
+        else:
+            mean = build_model(regression_config)
+            variables = jax.eval_shape(lambda: init_variables(regression_config, jax.random.key(1)))
+            frozen = placed_shapes(variables, replicated(mesh))
+        loss = config.diffusion.loss
+        loss_fn = diffusion_per_sample_loss(
+            model, mean, layout, p_mean=loss.p_mean, p_std=loss.p_std, sigma_data=config.diffusion.model.sigma_data
+        )
+    step, init = speed.step_and_init(model, net_config, loss_fn, config[stage].training, args.batch, mesh)
     return step.lower(train_state_shapes(init, mesh), placed_shapes(batch, batch_sharded(mesh)), frozen)
 
 
@@ -213,7 +218,7 @@ def main(argv=None) -> None:
         command = [sys.executable, os.path.abspath(__file__), "--worker", name, "--programs", name]
         command += ["--target", args.target]
         command += ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
-        command += ["--remat", args.remat, "--devices", str(args.devices), "--model", args.model]
+        command += ["--remat", args.remat, "--mean", args.mean, "--devices", str(args.devices), "--model", args.model]
         command += ["--xla-defaults"] if args.xla_defaults else []
         results["rows"][name] = row = harness.run_worker(command, args.timeout)
         shown = {k: row[k] for k in ("lower_s", "compile_s", "hlo_instructions", "error") if k in row}
