@@ -93,7 +93,7 @@ class DownscalingSource:
         return {
             "config_hash": attrs["config_hash"],
             "input_fingerprint": attrs["input_fingerprint"],
-            "samples": len(self._store.times),
+            "samples": self.store_length,
         }
 
     @property

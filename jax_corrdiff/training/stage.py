@@ -1,7 +1,9 @@
 """A training stage built from the run config and the data: its conditioning, network and loss.
 
-``build_stage`` makes everything a stage trains with and trains nothing; ``training.loop``
-initialises or restores the state, runs the steps and exports the model directory.
+``build_stage`` makes everything a stage trains with (for the diffusion stage, the regression
+means of its samples, computed once: ``training.regression_means``) and trains nothing;
+``training.loop`` initialises or restores the state, runs the steps and exports the model
+directory.
 """
 
 from __future__ import annotations
