@@ -423,7 +423,7 @@ def measure_compile(args) -> dict:
     mesh = batch["target"].sharding.mesh
     description = {
         "program": "speed.py diffusion step",
-        **{k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "remat")},
+        **{k: getattr(args, k) for k in ("grid", "width", "dtype", "batch", "remat", "mean")},
     }
     unlowered, traced = [step], {}
     del step  # the jit object keeps its lowering and so its executable
