@@ -157,7 +157,7 @@ def load_or_compile(
         log.info("%s came from JAX's persistent cache: not kept in %s", description.get("program"), directory)
         return compiled
     try:
-        _write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
+        write_atomically(path, pickle.dumps(serialize_executable.serialize(compiled)))
     except Exception as error:  # noqa: BLE001 - a backend that cannot serialise it, a directory not writable
         log.warning(
             "%s cannot be cached in %s (%s: %s)", description.get("program"), directory, type(error).__name__, error
@@ -186,7 +186,9 @@ def _compile_noting_jax_cache_hits(lower: Callable[[], jax.stages.Lowered]) -> t
     return compiled, bool(hits)
 
 
-def _write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place: a reader finds
+    the whole file or none."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".partial")
     with os.fdopen(handle, "wb") as f:

@@ -198,8 +198,6 @@ def with_regression_means(
     if jax.process_index() == 0:
         os.replace(partial, means_path)
         if key is not None:
-            with open(os.path.join(out, KEY_FILE + ".partial"), "w") as f:
-                json.dump(key, f, indent=1)
-            os.replace(os.path.join(out, KEY_FILE + ".partial"), os.path.join(out, KEY_FILE))
+            executable_cache.write_atomically(os.path.join(out, KEY_FILE), json.dumps(key, indent=1).encode())
     barrier("regression means stored")
     return data.with_regression_means(means_path)

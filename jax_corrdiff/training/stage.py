@@ -166,6 +166,7 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
             ``cross_fit.fold_directory``.
     """
     mesh = make_mesh(config.num_devices)
+    directory = os.path.join(workdir, stage) if fold is None else fold_directory(workdir, fold)
     training = config[stage].training
     layout = conditioning_layout(config, stage, data)
     net_config = model_config(config, stage, layout, data.grid[0].shape)
@@ -184,7 +185,6 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         regression, frozen = _frozen_regression(config, workdir, layout, data)
         if config.diffusion.precompute_mean and config.diffusion.mean == "regression":
             batch = local_batch_size(int(training.batch_size), mesh)
-            directory = os.path.join(workdir, stage)
             data = with_regression_means(data, regression, frozen, directory, batch, config.matmul_precision)
             regression, frozen = PrecomputedMean(), {}
         frozen = jax.device_put(frozen, replicated(mesh))
@@ -193,7 +193,7 @@ def build_stage(config, stage: str, workdir: str, data: TrainingData, fold: int 
         raise ValueError(f"only the regression stage has cross-fitting folds, not {stage!r}")
     return Stage(
         name=stage if fold is None else f"regression_fold{fold}",
-        directory=os.path.join(workdir, stage) if fold is None else fold_directory(workdir, fold),
+        directory=directory,
         data=data,
         training=training,
         seed=int(config.seed),
