@@ -12,9 +12,11 @@ import pytest
 from jax_corrdiff.diffusion.residual_mean import CrossFitMean
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
+from jax_corrdiff.training import residuals as residuals_module
 from jax_corrdiff.training.cross_fit import CrossFit, fold_directory
 from jax_corrdiff.training.data_setup import TrainingData
 from jax_corrdiff.training.loop import init_state, train_and_evaluate
+from jax_corrdiff.training.regression_means import local_mean_fn
 from jax_corrdiff.training.residuals import residual_variances
 from jax_corrdiff.training.stage import build_stage
 
@@ -79,7 +81,7 @@ def test_each_sample_takes_its_own_fold_models_mean():
     np.testing.assert_allclose(np.asarray(mean), np.asarray(expected), rtol=1e-6)
 
 
-def test_smoke_run_trains_fold_models_without_their_blocks_and_diffuses_on_them(tmp_path):
+def test_smoke_run_trains_fold_models_without_their_blocks_and_diffuses_on_them(tmp_path, monkeypatch):
     workdir = str(tmp_path)
     config = smoke(4, stage="all", **{"diffusion.cross_fit.folds": 2, "diffusion.cross_fit.block_hours": 24.0})
     exported = train_and_evaluate(config, workdir)
@@ -99,9 +101,28 @@ def test_smoke_run_trains_fold_models_without_their_blocks_and_diffuses_on_them(
         assert set(kept.indices) | set(data.without_fold(1 - fold).train_source.indices) == set(
             data.train_source.indices
         )
+    # The diagnostic reads the out-of-fold means the diffusion stage stored (only the full
+    # regression model's are computed); computed again, without the stored key, they agree.
+    computed = []
+
+    def recording(mean_model, variables):
+        computed.append(mean_model)
+        return local_mean_fn(mean_model, variables)
+
+    monkeypatch.setattr(residuals_module, "local_mean_fn", recording)
     residuals = residual_variances(workdir)
     assert residuals["train_out_of_fold"]["samples"] == residuals["train"]["samples"] == len(folds)
     assert residuals["train_out_of_fold"]["variance"] != residuals["train"]["variance"]
+    assert computed and not any(isinstance(m, CrossFitMean) for m in computed)
+    key = os.path.join(workdir, "diffusion", "regression_means", "key.json")
+    os.rename(key, key + ".aside")
+    recomputed = residual_variances(workdir)
+    os.rename(key + ".aside", key)
+    assert isinstance(computed[-1], CrossFitMean)
+    for moment in ("mean_square", "variance"):
+        np.testing.assert_allclose(
+            recomputed["train_out_of_fold"][moment], residuals["train_out_of_fold"][moment], rtol=1e-5
+        )
     diffusion = load_model(exported["diffusion"])
     assert diffusion.source["cross_fit"] == {"folds": 2, "block_hours": 24.0}
 

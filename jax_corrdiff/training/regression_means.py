@@ -82,18 +82,17 @@ def means_key(mean_model, variables, data: TrainingData, matmul_precision: str) 
     return json.loads(json.dumps(key))  # as key.json reads back (tuples become lists)
 
 
-def _stored_key(directory: str):
+def stored_means(directory: str, key: dict | None) -> str | None:
+    """The means file in DIRECTORY/regression_means (DIRECTORY: WORKDIR/diffusion) when its
+    key.json equals ``key`` (``means_key``) and it is complete, else None."""
+    out = os.path.join(directory, MEANS_DIR)
     try:
-        with open(os.path.join(directory, KEY_FILE)) as f:
-            return json.load(f)
+        with open(os.path.join(out, KEY_FILE)) as f:
+            stored = json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _local_mesh() -> Mesh:
-    """This process's devices alone: each process computes its own samples' means, with no
-    collective between processes."""
-    return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+    path = os.path.join(out, MEANS_FILE)
+    return path if key is not None and stored == key and os.path.exists(path) else None
 
 
 def mean_forward(mean_model, mesh: Mesh):
@@ -106,6 +105,17 @@ def mean_forward(mean_model, mesh: Mesh):
         out_shardings=batch_sharded(mesh),
         compiler_options=network_evaluation_options(),
     )
+
+
+def local_mean_fn(mean_model, variables):
+    """batch -> ``batch_mean`` of the batch's inputs (``img_lr``, optional ``lead_time_label``
+    and ``fold``) under ``mean_model`` with host ``variables``, on this process's devices alone:
+    each process computes its own samples' means, with no collective between processes. Batches
+    hold a multiple of the local device count."""
+    mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+    forward = mean_forward(mean_model, mesh)
+    variables = jax.device_put(variables, replicated(mesh))
+    return lambda batch: forward(variables, {k: v for k, v in batch.items() if k in _INPUT_KEYS})
 
 
 def compute_means(
@@ -121,9 +131,7 @@ def compute_means(
     (``batch_mean``) of process ``process_index``'s share of both splits' samples, ``batch_size``
     (a multiple of the local device count) at a time, on this process's devices. Returns how
     many means it wrote; logs progress and the time left."""
-    mesh = _local_mesh()
-    forward = mean_forward(mean_model, mesh)
-    variables = jax.device_put(variables, replicated(mesh))
+    mean_of = local_mean_fn(mean_model, variables)
     means = np.load(path, mmap_mode="r+")
     sources = (data.train_source, data.valid_source)
     total = sum(len(range(process_index, len(s), process_count)) for s in sources)
@@ -135,9 +143,8 @@ def compute_means(
             source, batch_size=batch_size, process_index=process_index, process_count=process_count
         )
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k in _INPUT_KEYS}
             keep = batch["mask"]
-            means[batch["time_index"][keep]] = np.asarray(forward(variables, inputs))[keep]
+            means[batch["time_index"][keep]] = np.asarray(mean_of(batch))[keep]
             written += int(keep.sum())
             if time.monotonic() - last_log > _LOG_EVERY_S:
                 last_log = time.monotonic()
@@ -172,7 +179,7 @@ def with_regression_means(
     out = os.path.join(directory, MEANS_DIR)
     means_path = os.path.join(out, MEANS_FILE)
     key = means_key(mean_model, variables, data, matmul_precision)
-    if key is not None and _stored_key(out) == key and os.path.exists(means_path):
+    if stored_means(directory, key) is not None:
         log.info("regression means: reusing %s", means_path)
         return data.with_regression_means(means_path)
     source = data.train_source

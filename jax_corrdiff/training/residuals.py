@@ -12,19 +12,21 @@ samples too little spread where it is used (an under-dispersed ensemble).
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from collections.abc import Callable, Iterable
 
 import jax
 import numpy as np
 
-from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.data.normalization import load_stats
 from jax_corrdiff.data.pipeline import DownscalingSource, make_eval_iterator
 from jax_corrdiff.data.store import PREPARED_DIR, STATS_NAME, STORE_NAME
 from jax_corrdiff.model_dir import load_model
 from jax_corrdiff.models.factory import build_model
 from jax_corrdiff.training.cross_fit import CrossFit, fold_mean, folds_directory, load_fold_models
+from jax_corrdiff.training.data_setup import TrainingData
+from jax_corrdiff.training.regression_means import local_mean_fn, means_key, stored_means
 
 MeanFn = Callable[[dict], np.ndarray]  # batch -> the mean of its samples
 
@@ -68,7 +70,9 @@ def residual_variances(workdir: str, batch_size: int = 8) -> dict:
     training period better than new data. A workdir with cross-fitting fold models
     (``training.cross_fit``) adds "train_out_of_fold": the training residuals to the fold model
     that did not see each sample, the residuals its diffusion stage learned, and
-    "valid_over_out_of_fold".
+    "valid_over_out_of_fold". Means the diffusion stage stored for the same model and data
+    (``training.regression_means``) are read, not computed again; ``batch_size`` is rounded up
+    to a multiple of the local device count.
     """
     prepared = os.path.join(workdir, PREPARED_DIR)
     store, stats = os.path.join(prepared, STORE_NAME), os.path.join(prepared, STATS_NAME)
@@ -78,19 +82,22 @@ def residual_variances(workdir: str, batch_size: int = 8) -> dict:
     normalizer = load_stats(stats)
     train, valid = (DownscalingSource(store, split, normalizer) for split in ("train", "valid"))
     saved = load_model(os.path.join(workdir, "regression", "model"))
-    full = _jitted_mean(build_model(saved.config), saved.variables, saved.matmul_precision, with_fold=False)
+    batch_size = -(-batch_size // jax.local_device_count()) * jax.local_device_count()
+    means = functools.partial(_means, workdir=workdir, matmul_precision=saved.matmul_precision)
     result = {"target_channels": list(normalizer.target_channels)}
-    for split, source in (("train", train), ("valid", valid)):
-        result[split] = residual_moments(full, make_eval_iterator(source, batch_size=batch_size))
-    result["valid_over_train"] = _ratio(result["valid"], result["train"])
-    if os.path.isdir(folds_directory(workdir)):
-        folds = load_fold_models(workdir)
-        settings = folds[0].source["cross_fit"]
-        labelled, _ = CrossFit(int(settings["folds"]), float(settings["block_hours"])).label(train, valid)
-        mean, stacked = fold_mean(folds)
-        out_of_fold = _jitted_mean(mean, stacked, saved.matmul_precision, with_fold=True)
-        result["train_out_of_fold"] = residual_moments(out_of_fold, make_eval_iterator(labelled, batch_size=batch_size))
-        result["valid_over_out_of_fold"] = _ratio(result["valid"], result["train_out_of_fold"])
+    with jax.default_matmul_precision(saved.matmul_precision):
+        data, full = means(build_model(saved.config), saved.variables, TrainingData(normalizer, train, valid, {}))
+        for split, source in (("train", data.train_source), ("valid", data.valid_source)):
+            result[split] = residual_moments(full, make_eval_iterator(source, batch_size=batch_size))
+        result["valid_over_train"] = _ratio(result["valid"], result["train"])
+        if os.path.isdir(folds_directory(workdir)):
+            folds = load_fold_models(workdir)
+            settings = folds[0].source["cross_fit"]
+            labelled = CrossFit(int(settings["folds"]), float(settings["block_hours"])).label(train, valid)
+            data, out_of_fold = means(*fold_mean(folds), TrainingData(normalizer, *labelled, {}))
+            batches = make_eval_iterator(data.train_source, batch_size=batch_size)
+            result["train_out_of_fold"] = residual_moments(out_of_fold, batches)
+            result["valid_over_out_of_fold"] = _ratio(result["valid"], result["train_out_of_fold"])
     return result
 
 
@@ -98,14 +105,11 @@ def _ratio(numerator: dict, denominator: dict) -> list[float]:
     return (np.array(numerator["variance"]) / denominator["variance"]).tolist()
 
 
-def _jitted_mean(model, variables, matmul_precision: str, *, with_fold: bool) -> MeanFn:
-    """batch -> the mean of ``model`` (a regression network or a ``CrossFitMean``, which also
-    takes the batch's folds), compiled."""
-
-    @functools.partial(jax.jit, compiler_options=network_evaluation_options())
-    def apply(img_lr, lead_time_label, fold):
-        with jax.default_matmul_precision(matmul_precision):
-            folds = {"fold": fold} if with_fold else {}
-            return model.apply(variables, img_lr, lead_time_label=lead_time_label, **folds)
-
-    return lambda batch: apply(batch["img_lr"], batch.get("lead_time_label"), batch.get("fold"))
+def _means(mean_model, variables, data: TrainingData, *, workdir: str, matmul_precision: str):
+    """(``data``, batch -> mean under ``mean_model``): the means the diffusion stage stored in
+    WORKDIR/diffusion for this model and data, read with each sample, else computed here."""
+    key = means_key(mean_model, variables, data, matmul_precision)
+    stored = stored_means(os.path.join(workdir, "diffusion"), key)
+    if stored is not None:
+        return data.with_regression_means(stored), operator.itemgetter("regression_mean")
+    return data, local_mean_fn(mean_model, variables)
