@@ -36,7 +36,7 @@ from jax_corrdiff.diffusion.guidance import (  # noqa: E402
 )
 from jax_corrdiff.diffusion.samplers import sample_ensemble  # noqa: E402
 from jax_corrdiff.inference.generate import make_sampler  # noqa: E402
-from jax_corrdiff.inference.zssd import PriorModel, make_guided_fn  # noqa: E402
+from jax_corrdiff.inference.zssd import PriorModel, make_guided_fn, observation_arguments  # noqa: E402
 from jax_corrdiff.mesh import make_mesh  # noqa: E402
 from jax_corrdiff.models.factory import build_model, init_variables  # noqa: E402
 
@@ -85,7 +85,7 @@ def plan(model: PriorModel, members: int, member_batch_size: int, guided: bool) 
         observation = Observation(op, jnp.zeros((*shape, 1)), cos_lat_weights(model.lat), shape, norm=1.0)
         schedule = GuidanceSchedule("sda", 1.0, sigma_y=0.05, gamma=1.0)
         fn = make_guided_fn(model, sampler, observation, schedule, members, member_batch_size, make_mesh(1))
-        args = (model.variables, static, features, jnp.zeros((1, *shape, 1)), keys)
+        args = (model.variables, static, observation_arguments(observation), features, jnp.zeros((1, *shape, 1)), keys)
     else:
         fn, args = unguided_fn(model, sampler, members, member_batch_size), (model.variables, static, features, keys)
     start = time.perf_counter()

@@ -166,6 +166,24 @@ def load_or_compile(
     return compiled
 
 
+class FirstCallProgram:
+    """``fn`` (a jitted function over ``mesh``) compiled for the arguments of its first call,
+    which every later call repeats in shape (generation's batches, ``Batch.sharded``): loaded
+    untraced from this process's cache ``directory()`` where an earlier run kept it.
+    ``description`` names the program without its arguments (``load_or_compile``); the first
+    call's argument shapes complete it."""
+
+    def __init__(self, fn, mesh: Mesh, description: dict | None):
+        self._fn, self._mesh, self._description = fn, mesh, description
+        self._compiled = None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            description = self._description and {**self._description, "arguments": describe_arguments(args)}
+            self._compiled = load_or_compile(directory(), description, self._mesh, lambda: self._fn.lower(*args))
+        return self._compiled(*args)
+
+
 # The event JAX records when its persistent cache serves a program instead of XLA compiling it.
 JAX_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 

@@ -1,5 +1,6 @@
 """ZSSD: the prior stage trains and saves; generate samples it with guidance into the CF file."""
 
+import os
 import subprocess
 import sys
 
@@ -98,15 +99,32 @@ def test_dps_from_a_coarse_file_on_its_own_grid(prior_workdir, tmp_path):
 
 
 def test_command_with_unified_coordinate_guidance(prior_workdir, tmp_path):
-    out = tmp_path / "ucg.nc"
+    """From the command line: the guided sampling program is kept in the executable cache, and
+    a second run loads it untraced. The operator is an argument of that program, not a constant
+    in it: ucg's operators at x4 and x6 have the same shapes, and the x6 run served the x4 run's
+    program writes what a run that compiled its own does."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # a cache of its own
     command = [sys.executable, "-m", "jax_corrdiff.generate", f"--workdir={prior_workdir}", f"--input={ERA5}"]
-    command += ["--coarsen", "--guidance=ucg", "--obs_factor=6", f"--output={out}", "--members=2"]
+    command += ["--coarsen", "--guidance=ucg", "--members=2"]
     command += [f"--times={','.join(TIMES)}", "--sampler=deterministic", "--steps=3"]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ds = xr.open_dataset(out)
-    assert dict(ds.t2m.sizes) == {"time": 2, "ensemble": 2, "y": 33, "x": 49}
-    assert 250 < float(ds.t2m.mean()) < 300 and ds.completed.values.tolist() == [1, 1]
+    logs = []
+    for name, factor, cache in (("x4", 4, tmp_path / "cache"), ("x6", 6, tmp_path / "cache"), ("x6_alone", 6, "off")):
+        result = subprocess.run(
+            [*command, f"--obs_factor={factor}", f"--compilation_cache={cache}", f"--output={tmp_path / name}.nc"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(result.stdout + result.stderr)
+    assert "guided generate compiled in" in logs[0] and "guided generate loaded from" not in logs[0]
+    assert "guided generate loaded from" in logs[1] and "guided generate compiled in" not in logs[1]
+    x4, x6, x6_alone = (xr.open_dataset(tmp_path / f"{name}.nc") for name in ("x4", "x6", "x6_alone"))
+    assert dict(x6.t2m.sizes) == {"time": 2, "ensemble": 2, "y": 33, "x": 49}
+    assert 250 < float(x6.t2m.mean()) < 300 and x6.completed.values.tolist() == [1, 1]
+    np.testing.assert_allclose(x6.t2m.values, x6_alone.t2m.values, rtol=0, atol=1e-4)
+    assert np.abs(x6.t2m.values - x4.t2m.values).max() > 100 * np.abs(x6.t2m.values - x6_alone.t2m.values).max()
 
 
 def test_hrrr_prior_guides_at_x20_on_its_lambert_grid(tmp_path, caplog):

@@ -221,22 +221,17 @@ def _step_maker(model: CorrDiffModel, inputs: InferenceInputs, sampler, members:
 
     def make_step(mesh):
         fn = make_generate_fn(model, sampler, members, member_batch_size, mesh)
+        description = described and {
+            "program": "generate",
+            "closed_over": described,
+            "members": [members, member_batch_size],
+        }
+        program = executable_cache.FirstCallProgram(fn, mesh, description)
         variables = jax.device_put((model.regression_variables, model.diffusion_variables), replicated(mesh))
-        program = []
 
         def step(batch: Batch):
             img_lr = batch.sharded(norm.img_lr(batch.raw_inputs, static))
-            args = (*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
-            if not program:
-                description = described and {
-                    "program": "generate",
-                    "closed_over": described,
-                    "members": [members, member_batch_size],
-                    "arguments": executable_cache.describe_arguments(args),
-                }
-                directory = executable_cache.directory()
-                program.append(executable_cache.load_or_compile(directory, description, mesh, lambda: fn.lower(*args)))
-            return program[0](*args)
+            return program(*variables, img_lr, batch.keys, batch.sharded(labels[batch.start : batch.stop]))
 
         return step
 

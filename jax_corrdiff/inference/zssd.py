@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff import executable_cache
 from jax_corrdiff.compiler_options import network_evaluation_options
 from jax_corrdiff.data.calendar import cyclic_time_features
 from jax_corrdiff.data.inference_inputs import InferenceInputs
@@ -180,19 +181,33 @@ def bcsd_baseline(
     return lambda batch: bcsd(raw_values(batch.raw_inputs, batch.truth, batch.times), batch.times)
 
 
+def observation_arguments(observation: Observation) -> tuple:
+    """(A's row and column matrices, the weights W, lambda_max(A^T W^2 A)) as float32 arrays:
+    what ``make_guided_fn``'s program takes of the observation as arguments rather than closing
+    over, so that nothing it is traced from is a value its description cannot name
+    (``executable_cache``)."""
+    fields = (observation.operator.rows, observation.operator.cols, observation.weights, observation.norm)
+    return tuple(np.asarray(a, np.float32) for a in fields)
+
+
 def make_guided_fn(
     model: PriorModel, sampler: EDMSampler, observation: Observation, schedule: GuidanceSchedule, members, mbs, mesh
 ):
-    """jit(variables, static (H, W, C_s), time features (B, 4), y (B, ...), keys (B,)) -> samples
-    (B, M, H, W, C), normalized units; member m of input b uses fold_in(keys[b], m)."""
+    """jit(variables, static (H, W, C_s), ``observation_arguments(observation)``, time features
+    (B, 4), y (B, ...), keys (B,)) -> samples (B, M, H, W, C), normalized units; member m of
+    input b uses fold_in(keys[b], m). ``observation`` gives the kind of operator, not its values."""
     layout = model.conditioning
     shape = (*model.lat.shape, len(layout.target_channels))
 
-    def generate(variables, static, time_features, values, keys):
+    def generate(variables, static, observed, time_features, values, keys):
+        rows, cols, weights, norm = observed
+        operator = SeparableOperator(rows, cols)
+
         def one(features, y, key):
             cond = layout.assemble(static[None], time_features=features[None])
             denoise = lambda x, sigma: model.network.apply(variables, x[None], cond, sigma[None])[0]  # noqa: E731
-            guided = guided_denoiser(denoise, dataclasses.replace(observation, values=y), schedule)
+            guide = dataclasses.replace(observation, operator=operator, values=y, weights=weights, norm=norm)
+            guided = guided_denoiser(denoise, guide, schedule)
             return sample_ensemble(sampler, guided, shape, key, jnp.arange(members), mbs)
 
         return jax.vmap(one)(time_features, values, keys)
@@ -200,7 +215,7 @@ def make_guided_fn(
     repl, sharded = replicated(mesh), batch_sharded(mesh)
     return jax.jit(
         generate,
-        in_shardings=(repl, repl, sharded, sharded, sharded),
+        in_shardings=(repl, repl, repl, sharded, sharded, sharded),
         out_shardings=sharded,
         compiler_options=network_evaluation_options(),
     )
@@ -228,14 +243,20 @@ def generate_guided(
     log.info("generate (%s guidance, x%d): %d times, %d members", guidance, obs_factor, len(inputs), members)
     static = model.normalizer.normalize_static(inputs.static).astype(np.float32)
 
+    # What make_guided_fn's program is traced from besides the source and its arguments.
+    described = executable_cache.describe_objects(model.network, model.conditioning, sampler, schedule)
+    members_per_call = [members, member_batch_size]
+    description = described and {"program": "guided generate", "closed_over": described, "members": members_per_call}
+
     def make_step(mesh):
         fn = make_guided_fn(model, sampler, observation, schedule, members, member_batch_size, mesh)
-        variables, static_on_mesh = jax.device_put((model.variables, static), replicated(mesh))
+        program = executable_cache.FirstCallProgram(fn, mesh, description)
+        fixed = jax.device_put((model.variables, static, observation_arguments(observation)), replicated(mesh))
 
         def step(batch: Batch):
             y = values(batch.raw_inputs, batch.truth, batch.times).astype(np.float32)
             features = batch.sharded(cyclic_time_features(batch.times))
-            return None, fn(variables, static_on_mesh, features, batch.sharded(y), batch.keys)
+            return None, program(*fixed, features, batch.sharded(y), batch.keys)
 
         return step
 
