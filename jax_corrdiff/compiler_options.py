@@ -16,7 +16,9 @@ cores (165 GFLOP/s).
   convolutions through Eigen on x86 CPUs, measured on two: on an AVX2-only 2-core Zen 3 EPYC
   the full-width regression step took 0.81x YNNPACK's time, diffusion 0.82x, 32-channel 0.92x
   and 0.82x; on a 2-core AVX-512 Xeon (Emerald Rapids, family 6 model 207) full width 0.96x
-  and 0.94x (median of 11), 32-channel 0.78x and 0.86x (median of 5). An earlier 1.11x at 32
+  and 0.94x (median of 11), 32-channel 0.78x and 0.86x (median of 5); on a 2-core Zen 4 EPYC
+  (family 25 model 17, AVX-512) full width 1.00x and 1.01x, 32-channel 0.77x and 0.83x (median
+  of 11), where one device also beats the split (``cpu_devices``). An earlier 1.11x at 32
   channels, on a machine whose vector extension was not recorded, was not seen again on
   either. Split over several devices in one process (``cpu_devices``), whose kernels share one
   Eigen thread pool, Eigen is slower (32-channel regression 1.71x on the Zen 3, 1.17x on the
@@ -58,14 +60,31 @@ CUBLAS_MATMULS = {"xla_gpu_enable_triton_gemm": False}
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The host CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's entries of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("flags")), "")
+            for line in f:
+                name, _, value = line.partition(":")
+                if not name.strip():
+                    break  # the end of the first processor's block
+                info.setdefault(name.strip(), value.strip())
     except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
+        pass
+    return info
+
+
+def cpu_flags() -> frozenset[str]:
+    """The host CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_vendor() -> str:
+    """The host CPU's vendor (``/proc/cpuinfo``'s vendor_id: GenuineIntel, AuthenticAMD; empty
+    where it cannot be read)."""
+    return _cpuinfo().get("vendor_id", "")
 
 
 # The platform programs are traced and compiled for when it is not this host's (``compiling_for``).

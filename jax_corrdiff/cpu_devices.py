@@ -12,6 +12,13 @@ parameters, optimizer state and EMA and runs the whole optimizer update, so the 
 memory and loses on tiny images (32 x 32, batch 2: 1.06x and 1.12x); at 128 channels, where
 YNNPACK threads the convolutions itself, it is level (0.97x) and would take the plan from 2.69
 to 4.24 GB, so wide networks keep one device (``benchmarks/cpu_devices.py``).
+
+A step on one device compiles its convolutions through Eigen's threaded kernels on x86
+(``compiler_options.training_step_options``), and on AMD's AVX-512 cores that beats the split:
+on a 2-core Zen 4 EPYC (family 25, model 17; 2026-12-07) the split took 1.087x one device's time
+for the 32-channel regression step and 1.056x for the diffusion step (median of 11), where on a
+Zen 3 (AVX2) and an AVX-512 Xeon the split had won (benchmarks/README.md, *A Zen 4*). There
+narrow networks keep one device too, which also holds one replica of the training state.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import jax
 import ml_collections
 
 from jax_corrdiff import distributed
+from jax_corrdiff.compiler_options import cpu_flags, cpu_vendor
 from jax_corrdiff.config import check_training_config
 
 # YNNPACK threads convolutions of this many channels and more (jaxlib 0.10.2).
@@ -41,9 +49,18 @@ def per_core_devices(batch_sizes: list[int], cores: int) -> int:
     return max(d for d in range(1, max(cores, 1) + 1) if batch % d == 0)
 
 
+def splits_narrow_networks() -> bool:
+    """Whether this host trains networks narrower than ``THREADED_CONVOLUTION_CHANNELS`` faster
+    split over per-core devices: all but AMD's CPUs with AVX-512 (module docstring)."""
+    return not (cpu_vendor() == "AuthenticAMD" and "avx512f" in cpu_flags())
+
+
 def cpu_device_count(model_channels: int, batch_sizes: list[int], cores: int) -> int:
-    """``per_core_devices`` for a network narrower than ``THREADED_CONVOLUTION_CHANNELS``, else 1."""
-    return 1 if model_channels >= THREADED_CONVOLUTION_CHANNELS else per_core_devices(batch_sizes, cores)
+    """``per_core_devices`` for a network narrower than ``THREADED_CONVOLUTION_CHANNELS`` on a
+    host that ``splits_narrow_networks``, else 1."""
+    if model_channels >= THREADED_CONVOLUTION_CHANNELS or not splits_narrow_networks():
+        return 1
+    return per_core_devices(batch_sizes, cores)
 
 
 def training_cpu_devices(config: ml_collections.ConfigDict, cores: int) -> int:

@@ -7,9 +7,21 @@ import sys
 import demo
 import pytest
 
+from jax_corrdiff import cpu_devices
 from jax_corrdiff.cpu_devices import cpu_device_count, training_cpu_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """host(vendor, flags): the CPU the rules see."""
+
+    def set_host(vendor: str, flags: set[str]) -> None:
+        monkeypatch.setattr(cpu_devices, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(cpu_devices, "cpu_flags", lambda: frozenset(flags))
+
+    return set_host
 
 
 @pytest.mark.parametrize(
@@ -23,11 +35,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         (128, [8], 8, 1),  # YNNPACK threads these convolutions itself
     ],
 )
-def test_narrow_networks_get_one_device_per_core_as_the_batches_allow(channels, batches, cores, expected):
+def test_narrow_networks_get_one_device_per_core_as_the_batches_allow(host, channels, batches, cores, expected):
+    host("GenuineIntel", {"avx2", "avx512f"})
     assert cpu_device_count(channels, batches, cores) == expected
 
 
-def test_the_widest_trained_network_and_every_trained_batch_decide():
+@pytest.mark.parametrize(
+    "vendor, flags, devices",
+    [
+        ("AuthenticAMD", {"avx2"}, 2),  # Zen 3
+        ("AuthenticAMD", {"avx2", "avx512f"}, 1),  # Zen 4: one device, Eigen's threaded convolutions
+        ("GenuineIntel", {"avx2", "avx512f"}, 2),  # the Xeon
+        ("", set(), 2),  # no /proc/cpuinfo, or not x86
+    ],
+)
+def test_amd_cpus_with_avx512_train_narrow_networks_on_one_device(host, vendor, flags, devices):
+    host(vendor, flags)
+    assert cpu_device_count(32, [2], 2) == devices
+
+
+def test_the_widest_trained_network_and_every_trained_batch_decide(host):
+    host("GenuineIntel", {"avx2", "avx512f"})
     config = demo.get_config()
     config.regression.training.batch_size = 8
     config.diffusion.training.batch_size = 4
