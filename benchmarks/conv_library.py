@@ -162,8 +162,7 @@ ROWS = tuple(MEASUREMENTS)
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="64")
-    parser.add_argument("--width", default="32")
+    harness.add_model_arguments(parser, grid="64", width="32", dtype="float32", batch=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
@@ -171,8 +170,6 @@ def parse_args(argv=None):
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     harness.check_choices(parser, "--only", args.only, ROWS)
-    # speed.py's model and training-step builders read these.
-    args.dtype, args.batch, args.remat = "float32", 2, "none"
     return args
 
 

@@ -77,9 +77,7 @@ def measure_stage(build, stage: str, split: int, args) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--grid", default="64")
-    parser.add_argument("--width", default="32")
-    parser.add_argument("--batch", type=int, default=2)
+    harness.add_model_arguments(parser, grid="64", width="32", dtype="float32", batch=2)
     parser.add_argument("--stages", default="regression,diffusion")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -88,8 +86,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     harness.check_choices(parser, "--stages", args.stages, ("regression", "diffusion"))
     harness.parse_width(args.width)
-    # speed.py's model and training-step builders read these.
-    args.dtype, args.remat = "float32", "none"
     return args
 
 

@@ -56,14 +56,19 @@ def describe_machine() -> dict:
     LD_PRELOAD (the allocator; launch/cpu_env.sh); the accelerator is described by the worker."""
     from jax_corrdiff.compiler_options import cpu_flags
 
-    model = platform.processor()
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in f:
+                name, _, value = line.partition(":")
+                info.setdefault(name.strip(), value.strip())
+    except OSError:
         pass
     return {
-        "cpu": model,
+        "cpu": info.get("model name", platform.processor()),
+        # A VM's model name can be the vendor's alone ("AMD EPYC"); family and model tell the
+        # core: family 25 model 1 was a Zen 3 (AVX2), family 25 model 17 a Zen 4 (AVX-512).
+        "cpu_family_model": [info.get("cpu family", ""), info.get("model", "")],
         "vector_extension": next((isa for isa in ("avx512f", "avx2") if isa in cpu_flags()), ""),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
