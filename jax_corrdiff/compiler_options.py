@@ -60,7 +60,6 @@ CUBLAS_MATMULS = {"xla_gpu_enable_triton_gemm": False}
 
 
 @functools.cache
-@functools.cache
 def _cpuinfo() -> dict[str, str]:
     """The first processor's entries of ``/proc/cpuinfo`` (empty where it cannot be read)."""
     info = {}
