@@ -54,16 +54,9 @@ def describe_machine() -> dict:
     """CPU model and widest x86 vector extension (which convolution library trains faster depends
     on it: ``jax_corrdiff.compiler_options``), core count, OS, Python, XLA_FLAGS, GLIBC_TUNABLES and
     LD_PRELOAD (the allocator; launch/cpu_env.sh); the accelerator is described by the worker."""
-    from jax_corrdiff.compiler_options import cpu_flags
+    from jax_corrdiff.compiler_options import cpu_flags, cpuinfo
 
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                info.setdefault(name.strip(), value.strip())
-    except OSError:
-        pass
+    info = cpuinfo()
     return {
         "cpu": info.get("model name", platform.processor()),
         # A VM's model name can be the vendor's alone ("AMD EPYC"); family and model tell the

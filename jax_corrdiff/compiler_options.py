@@ -60,7 +60,7 @@ CUBLAS_MATMULS = {"xla_gpu_enable_triton_gemm": False}
 
 
 @functools.cache
-def _cpuinfo() -> dict[str, str]:
+def cpuinfo() -> dict[str, str]:
     """The first processor's entries of ``/proc/cpuinfo`` (empty where it cannot be read)."""
     info = {}
     try:
@@ -77,13 +77,13 @@ def _cpuinfo() -> dict[str, str]:
 
 def cpu_flags() -> frozenset[str]:
     """The host CPU's feature flags (``/proc/cpuinfo``; empty where it cannot be read)."""
-    return frozenset(_cpuinfo().get("flags", "").split())
+    return frozenset(cpuinfo().get("flags", "").split())
 
 
 def cpu_vendor() -> str:
     """The host CPU's vendor (``/proc/cpuinfo``'s vendor_id: GenuineIntel, AuthenticAMD; empty
     where it cannot be read)."""
-    return _cpuinfo().get("vendor_id", "")
+    return cpuinfo().get("vendor_id", "")
 
 
 # The platform programs are traced and compiled for when it is not this host's (``compiling_for``).

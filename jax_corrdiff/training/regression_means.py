@@ -179,9 +179,10 @@ def with_regression_means(
     out = os.path.join(directory, MEANS_DIR)
     means_path = os.path.join(out, MEANS_FILE)
     key = means_key(mean_model, variables, data, matmul_precision)
-    if stored_means(directory, key) is not None:
-        log.info("regression means: reusing %s", means_path)
-        return data.with_regression_means(means_path)
+    stored = stored_means(directory, key)
+    if stored is not None:
+        log.info("regression means: reusing %s", stored)
+        return data.with_regression_means(stored)
     source = data.train_source
     shape = (source.store_length, *source.shape, len(source.target_channels))
     partial = os.path.join(out, "partial." + MEANS_FILE)  # np.load needs the .npy suffix
