@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jax_corrdiff.data.errors import DataError
+from jax_corrdiff.data.store import PreparedStore
 from jax_corrdiff.diffusion.residual_mean import PrecomputedMean
 from jax_corrdiff.models.factory import build_model, init_variables
 from jax_corrdiff.training import regression_means
@@ -113,9 +114,19 @@ def test_means_are_reused_only_when_nothing_they_depend_on_changed(setup, tmp_pa
     ]
 
 
-def test_processes_split_the_samples_and_write_one_file(setup, tmp_path):
+def test_processes_split_the_samples_and_write_one_file(setup, tmp_path, monkeypatch):
     config, data, network, variables, workdir = setup
+    reads = {"targets and inputs": 0, "inputs": 0}
+    for method, what in (("read", "targets and inputs"), ("read_inputs", "inputs")):
+        original = getattr(PreparedStore, method)
+
+        def counting(store, indices, original=original, what=what):
+            reads[what] += 1  # Grain's read threads: a lost increment cannot turn a count to 0
+            return original(store, indices)
+
+        monkeypatch.setattr(PreparedStore, method, counting)
     one = _means(data, network, variables, str(tmp_path / "one"), config)
+    assert reads["targets and inputs"] == 0 and reads["inputs"] >= len(data.train_source), reads
     alone = _stored(str(tmp_path / "one"))
     assert np.all(np.abs(alone).reshape(len(alone), -1).max(axis=1) > 0), "every sample's row is written"
     shared = str(tmp_path / "shared.npy")

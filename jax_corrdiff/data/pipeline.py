@@ -1,7 +1,7 @@
 """Grain input pipeline over a prepared store.
 
 Samples are dicts of float32 NumPy arrays, normalized, NHWC:
-    target      (H, W, C_out)
+    target      (H, W, C_out)     (not on sources ``without_target``)
     img_lr      (H, W, C_in + C_static)   [inputs | static], the conditioning image
     time_index  int64, index into the prepared store's time axis (to find the time again)
     time_features (4,)  cyclic (valid) time, ``data.calendar.cyclic_time_features``
@@ -81,6 +81,7 @@ class DownscalingSource:
         self.folds = None  # cross-fitting fold of each sample (``with_folds``)
         self.regression_means_path = None  # (T, H, W, C_out) .npy by store index (``with_regression_means``)
         self._regression_means = None  # its memory map, opened on first read in each process
+        self.reads_target = True  # False: samples leave ``target`` out (``without_target``)
 
     def __getstate__(self):
         return {**self.__dict__, "_regression_means": None}
@@ -121,6 +122,13 @@ class DownscalingSource:
         carrying.regression_means_path, carrying._regression_means = path, None
         return carrying
 
+    def without_target(self) -> DownscalingSource:
+        """A copy whose samples leave out ``target``, which the store then does not read: for
+        passes that need only a model's inputs (the regression means)."""
+        inputs_only = copy.copy(self)
+        inputs_only.reads_target = False
+        return inputs_only
+
     def without_fold(self, fold: int) -> DownscalingSource:
         """A copy without the samples of ``fold`` (the training data of that fold's model)."""
         if self.folds is None:
@@ -141,13 +149,13 @@ class DownscalingSource:
 
     def __getitem__(self, i: int) -> dict:
         t = int(self.indices[i])
-        target, inputs = self._store.read([t])
-        sample = {
-            "target": self._normalizer.normalize_target(target[0]).astype(np.float32),
-            "img_lr": self._normalizer.img_lr(inputs[0], self._static),
-            "time_index": np.int64(t),
-            "time_features": self._time_features[t],
-        }
+        sample = {"time_index": np.int64(t), "time_features": self._time_features[t]}
+        if self.reads_target:
+            target, inputs = self._store.read([t])
+            sample["target"] = self._normalizer.normalize_target(target[0]).astype(np.float32)
+        else:
+            inputs = self._store.read_inputs([t])
+        sample["img_lr"] = self._normalizer.img_lr(inputs[0], self._static)
         if self.lead_time_labels is not None:
             sample["lead_time_label"] = np.int32(self.lead_time_labels[i])
         if self.folds is not None:
@@ -243,18 +251,20 @@ def make_eval_iterator(
     per_process = -(-len(source) // process_count)
     n_batches = -(-per_process // batch_size)
     h, w = source.shape
+    target_shape = (h, w, len(source.target_channels))
     blank = {
-        "target": np.zeros((h, w, len(source.target_channels)), np.float32),
         "img_lr": np.zeros((h, w, len(source.img_lr_channels)), np.float32),
         "time_index": np.int64(-1),
         "time_features": np.zeros(len(TIME_FEATURES), np.float32),
         "mask": np.bool_(False),
     }
+    if source.reads_target:
+        blank["target"] = np.zeros(target_shape, np.float32)
     if source.lead_time_labels is not None:
         blank["lead_time_label"] = np.int32(0)  # a valid label; the slot is masked out
     if source.folds is not None:
         blank["fold"] = np.int32(0)
     if source.regression_means_path is not None:
-        blank["regression_mean"] = np.zeros_like(blank["target"])
+        blank["regression_mean"] = np.zeros(target_shape, np.float32)
     ds = grain.MapDataset.range(n_batches * batch_size).map(_PadToLength(shard, blank)).batch(batch_size)
     return iter(ds.to_iter_dataset(_READ_OPTIONS))

@@ -91,25 +91,31 @@ class PreparedStore:
 
     def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
         """(target (T, H, W, C_out), inputs (T, H, W, C_in)) float32 at store time ``indices``."""
+        return self._read(indices, (0, 1))
+
+    def read_inputs(self, indices) -> np.ndarray:
+        """Inputs (T, H, W, C_in) float32 at store time ``indices``, the targets left unread."""
+        return self._read(indices, (1,))[0]
+
+    def _read(self, indices, groups: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        """The arrays of ``groups`` (0: target, 1: inputs) at store time ``indices``."""
         indices = np.asarray(indices, np.int64)
         if self.format == "variables":
             if self._arrays is None:
                 g = zarr.open_group(self.path, mode="r")
                 self._arrays = (g["target"], g["inputs"])
-            return tuple(a.get_orthogonal_selection((indices,)) for a in self._arrays)
+            return tuple(self._arrays[i].get_orthogonal_selection((indices,)) for i in groups)
         if self._arrays is None:
             g = zarr.open_group(self.attrs["source_store"], mode="r")
             self._arrays = (g["cwb"], g["era5"])
+        channel_index = (self.attrs["target_channel_index"], self.attrs["input_channel_index"])
+        names = (self.target_channels, self.input_channels)
         out = []
-        for array, channels, names in zip(
-            self._arrays,
-            (self.attrs["target_channel_index"], self.attrs["input_channel_index"]),
-            (self.target_channels, self.input_channels),
-        ):
-            values = read_cwb_channels(array, self._source_index[indices], channels)
+        for i in groups:
+            values = read_cwb_channels(self._arrays[i], self._source_index[indices], channel_index[i])
             apply_nan_policy(
                 values,
-                names,
+                names[i],
                 self.config["nan_policy"],
                 self.config["nan_fill_value"],
                 paths=[self.attrs["source_store"]] * len(indices),

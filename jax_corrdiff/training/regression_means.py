@@ -140,7 +140,7 @@ def compute_means(
         if not len(source):
             continue
         batches = make_eval_iterator(
-            source, batch_size=batch_size, process_index=process_index, process_count=process_count
+            source.without_target(), batch_size=batch_size, process_index=process_index, process_count=process_count
         )
         for batch in batches:
             keep = batch["mask"]
