@@ -1,7 +1,9 @@
 """Terminal output of the command-line tools."""
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 
 from absl import logging as absl_logging
 
@@ -18,3 +20,15 @@ def log_progress_to_stdout() -> logging.Logger:
     log.propagate = False
     absl_logging.set_verbosity(absl_logging.WARNING)
     return log
+
+
+@contextlib.contextmanager
+def exit_on(*errors: type[Exception]) -> Iterator[None]:
+    """Within it, ``errors`` (what a user gave the command does not fit: a missing file, data
+    that does not match the config, a checkpoint that is not one) end the command with
+    ``error: MESSAGE`` on stderr and exit status 1, not a traceback: each message names the
+    file and what is wrong with it."""
+    try:
+        yield
+    except errors as error:
+        sys.exit(f"error: {error}")

@@ -13,9 +13,10 @@ EDMPrecondSuperResolution); models PhysicsNeMo cannot express are refused.
 
 from absl import app, flags, logging
 
-from jax_corrdiff.interop.errors import ReadLimits
+from jax_corrdiff.console import exit_on
+from jax_corrdiff.interop.errors import CheckpointFormatError, ReadLimits
 from jax_corrdiff.interop.physicsnemo import MATMUL_PRECISION, convert
-from jax_corrdiff.interop.physicsnemo_export import write_mdlus
+from jax_corrdiff.interop.physicsnemo_export import ExportError, write_mdlus
 from jax_corrdiff.model_dir import SavedModel, load_model, save_model
 from jax_corrdiff.models.factory import count_params
 
@@ -56,6 +57,7 @@ def _export() -> None:
     print(f"wrote {model.config['kind']} model ({count_params(model.config):,} parameters) to {_OUTPUT.value}")
 
 
+@exit_on(CheckpointFormatError, ExportError, FileNotFoundError, FileExistsError)
 def main(argv):
     del argv
     if _PHYSICSNEMO.value:

@@ -10,13 +10,16 @@ grid not a multiple of the UNet's downsampling) are refused.
 
 from absl import app, flags
 
-from jax_corrdiff.interop.e2s_package import write_package
+from jax_corrdiff.console import exit_on
+from jax_corrdiff.interop.e2s_package import PackageError, write_package
+from jax_corrdiff.interop.physicsnemo_export import ExportError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding regression/ and diffusion/ models.")
 _OUTPUT = flags.DEFINE_string("output", None, "Package directory to write (new or empty).")
 flags.mark_flags_as_required(["workdir", "output"])
 
 
+@exit_on(PackageError, ExportError, FileNotFoundError, FileExistsError)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

@@ -20,7 +20,8 @@ from absl import app, flags
 
 from jax_corrdiff import distributed
 from jax_corrdiff.compilation_cache import cache_dir, enable_compilation_cache
-from jax_corrdiff.console import log_progress_to_stdout
+from jax_corrdiff.console import exit_on, log_progress_to_stdout
+from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.data.inference_inputs import InferenceInputs
 from jax_corrdiff.diffusion.guidance import SCHEDULES, GuidanceSchedule
 from jax_corrdiff.diffusion.samplers import SOLVERS
@@ -34,7 +35,7 @@ from jax_corrdiff.inference.generate import (
     make_sampler,
 )
 from jax_corrdiff.interop.e2s_names import parse_variable_map
-from jax_corrdiff.interop.e2s_package import load_package
+from jax_corrdiff.interop.e2s_package import PackageError, load_package
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding regression/ and diffusion/ models.")
 _MODEL = flags.DEFINE_string("model", None, "Earth2Studio CorrDiff package directory (instead of --workdir).")
@@ -165,6 +166,7 @@ def generate_zssd(sampler) -> None:
     )
 
 
+@exit_on(DataError, PackageError, FileNotFoundError)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

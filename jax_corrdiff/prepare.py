@@ -9,7 +9,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from jax_corrdiff.console import exit_on
 from jax_corrdiff.data import compute_stats, describe_prepared, prepare_dataset
+from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.data.store import PREPARED_DIR
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file whose get_config() has a `data` field.")
@@ -18,6 +20,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild a prepared store mad
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@exit_on(DataError, FileNotFoundError)
 def main(argv):
     del argv
     cache_dir = os.path.join(_WORKDIR.value, PREPARED_DIR)

@@ -6,11 +6,11 @@ a generation run on coarsened truth.
 """
 
 import os
-import sys
 
 import xarray as xr
 from absl import app, flags
 
+from jax_corrdiff.console import exit_on
 from jax_corrdiff.data.sources import open_dataset
 from jax_corrdiff.evaluation import EvaluationInputError, format_table, score_dataset, write_report
 from jax_corrdiff.evaluation.precipitation import format_precipitation_table, score_precipitation
@@ -36,15 +36,12 @@ def open_prediction(path: str) -> xr.Dataset:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        with open_prediction(_PREDICTION.value) as ds:
-            check_time_index(ds, _TIME_INDEX.value)
-            scores = score_dataset(ds, _VARIABLES.value, seed=_SEED.value)
-            print(format_table(scores))
-            write_report(scores, ds, _OUTPUT.value, time_index=_TIME_INDEX.value)
-            rain = {name: score_precipitation(ds, name) for name in _PRECIPITATION.value}
-    except EvaluationInputError as error:
-        sys.exit(f"error: {error}")
+    with exit_on(EvaluationInputError, FileNotFoundError), open_prediction(_PREDICTION.value) as ds:
+        check_time_index(ds, _TIME_INDEX.value)
+        scores = score_dataset(ds, _VARIABLES.value, seed=_SEED.value)
+        print(format_table(scores))
+        write_report(scores, ds, _OUTPUT.value, time_index=_TIME_INDEX.value)
+        rain = {name: score_precipitation(ds, name) for name in _PRECIPITATION.value}
     for name, results in rain.items():
         print(f"\n{name}:\n{format_precipitation_table(results)}")
     if rain:

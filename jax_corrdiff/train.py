@@ -15,8 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jax_corrdiff import distributed
-from jax_corrdiff.console import log_progress_to_stdout
+from jax_corrdiff.console import exit_on, log_progress_to_stdout
 from jax_corrdiff.cpu_devices import split_cores_for_training
+from jax_corrdiff.data.errors import DataError
 from jax_corrdiff.training.loop import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py[:variant]).")
@@ -24,6 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, mode
 flags.mark_flags_as_required(["config"])
 
 
+@exit_on(DataError, FileNotFoundError)
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
