@@ -13,7 +13,10 @@ median of the per-pair ratios candidate / baseline. These VMs drift by tens of p
 minutes: a ratio of two separate runs carries the drift, while neighbouring steps see the same
 machine. Running a revision against itself shows how far the ratios spread on the day.
 Uncommitted changes are measured as ``HEAD $(git stash create)``: ``git stash create`` makes a
-commit of the working tree without touching it.
+commit of the working tree without touching it. ``--candidate-xla-options JSON`` compiles the
+candidate's step with these XLA debug options added to the ones its revision chooses
+(``compiler_options.training_step_options``): ``HEAD HEAD --candidate-xla-options
+'{"xla_cpu_prefer_vector_width": 512}'`` measures a compiler setting.
 
 Each worker also reports its compiled step's HLO instruction and YNNPACK fusion counts and XLA's
 planned temporaries. The workers hold their states at the same time (two training states in memory).
@@ -76,9 +79,10 @@ def measure_pairs(step_baseline, step_candidate, steps: int) -> dict:
 class Worker:
     """One revision's compiled step in a process of its own, stepped on request."""
 
-    def __init__(self, folder: str, args):
+    def __init__(self, folder: str, args, xla_options: str = "{}"):
         command = [sys.executable, os.path.abspath(__file__), "--worker", folder, "--stage", args.stage]
         command += ["--grid", args.grid, "--width", args.width, "--dtype", args.dtype, "--batch", str(args.batch)]
+        command += ["--candidate-xla-options", xla_options]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.program = json.loads(self._read_line(READY_PREFIX))
 
@@ -119,11 +123,18 @@ def worker(args) -> None:
     with jax.default_matmul_precision("highest" if args.dtype == "float32" else "default"):
         step, init, batch, frozen = speed._train_parts(options, args.stage)
         state = init()
-        compiled = step.lower(state, batch, frozen).compile()
+        lowered = step.lower(state, batch, frozen)
+        extra = json.loads(args.candidate_xla_options)
+        if extra:  # compile's options replace the ones the revision's jax.jit was given
+            from jax_corrdiff.compiler_options import training_step_options
+
+            extra = {**(training_step_options(jax.local_device_count()) or {}), **extra}
+        compiled = lowered.compile(compiler_options=extra) if extra else lowered.compile()
         program = {
             **speed._module_size(compiled),
             "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
             "devices": jax.device_count(),
+            "xla_options": extra,
         }
         call = speed.stepping(compiled, state, batch, frozen)
         for _ in range(2):
@@ -146,9 +157,17 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="pairs of steps timed")
+    parser.add_argument(
+        "--candidate-xla-options", default="{}", help="JSON: XLA debug options added to the candidate's step"
+    )
     parser.add_argument("--out", help="results JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        if not isinstance(json.loads(args.candidate_xla_options), dict):
+            raise ValueError("not an object")
+    except ValueError as error:
+        parser.error(f"--candidate-xla-options: {error}")
     if not args.worker and not (args.baseline and args.candidate):
         parser.error("give a BASELINE and a CANDIDATE revision")
     if args.steps < 1:
@@ -169,7 +188,8 @@ def main(argv=None) -> None:
                 os.makedirs(folder)
                 commits[side] = {"revision": revision, "commit": export_revision(revision, folder)}
                 print(f"compiling {side} ({revision}) ...", flush=True)
-                workers[side] = Worker(folder, args)  # one compile at a time
+                options = args.candidate_xla_options if side == "candidate" else "{}"
+                workers[side] = Worker(folder, args, options)  # one compile at a time
             load = harness.wait_for_idle()
             timing = measure_pairs(workers["baseline"].step, workers["candidate"].step, args.steps)
         finally:
@@ -177,7 +197,9 @@ def main(argv=None) -> None:
                 w.close()
     results = {
         "machine": harness.describe_machine(),
-        "settings": {k: getattr(args, k) for k in ("stage", "grid", "width", "dtype", "batch", "steps")},
+        "settings": {
+            k: getattr(args, k) for k in ("stage", "grid", "width", "dtype", "batch", "steps", "candidate_xla_options")
+        },
         "revisions": commits,
         "programs": {side: w.program for side, w in workers.items()},
         "load": load,

@@ -54,3 +54,11 @@ def test_revisions_and_steps_are_checked(capsys):
     with pytest.raises(SystemExit):
         ab_revisions.parse_args(["HEAD~1", "HEAD", "--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
+    for bad in ("{", "[1]"):
+        with pytest.raises(SystemExit):
+            ab_revisions.parse_args(["HEAD", "HEAD", "--candidate-xla-options", bad])
+        assert "--candidate-xla-options" in capsys.readouterr().err
+    options = ab_revisions.parse_args(
+        ["HEAD", "HEAD", "--candidate-xla-options", '{"xla_cpu_prefer_vector_width": 512}']
+    )
+    assert options.candidate_xla_options == '{"xla_cpu_prefer_vector_width": 512}'
