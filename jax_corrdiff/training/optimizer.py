@@ -65,11 +65,51 @@ def gradient_statistics(grads: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.sqrt(sum(sums)), sum(counts)
 
 
+def adam(schedule: optax.Schedule, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam (Kingma & Ba 2015, Algorithm 1) with the learning rate ``schedule(step)``, in the
+    paper's efficient form (end of its section 2):
+
+        m <- m + (1 - b1) (g - m),    v <- v + (1 - b2) (g^2 - v)
+        update = -lr_t sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps sqrt(1 - b2^t))
+
+    which is ``optax.adam``'s -lr_t m_hat / (sqrt(v_hat) + eps) up to rounding, with its state
+    (so checkpoints written with ``optax.adam`` resume). XLA:CPU has no horizontal fusion: each
+    parameter leaf gets its own kernels for m, v and the update, and XLA copies cheap scalar
+    arithmetic into every kernel that uses it. Written as optax writes it, the schedule and both
+    bias corrections were recomputed in each of the Taiwan UNet's 660 update kernels. A scalar
+    whose last operation is a division or a square root XLA computes once, so the corrections
+    and the learning rate fold into two such scalars. Each HLO instruction costs the executable
+    about 2.3 kB of heap and its load from the cache a scan per YNNPACK fusion
+    (benchmarks/README.md, *A smaller optimizer*).
+    """
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        step = jnp.zeros((), jnp.int32)
+        return optax.ScaleByAdamState(count=step, mu=zeros, nu=zeros), optax.ScaleByScheduleState(count=step)
+
+    def update(grads, state, params=None):
+        del params
+        moments, schedule_state = state
+        count = moments.count + 1
+        correction2 = 1.0 - b2 ** count.astype(jnp.float32)
+        lr = schedule(schedule_state.count)
+        neg_step_size = (-lr * jnp.sqrt(correction2)) / (1.0 - b1 ** count.astype(jnp.float32))
+        eps_hat = jnp.sqrt(eps * eps * correction2)
+        mu = jax.tree_util.tree_map(lambda m, g: m + (1.0 - b1) * (g - m), moments.mu, grads)
+        nu = jax.tree_util.tree_map(lambda v, g: v + (1.0 - b2) * (jnp.square(g) - v), moments.nu, grads)
+        updates = jax.tree_util.tree_map(lambda m, v: neg_step_size * m / (jnp.sqrt(v) + eps_hat), mu, nu)
+        next_state = optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+        return updates, (next_state, optax.ScaleByScheduleState(count=schedule_state.count + 1))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: Any, global_batch: int) -> optax.GradientTransformation:
     parts = [zero_nonfinite()]
     if config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-    parts.append(optax.adam(learning_rate(config, global_batch), config.adam_b1, config.adam_b2, config.adam_eps))
+    parts.append(adam(learning_rate(config, global_batch), config.adam_b1, config.adam_b2, config.adam_eps))
     return optax.chain(*parts)
 
 
@@ -82,3 +122,9 @@ def ema_decay(config: Any, step: jax.Array, global_batch: int) -> jax.Array:
     if config.ema_rampup_ratio > 0:
         half_life = jnp.minimum(half_life, samples * config.ema_rampup_ratio)
     return 0.5 ** (global_batch / jnp.maximum(half_life, 1e-8))
+
+
+def ema_update(ema_params: Any, params: Any, beta: jax.Array) -> Any:
+    """beta * ema + (1 - beta) * params, written as params + beta (ema - params) so that each
+    leaf's kernel uses beta, computed once, rather than 1 - beta copied into it (see ``adam``)."""
+    return jax.tree_util.tree_map(lambda e, p: p + beta * (e - p), ema_params, params)

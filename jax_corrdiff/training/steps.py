@@ -23,7 +23,7 @@ from jax_corrdiff.diffusion.losses import regression_loss, residual_loss
 from jax_corrdiff.diffusion.patching import training_batch
 from jax_corrdiff.diffusion.residual_mean import batch_mean
 from jax_corrdiff.mesh import batch_sharded, placed_shapes, replicated
-from jax_corrdiff.training.optimizer import ema_decay, gradient_statistics, learning_rate
+from jax_corrdiff.training.optimizer import ema_decay, ema_update, gradient_statistics, learning_rate
 
 PerSampleLoss = Callable[..., jax.Array]
 
@@ -197,8 +197,7 @@ def make_train_step(loss_fn: PerSampleLoss, optimizer, training_config, global_b
         grad_norm, nonfinite = gradient_statistics(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        beta = ema_decay(training_config, state.step, global_batch)
-        ema = jax.tree_util.tree_map(lambda e, p: beta * e + (1.0 - beta) * p, state.ema_params, params)
+        ema = ema_update(state.ema_params, params, ema_decay(training_config, state.step, global_batch))
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
