@@ -104,7 +104,7 @@ def _update_instructions(optimizer, params) -> int:
     def step(params, ema, opt_state, grads):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, ema_update(ema, params, 0.5 ** (8 / jnp.maximum(jnp.sum(opt_state[0].count), 1.0))), opt_state
+        return params, ema_update(ema, params, ema_decay(training_config(), opt_state[0].count, 8)), opt_state
 
     text = jax.jit(step).lower(params, params, optimizer.init(params), params).compile().as_text()
     return sum(1 for line in text.splitlines() if " = " in line and line.lstrip().startswith(("%", "ROOT %")))

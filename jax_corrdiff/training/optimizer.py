@@ -92,9 +92,9 @@ def adam(schedule: optax.Schedule, b1: float, b2: float, eps: float) -> optax.Gr
         del params
         moments, schedule_state = state
         count = moments.count + 1
-        correction2 = 1.0 - b2 ** count.astype(jnp.float32)
-        lr = schedule(schedule_state.count)
-        neg_step_size = (-lr * jnp.sqrt(correction2)) / (1.0 - b1 ** count.astype(jnp.float32))
+        t = count.astype(jnp.float32)
+        correction2 = 1.0 - b2**t
+        neg_step_size = (-schedule(schedule_state.count) * jnp.sqrt(correction2)) / (1.0 - b1**t)
         eps_hat = jnp.sqrt(eps * eps * correction2)
         mu = jax.tree_util.tree_map(lambda m, g: m + (1.0 - b1) * (g - m), moments.mu, grads)
         nu = jax.tree_util.tree_map(lambda v, g: v + (1.0 - b2) * (jnp.square(g) - v), moments.nu, grads)
