@@ -20,7 +20,7 @@ from jax_corrdiff.models.embeddings import (
     positional_noise_embedding,
     sinusoidal_position_grid,
 )
-from jax_corrdiff.models.layers import Dtype, GroupNorm, UNetBlock, conv, dense
+from jax_corrdiff.models.layers import Dtype, GroupNorm, UNetBlock, conv, dense, silu_keeping_input
 
 # SongUNet always attends at its coarsest level (the decoder's first block); above this many
 # tokens one attention matrix takes over 256 MiB per sample and head in float32.
@@ -238,7 +238,9 @@ class SongUNet(nn.Module):
                 attn = i == self.num_blocks and has_attention[level]
                 x = block(f"dec_l{level}_block{i}", self.model_channels * mult, attention=attn)(x, emb, dropout_seed)
 
-        x = nn.silu(GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name="out_norm")(x))
+        x = silu_keeping_input(
+            GroupNorm(unbiased_variance=self.unbiased_groupnorm, dtype=self.dtype, name="out_norm")(x)
+        )
         return conv(self.out_channels, 3, init_scale=1e-5, dtype=self.dtype, name="out_conv")(x)
 
 
