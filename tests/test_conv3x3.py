@@ -15,7 +15,7 @@ from jax_corrdiff.models.conv3x3 import (
     conv3x3_cpu_gradients,
     direct_conv3x3,
 )
-from jax_corrdiff.models.layers import Conv3x3, scaled_xavier_uniform
+from jax_corrdiff.models.layers import Conv3x3, GroupNorm, UNetBlock, dropout, scaled_xavier_uniform
 
 
 def assert_close(actual, desired, tolerance):
@@ -145,3 +145,68 @@ def test_conv3x3_module_is_nn_conv_with_cpu_gradients_in_float32(hw, channels, d
     grads = jax.grad(loss(module), argnums=(0, 1))(params, x)
     want = jax.grad(loss(reference), argnums=(0, 1))(params, x)
     jax.tree.map(lambda a, b: assert_close(a, b, 1e-5 if dtype == jnp.float32 else 0.0), grads, want)
+
+
+def _normalised_silu_dropped(x, scale, bias, seed):
+    """An activation as UNetBlock's conv1 takes it: SiLU of a GroupNorm of x, then dropout."""
+    gn = GroupNorm(silu=True)
+    return dropout(gn.apply({"params": {"scale": scale, "bias": bias}}, x), seed, 0.25)
+
+
+@pytest.mark.parametrize(
+    "hw, channels, dtype",
+    [
+        ((32, 32), (16, 8), jnp.float32),  # Winograd's kernel gradient
+        ((8, 12), (16, 8), jnp.float32),  # XLA's gradients
+        ((32, 32), (16, 8), jnp.bfloat16),  # XLA's convolution and autodiff
+    ],
+)
+def test_recomputing_input_keeps_the_composition_s_values_and_gradients(hw, channels, dtype):
+    """Conv3x3 of ``activation(*operands)``: the forward is that of convolving the activation's
+    output bit for bit, and the gradients of every operand (an integer seed among them) and of
+    the kernel are the composition's, differentiated by XLA."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (2, *hw, channels[0])) * 2 + 0.3
+    scale = 1 + 0.2 * jax.random.normal(keys[1], (channels[0],))
+    bias = 0.1 * jax.random.normal(keys[2], (channels[0],))
+    seed = jnp.array([7, 11], jnp.uint32)
+    module = Conv3x3(channels[1], kernel_init=scaled_xavier_uniform(0.7), dtype=dtype)
+    params = redraw_params(module.init(keys[3], _normalised_silu_dropped(x, scale, bias, seed)), keys[3])
+
+    def loss(recompute):
+        def of(p, x, scale, bias):
+            operands = (x, scale, bias, seed)
+            if recompute:
+                out = module.apply(p, operands, activation=_normalised_silu_dropped)
+            else:
+                out = module.apply(p, _normalised_silu_dropped(*operands))
+            return jnp.sum(jnp.sin(out.astype(jnp.float32))), out
+
+        return of
+
+    (_, out), grads = jax.value_and_grad(loss(True), argnums=(0, 1, 2, 3), has_aux=True)(params, x, scale, bias)
+    (_, want), want_grads = jax.value_and_grad(loss(False), argnums=(0, 1, 2, 3), has_aux=True)(params, x, scale, bias)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+    jax.tree.map(lambda a, b: assert_close(a, b, 1e-5 if dtype == jnp.float32 else 1e-2), grads, want_grads)
+
+
+def test_unet_block_keeps_two_activations_for_its_backward_pass():
+    """A residual block with dropout keeps norm0's centred input and norm1's input for its
+    backward pass, each convolution recomputing its input from them (``Conv3x3``'s
+    ``activation``): two activations where keeping the convolutions' inputs and the SiLU's
+    sigmoid took five."""
+    x, emb, seed = jnp.ones((2, 32, 32, 64)), jnp.ones((2, 64)), jnp.array([1, 2], jnp.uint32)
+    block = UNetBlock(64, dropout=0.1)
+
+    def planned_bytes(blocks):
+        def loss(params):
+            h = x
+            for p in params:
+                h = block.apply(p, h, emb, seed)
+            return jnp.sum(h)
+
+        params = [block.init(jax.random.key(0), x, emb, seed)] * blocks
+        return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    assert (planned_bytes(8) - planned_bytes(4)) / 4 <= 2.01 * x.size * 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -53,18 +54,59 @@ def conv(features: int, kernel: int, *, init_scale: float = 1.0, dtype: Dtype, n
 
 class Conv3x3(nn.Module):
     """3 x 3 convolution, zero padding 1, with ``nn.Conv(features, (3, 3))``'s parameters and
-    output; on CPU its gradients run through Winograd's F(4x4, 3x3) (``conv3x3.conv3x3``)."""
+    output; on CPU its gradients run through Winograd's F(4x4, 3x3) (``conv3x3.conv3x3``).
+    Called with an ``activation``, it convolves ``activation(*x)`` and keeps ``x`` for the
+    backward pass instead (``conv3x3_recomputing_input``)."""
 
     features: int
     kernel_init: nn.initializers.Initializer
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
+    def __call__(self, x, activation: Callable[..., jax.Array] | None = None) -> jax.Array:
+        in_channels = (x if activation is None else jax.eval_shape(activation, *x)).shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (3, 3, in_channels, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if activation is not None:
+            kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+            return conv3x3_recomputing_input(activation, tuple(x), kernel) + bias
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv3x3(x, kernel) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def conv3x3_recomputing_input(activation: Callable[..., jax.Array], operands: tuple, kernel: jax.Array) -> jax.Array:
+    """``conv3x3(activation(*operands), kernel)``, whose backward pass keeps ``operands``, not
+    the convolution's input, and recomputes the input from them once the output's cotangent
+    exists: with x = activation(u), the kernel gradient needs x and the input gradient dx
+    gives du through activation's own backward pass.
+
+    The residual block's convolutions take the SiLU of a GroupNorm (conv1 after dropout):
+    element-wise functions of what the norm's backward pass keeps anyway (its centred input,
+    or its input and statistics, and its parameters). Differentiated by XLA, each convolution
+    kept its input as well: a block kept five activations for its backward pass, two with
+    this (``test_unet_block_keeps_two_activations_for_its_backward_pass``). The 64 x 64
+    regression step plans 372 instead of 576 MB of temporaries at full width and 92 instead of
+    150 MB at 32 channels, and takes 0.993x and 1.012x its time (``ab_revisions.py``), for
+    14% more HLO instructions: the recomputation, the dropout's hash among it, is fused into
+    the kernel gradient's kernels."""
+    return conv3x3(activation(*operands).astype(kernel.dtype), kernel)
+
+
+def _recomputing_forward(activation, operands, kernel):
+    return conv3x3(activation(*operands).astype(kernel.dtype), kernel), (operands, kernel)
+
+
+def _recomputing_backward(activation, residuals, cotangent):
+    (first, *rest), kernel = residuals
+    # Ordered after the cotangent (the operands' first is the full-size activation).
+    later = first + _zero_after(cotangent).astype(first.dtype)
+    x, activation_backward = jax.vjp(lambda *u: activation(*u).astype(kernel.dtype), later, *rest)
+    input_gradient, kernel_gradient = jax.vjp(conv3x3, x, kernel)[1](cotangent)
+    return activation_backward(input_gradient), kernel_gradient
+
+
+conv3x3_recomputing_input.defvjp(_recomputing_forward, _recomputing_backward)
 
 
 @jax.custom_vjp
@@ -276,17 +318,6 @@ def _group_sum(per_channel: jax.Array, groups: int) -> jax.Array:
     return jnp.repeat(sums, channels // groups, axis=-1)
 
 
-def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, unbiased_variance: bool) -> jax.Array:
-    """Group normalisation of NHWC ``x`` over (y, x, channels-in-group), then ``* scale + bias``
-    per channel, in float32."""
-    centered, _, var = _group_moments(x.astype(jnp.float32), unbiased_variance)
-    # centered * (r * scale): the backward pass then keeps only the centred activation
-    # (d(r scale) = sum dy centered gives both d scale and d r in one reduction), where
-    # (centered * r) * scale kept the normalised one as well: 0.18 GB less at the peak of
-    # the full-width regression step, as fast.
-    return centered * (jax.lax.rsqrt(var + eps) * scale) + bias
-
-
 def _zero_after(cotangent: jax.Array) -> jax.Array:
     """Zeros, (B, 1, 1, 1) float32, computed from an NHWC ``cotangent``: added to what a backward
     pass recomputes from the forward pass's values, they order the recomputation after the
@@ -298,24 +329,38 @@ def _zero_after(cotangent: jax.Array) -> jax.Array:
     return 0 * cotangent[:, :1, :1, :].astype(jnp.float32).sum(axis=-1, keepdims=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def group_norm_silu(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, unbiased_variance: bool):
-    """silu(group_norm(x)) in ``x``'s dtype, whose backward pass keeps only ``x`` and the
-    per-group mean and 1 / std, and recomputes the normalised activation from them.
+def group_statistics(x: jax.Array, eps: float, unbiased_variance: bool) -> tuple[jax.Array, jax.Array]:
+    """(mean, 1 / std) of NHWC ``x`` per (image, group) in float32, as (B, 1, 1, C), without
+    a gradient: ``silu_of_normalised`` differentiates through them itself."""
+    _, mean, var = _group_moments(jax.lax.stop_gradient(x).astype(jnp.float32), unbiased_variance)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def silu_of_normalised(
+    x: jax.Array, mean: jax.Array, rstd: jax.Array, scale: jax.Array, bias: jax.Array, unbiased_variance: bool
+):
+    """silu((x - mean) rstd scale + bias) in ``x``'s dtype, with (mean, rstd) =
+    ``group_statistics(x)``: silu(GroupNorm(x)), whose gradient is that of the whole
+    composition (through the statistics too) and whose backward pass keeps only ``x`` and the
+    statistics, recomputing the normalised activation from them.
 
     Differentiated by XLA, the pair kept the centred input, the sigmoid and the output of the
     SiLU for the backward pass, three activations where this keeps one (the next layer keeps
-    its own input, the output, either way)."""
-    return _group_norm_silu_forward(x, scale, bias, eps, unbiased_variance)[0]
+    its own input, the output, either way). The statistics come in as operands so that a
+    convolution recomputing this as its input (``conv3x3_recomputing_input``) does not
+    recompute them: two reductions per layer, which took the 32-channel regression step to
+    1.033x its time against 1.010x (``ab_revisions.py``)."""
+    return _silu_of_normalised_forward(x, mean, rstd, scale, bias, unbiased_variance)[0]
 
 
-def _group_norm_silu_forward(x, scale, bias, eps, unbiased_variance):
-    centered, mean, var = _group_moments(x.astype(jnp.float32), unbiased_variance)
-    rstd = jax.lax.rsqrt(var + eps)
-    return jax.nn.silu(centered * (rstd * scale) + bias).astype(x.dtype), (x, mean, rstd, scale, bias)
+def _silu_of_normalised_forward(x, mean, rstd, scale, bias, unbiased_variance):
+    centered = x.astype(jnp.float32) - mean
+    out = jax.nn.silu(centered * (rstd * scale) + bias).astype(x.dtype)
+    return out, (x, mean, rstd, scale, bias)
 
 
-def _group_norm_silu_backward(eps, unbiased_variance, residuals, cotangent):
+def _silu_of_normalised_backward(unbiased_variance, residuals, cotangent):
     """With c = x - mean, a = rstd * scale, y = c a + bias, s = sigmoid(y) and g the cotangent:
 
         dy = g s (1 + y (1 - s))                     (silu'(y) = s + y s (1 - s))
@@ -324,7 +369,8 @@ def _group_norm_silu_backward(eps, unbiased_variance, residuals, cotangent):
         d mean = -sum_group(sum_{h,w} dy) * a         (var's own mean term vanishes: sum c = 0)
         dx = dy a + d mean / n + 2 c d var / n
 
-    with sum_group summing over the channels of a group, per image.
+    with sum_group summing over the channels of a group, per image. The statistics' own
+    cotangents are zero: their gradient is in dx.
     """
     x, mean, rstd, scale, bias = residuals
     groups, n = _groups_and_count(x.shape)
@@ -335,17 +381,18 @@ def _group_norm_silu_backward(eps, unbiased_variance, residuals, cotangent):
     dy = cotangent.astype(jnp.float32) * s * (1 + y * (1 - s))
     dy_sum = dy.sum(axis=(1, 2))  # (B, C)
     d_a = (dy * centered).sum(axis=(1, 2))
-    rstd = rstd[:, 0, 0, :]
-    d_var = -0.5 * rstd**3 * _group_sum(d_a * scale, groups)
+    rstd_c = rstd[:, 0, 0, :]
+    d_var = -0.5 * rstd_c**3 * _group_sum(d_a * scale, groups)
     if unbiased_variance:
         d_var = d_var * _bessel_correction(n)
     d_mean = -_group_sum(dy_sum * a[:, 0, 0, :], groups)
     dx = dy * a + (d_mean / n)[:, None, None, :] + centered * (2 / n * d_var)[:, None, None, :]
-    d_scale = (d_a * rstd).sum(axis=0)
-    return dx.astype(x.dtype), d_scale.astype(scale.dtype), dy_sum.sum(axis=0).astype(bias.dtype)
+    d_scale = (d_a * rstd_c).sum(axis=0)
+    zeros = jnp.zeros_like(mean), jnp.zeros_like(rstd)
+    return dx.astype(x.dtype), *zeros, d_scale.astype(scale.dtype), dy_sum.sum(axis=0).astype(bias.dtype)
 
 
-group_norm_silu.defvjp(_group_norm_silu_forward, _group_norm_silu_backward)
+silu_of_normalised.defvjp(_silu_of_normalised_forward, _silu_of_normalised_backward)
 
 
 @jax.custom_vjp
@@ -381,7 +428,7 @@ class GroupNorm(nn.Module):
     the sum of squares by N - 1 instead of N (reference.md section 2). It is a compatibility
     switch for imported checkpoints; models trained here normalise with the biased variance
     in training and evaluation alike. ``silu`` applies SiLU to the result, through
-    ``group_norm_silu``.
+    ``silu_of_normalised``.
     """
 
     eps: float = 1e-6
@@ -390,13 +437,42 @@ class GroupNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
+    def affine(self, channels: int) -> tuple[jax.Array, jax.Array]:
+        """The per-channel (scale, bias)."""
         scale = self.param("scale", nn.initializers.ones, (channels,))
-        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        return scale, self.param("bias", nn.initializers.zeros, (channels,))
+
+    def recomputable(self, x: jax.Array) -> tuple[Callable[..., jax.Array], tuple]:
+        """(f, operands) with f(*operands) this norm of ``x`` and operands what its backward
+        pass keeps anyway, so that a convolution of the output can recompute it instead of
+        keeping it (``Conv3x3``'s ``activation``). With ``silu``: ``silu_of_normalised`` of x, its
+        statistics, scale and bias. Without: centred * factor + bias, factor = rstd * scale,
+        whose gradient (XLA's) keeps the centred input."""
+        scale, bias = self.affine(x.shape[-1])
         if self.silu:
-            return group_norm_silu(x.astype(self.dtype), scale, bias, self.eps, self.unbiased_variance)
-        return group_norm(x, scale, bias, self.eps, self.unbiased_variance).astype(self.dtype)
+            x = x.astype(self.dtype)
+            statistics = group_statistics(x, self.eps, self.unbiased_variance)
+            return functools.partial(silu_of_normalised, unbiased_variance=self.unbiased_variance), (
+                x,
+                *statistics,
+                scale,
+                bias,
+            )
+        # centered * (rstd * scale): the backward pass then keeps only the centred activation
+        # (d factor = sum dy centered gives both d scale and d rstd in one reduction), where
+        # (centered * rstd) * scale kept the normalised one as well: 0.18 GB less at the peak
+        # of the full-width regression step, as fast.
+        centered, _, var = _group_moments(x.astype(jnp.float32), self.unbiased_variance)
+        factor = jax.lax.rsqrt(var + self.eps) * scale
+        return functools.partial(_affine_in, dtype=self.dtype), (centered, factor, bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        normalise, operands = self.recomputable(x)
+        return normalise(*operands)
+
+
+def _affine_in(centered, factor, bias, *, dtype: Dtype) -> jax.Array:
+    return (centered * factor + bias).astype(dtype)
 
 
 def downsample2x(x: jax.Array) -> jax.Array:
@@ -410,6 +486,17 @@ def upsample2x(x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
     return x.reshape(b, 2 * h, 2 * w, c)
+
+
+def _silu_after(activation: Callable[..., jax.Array], *operands: jax.Array, down: bool) -> jax.Array:
+    h = silu_keeping_input(activation(*operands))
+    return downsample2x(h) if down else h
+
+
+def _dropout_after(activation: Callable[..., jax.Array], *operands: jax.Array, rate: float) -> jax.Array:
+    """``dropout(activation(*inputs), seed, rate)`` of ``operands`` = (*inputs, seed)."""
+    *inputs, seed = operands
+    return dropout(activation(*inputs), seed, rate)
 
 
 class UNetBlock(nn.Module):
@@ -441,21 +528,26 @@ class UNetBlock(nn.Module):
         """``dropout_seed``: the training step's two uint32 dropout words, or None (no dropout)."""
         in_channels = x.shape[-1]
         out = self.out_channels
-        h = silu_keeping_input(self._norm("norm0")(x))
-        if self.up:
-            h = UpsampleConv(out, kernel_init=scaled_xavier_uniform(1.0), dtype=self.dtype, name="conv0")(h)
-        else:
-            h = conv(out, 3, dtype=self.dtype, name="conv0")(downsample2x(h) if self.down else h)
-        h = h + dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
-        # Only norm1 keeps just its input for the backward pass: 142 MB less planned at the
-        # peak of the full-width regression step, as fast (in-process A/B 0.977x at full width,
-        # 1.012x at 32 channels). norm0's input is the residual stream, whose gradient joins the
-        # skip connections': XLA fused the recomputed normalisation into each of their
+        # Both convolutions recompute their inputs in the backward pass from what the norms
+        # before them keep anyway (``conv3x3_recomputing_input``). norm1 differentiates itself in
+        # closed form and keeps only its input (``silu_of_normalised``: 142 MB less planned at
+        # the peak of the full-width regression step, as fast). norm0 keeps XLA's gradient, and
+        # with it the centred input: its input is the residual stream, whose gradient joins the
+        # skip connections', and XLA fused a recomputed normalisation into each of their
         # consumers (31 k more HLO instructions, 2.3% slower at full width).
-        h = self._norm("norm1", silu=True)(h)
+        activation, operands = self._norm("norm0").recomputable(x)
+        activation = functools.partial(_silu_after, activation, down=self.down)
+        if self.up:
+            up_conv = UpsampleConv(out, kernel_init=scaled_xavier_uniform(1.0), dtype=self.dtype, name="conv0")
+            h = up_conv(activation(*operands))
+        else:
+            h = conv(out, 3, dtype=self.dtype, name="conv0")(operands, activation=activation)
+        h = h + dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
+        activation, operands = self._norm("norm1", silu=True).recomputable(h)
         if dropout_seed is not None:
-            h = dropout(h, layer_dropout_seed(dropout_seed, "/".join(self.path)), self.dropout)
-        h = conv(out, 3, init_scale=1e-5, dtype=self.dtype, name="conv1")(h)
+            operands += (layer_dropout_seed(dropout_seed, "/".join(self.path)),)
+            activation = functools.partial(_dropout_after, activation, rate=self.dropout)
+        h = conv(out, 3, init_scale=1e-5, dtype=self.dtype, name="conv1")(operands, activation=activation)
         skip = x
         if out != in_channels or self.up or self.down:
             skip_conv = conv(out, 1, dtype=self.dtype, name="skip")
