@@ -15,7 +15,8 @@ from jax_corrdiff.models.conv3x3 import (
     conv3x3_cpu_gradients,
     direct_conv3x3,
 )
-from jax_corrdiff.models.layers import Conv3x3, GroupNorm, UNetBlock, dropout, scaled_xavier_uniform
+from jax_corrdiff.models.layers import Conv3x3, UNetBlock, dropout, scaled_xavier_uniform
+from jax_corrdiff.models.normalization import GroupNorm
 
 
 def assert_close(actual, desired, tolerance):

@@ -11,14 +11,8 @@ import pytest
 from utils import redraw_params
 
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
-from jax_corrdiff.models.layers import (
-    GroupNorm,
-    PointwiseConv,
-    UpsampleConv,
-    scaled_xavier_uniform,
-    silu_keeping_input,
-    upsample2x,
-)
+from jax_corrdiff.models.layers import PointwiseConv, UpsampleConv, scaled_xavier_uniform, upsample2x
+from jax_corrdiff.models.normalization import GroupNorm, silu_keeping_input
 
 TAIWAN_UNET = dict(
     model_channels=128,

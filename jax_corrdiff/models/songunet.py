@@ -20,7 +20,8 @@ from jax_corrdiff.models.embeddings import (
     positional_noise_embedding,
     sinusoidal_position_grid,
 )
-from jax_corrdiff.models.layers import Dtype, GroupNorm, UNetBlock, conv, dense, silu_keeping_input
+from jax_corrdiff.models.layers import UNetBlock, conv, dense
+from jax_corrdiff.models.normalization import Dtype, GroupNorm, silu_keeping_input
 
 # SongUNet always attends at its coarsest level (the decoder's first block); above this many
 # tokens one attention matrix takes over 256 MiB per sample and head in float32.
