@@ -88,7 +88,7 @@ def conv3x3_recomputing_input(activation: Callable[..., jax.Array], operands: tu
     150 MB at 32 channels, and takes 0.993x and 1.012x its time (``ab_revisions.py``), for
     14% more HLO instructions: the recomputation, the dropout's hash among it, is fused into
     the kernel gradient's kernels."""
-    return conv3x3(activation(*operands).astype(kernel.dtype), kernel)
+    return _recomputing_forward(activation, operands, kernel)[0]
 
 
 def _recomputing_forward(activation, operands, kernel):
