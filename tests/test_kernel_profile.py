@@ -104,3 +104,18 @@ def test_a_traced_program_puts_its_time_in_its_convolutions():
     assert result["categories"]["convolutions"]["share"] > 0.5
     occupancy = harness.worker_occupancy(events, window)
     np.testing.assert_allclose(sum(occupancy.values()), (window[1] - window[0]) / 1e3, rtol=1e-6)
+
+
+def test_a_residual_block_s_group_norms_are_found_in_its_compiled_gradient():
+    """The categories follow the model's own operation names: GroupNorm's statistics appear
+    under its scope (``norm1/``) or under ``GroupNorm.recomputable``'s (``norm0.recomputable/``),
+    forward and backward."""
+    from jax_corrdiff.models.layers import UNetBlock
+
+    x, emb = jnp.ones((2, 8, 8, 16)), jnp.ones((2, 16))
+    block = UNetBlock(16)
+    params = block.init(jax.random.key(0), x, emb, None)
+    gradient = jax.jit(jax.grad(lambda p: jnp.sum(block.apply(p, x, emb, None) ** 2)))
+    sources = kernel_profile.instruction_sources(gradient.lower(params).compile().as_text())
+    categories = {kernel_profile.category(name, source) for name, source in sources.items()}
+    assert {"group norm", "group norm, backward"} <= categories
