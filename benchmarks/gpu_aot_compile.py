@@ -15,8 +15,10 @@ cuDNN and CUDA versions; no autotuning without the device, so every fusion gets 
 tiling). Each program is traced as on the GPU (``compiler_options.compiling_for("gpu")``: XLA's
 convolutions, our GPU compiler options) from shapes alone, then compiled, each in its own process
 under ``--timeout``: lowering and compile seconds, the optimised module's size and XLA's memory
-plan, or the compiler's error. ``--xla-defaults`` compiles the training steps with XLA's own
-matmul settings (Triton GEMM fusions) instead of ``training_step_options``'. ``--devices N``
+plan, the kernels it launches and the bytes they read and write (``hlo_traffic.py``; for a
+sample also per step of its sampling loop), or the compiler's error. ``--xla-defaults``
+compiles the training steps with XLA's own matmul settings (Triton GEMM fusions) instead of
+``training_step_options``'. ``--devices N``
 splits the training steps' batch over N GPUs of one host, their gradients all-reduced as in a
 cluster job (``XLA_FLAGS``, e.g. ``launch/xla_flags.sh``'s, apply). ``--model china3km``
 compiles China 3 km CorrDiff's training steps instead (``configs/china3km.py``: 34 channels,
@@ -37,6 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import harness  # noqa: E402
+import hlo_traffic  # noqa: E402
 import speed  # noqa: E402
 
 PROGRAMS = ("regression_step", "diffusion_step", "sample_heun18")
@@ -183,6 +186,7 @@ def compile_program(args) -> dict:
         "fusions": text.count(" fusion("),
         "custom_calls": text.count(" custom-call("),
         "all_reduces": text.count(" all-reduce(") + text.count(" all-reduce-start("),
+        **hlo_traffic.program_traffic(text),
         **speed._compiled_stats(compiled),
         "device": str(topology.devices[0].device_kind),
         "jax": jax.__version__,
@@ -221,7 +225,8 @@ def main(argv=None) -> None:
         command += ["--remat", args.remat, "--mean", args.mean, "--devices", str(args.devices), "--model", args.model]
         command += ["--xla-defaults"] if args.xla_defaults else []
         results["rows"][name] = row = harness.run_worker(command, args.timeout)
-        shown = {k: row[k] for k in ("lower_s", "compile_s", "hlo_instructions", "error") if k in row}
+        shown = ("lower_s", "compile_s", "hlo_instructions", "kernels", "kernel_bytes", "loop_kernel_bytes", "error")
+        shown = {k: row[k] for k in shown if k in row}
         print(name, json.dumps(shown), *row.get("output", [])[-3:], sep="\n  ", flush=True)
     if args.out:
         harness.write_results(args.out, results)

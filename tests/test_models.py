@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from utils import redraw_params
 
+from jax_corrdiff import compiler_options
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
 from jax_corrdiff.models.layers import PointwiseConv, UpsampleConv, scaled_xavier_uniform, upsample2x
 from jax_corrdiff.models.normalization import GroupNorm, silu_keeping_input
@@ -224,6 +225,42 @@ def test_groupnorm_silu_equals_silu_of_groupnorm_with_its_gradients(shape, unbia
         assert actual.dtype == desired.dtype
         actual, desired = np.asarray(actual, np.float32), np.asarray(desired, np.float32)
         assert np.abs(actual - desired).max() <= tolerance * np.abs(desired).max()
+
+
+@pytest.mark.parametrize("offset", [0.5, 1e3])
+@pytest.mark.parametrize("silu", [False, True])
+def test_groupnorm_for_a_gpu_takes_one_pass_as_accurate_as_two(offset, silu):
+    """Traced for a GPU, GroupNorm takes its statistics from shifted sums in one pass over the
+    input; run here, it and its gradients are as close to float64's as the CPU's two passes,
+    even for inputs whose mean is 1000 standard deviations from zero (unshifted, one pass
+    loses the variance there)."""
+    k = jax.random.split(jax.random.key(6), 4)
+    x = jax.random.normal(k[0], (2, 8, 8, 64)) * 2 + offset
+    cotangent = jax.random.normal(k[1], x.shape)
+    params = {"params": {"scale": 1 + 0.3 * jax.random.normal(k[2], (64,)), "bias": jax.random.normal(k[3], (64,))}}
+    gn = GroupNorm(silu=silu)
+
+    def exact_norm(p, x):  # 16 groups of 4 channels, in float64
+        g = x.reshape(2, 8, 8, 16, 4)
+        g = (g - g.mean(axis=(1, 2, 4), keepdims=True)) / jnp.sqrt(g.var(axis=(1, 2, 4), keepdims=True) + gn.eps)
+        y = g.reshape(x.shape) * p["params"]["scale"] + p["params"]["bias"]
+        return jax.nn.silu(y) if silu else y
+
+    def norm_and_gradients(norm, params, x):
+        out, vjp = jax.vjp(norm, params, x)
+        return [np.asarray(a, np.float64) for a in jax.tree_util.tree_leaves((out, vjp(cotangent.astype(x.dtype))))]
+
+    with jax.enable_x64():
+        as64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), (params, x))
+        want = norm_and_gradients(exact_norm, *as64)
+    cpu = norm_and_gradients(gn.apply, params, x)
+    with compiler_options.compiling_for("gpu"):
+        gpu_jaxpr = jax.make_jaxpr(gn.apply)(params, x)
+        gpu = norm_and_gradients(gn.apply, params, x)
+    assert len(gpu_jaxpr.eqns) != len(jax.make_jaxpr(gn.apply)(params, x).eqns)
+    for on_gpu, on_cpu, exact in zip(gpu, cpu, want):
+        scale = np.abs(exact).max()
+        assert np.abs(on_gpu - exact).max() <= max(1.5 * np.abs(on_cpu - exact).max(), 1e-6 * scale)
 
 
 @pytest.mark.parametrize(

@@ -333,7 +333,12 @@ class UNetBlock(nn.Module):
             h = up_conv(activation(*operands))
         else:
             h = conv(out, 3, dtype=self.dtype, name="conv0")(operands, activation=activation)
-        h = h + dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
+        # Added in float32, as norm1 takes its input: added in bf16 (a GPU's computation dtype),
+        # the embedding's broadcast went to conv0's cuDNN call as its side input, written out at
+        # full size and read back (51 MB a block at 448 x 448; the sample's kernels moved 7%
+        # more bytes, ``benchmarks/gpu_aot_compile.py``). In float32 the add is fused into norm1.
+        params = dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
+        h = h.astype(jnp.float32) + params.astype(jnp.float32)
         activation, operands = self._norm("norm1", silu=True).recomputable(h)
         if dropout_seed is not None:
             operands += (layer_dropout_seed(dropout_seed, "/".join(self.path)),)

@@ -1,0 +1,125 @@
+"""Kernels a compiled XLA program launches and the bytes they read and write, counted from its
+optimised HLO text: how much memory traffic a GPU program makes, measured without the GPU
+(``gpu_aot_compile.py``).
+
+Every instruction of the entry computation is one kernel (a fusion, a cuDNN or cuBLAS call, a
+copy), except parameters, tuples and their elements, bitcasts and constants, which move nothing;
+a while loop's body counts as many times as XLA knows it runs (``known_trip_count``, else once).
+A kernel reads each operand whole and writes its result, except that an operand a fusion uses
+only through slices (element-wise operations before them included) is read as its slices: XLA
+computes only the sliced elements. Nothing is assumed to stay in a cache, so on a GPU this is
+the traffic to its memory when no operand is still in L2.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4}
+_BYTES.update({"f64": 8, "s64": 8, "u64": 8})
+_ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")
+_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
+_MOVES_NOTHING = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+# Operations through which a fusion computes only the elements a slice after them takes.
+_ELEMENTWISE = {"convert", "bitcast", "reshape", "copy", "add", "subtract", "multiply", "divide", "negate"}
+_ELEMENTWISE |= {"maximum", "minimum", "exponential", "logistic", "select", "compare", "rsqrt", "sqrt", "tanh"}
+
+
+def array_bytes(shape: str) -> int:
+    """Bytes of an HLO shape, e.g. ``bf16[1,448,448,128]{3,2,1,0}`` or a tuple of them."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += count * _BYTES[dtype]
+    return total
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
+    """name -> [(instruction, shape, opcode, rest of the line)], and the entry's name."""
+    computations: dict[str, list[tuple]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(2), [])
+            entry = header.group(2) if header.group(1) else entry
+            continue
+        instruction = _INSTRUCTION.match(line)
+        if instruction and current is not None:
+            current.append(instruction.groups())
+    return computations, entry
+
+
+def _operands(rest: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
+
+
+def _sliced_operand_bytes(body: list[tuple]) -> dict[int, int]:
+    """Parameter number -> bytes a fusion reads of it, for the parameters it uses only through
+    slices."""
+    users, shapes, numbers = collections.defaultdict(list), {}, {}
+    for name, shape, opcode, rest in body:
+        shapes[name] = (opcode, array_bytes(shape))
+        if opcode == "parameter":
+            numbers[name] = int(re.match(r"(\d+)", rest).group(1))
+        for operand in _operands(rest):
+            users[operand].append(name)
+
+    def sliced_bytes(name: str) -> int | None:
+        total = 0
+        for user in users.get(name) or [None]:
+            if user is None:
+                return None
+            opcode, size = shapes[user]
+            if opcode in ("slice", "dynamic-slice"):
+                total += size
+                continue
+            inner = sliced_bytes(user) if opcode in _ELEMENTWISE else None
+            if inner is None:
+                return None
+            total += inner
+        return total
+
+    return {number: b for name, number in numbers.items() if (b := sliced_bytes(name)) is not None}
+
+
+def _traffic(computations: dict, name: str) -> tuple[int, int]:
+    """(kernels, bytes) of one run of computation ``name``, its while loops' bodies included."""
+    sizes = {instruction: array_bytes(shape) for instruction, shape, _, _ in computations[name]}
+    kernels = moved = 0
+    for _, shape, opcode, rest in computations[name]:
+        if opcode in _MOVES_NOTHING:
+            continue
+        if opcode == "while":
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+            body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
+            body_kernels, body_bytes = _traffic(computations, body)
+            kernels += body_kernels * (int(trips.group(1)) if trips else 1)
+            moved += body_bytes * (int(trips.group(1)) if trips else 1)
+            continue
+        read = [sizes.get(operand, 0) for operand in _operands(rest)]
+        called = re.search(r"calls=%?([\w.\-]+)", rest)
+        if opcode == "fusion" and called:
+            for number, size in _sliced_operand_bytes(computations[called.group(1)]).items():
+                read[number] = min(read[number], size)
+        kernels += 1
+        moved += sum(read) + array_bytes(shape)
+    return kernels, moved
+
+
+def program_traffic(hlo_text: str) -> dict:
+    """``kernels`` launched and ``kernel_bytes`` read and written by one run of the program, and
+    of one iteration of its longest while loop (``loop_kernels``, ``loop_kernel_bytes``: a
+    sampler's step) where it has one."""
+    computations, entry = _computations(hlo_text)
+    kernels, moved = _traffic(computations, entry)
+    result = {"kernels": kernels, "kernel_bytes": moved}
+    bodies = re.findall(r" while\(.*?body=%?([\w.\-]+)", hlo_text)
+    if bodies:
+        body = max(bodies, key=lambda b: len(computations[b]))
+        result["loop_kernels"], result["loop_kernel_bytes"] = _traffic(computations, body)
+    return result
