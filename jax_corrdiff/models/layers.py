@@ -337,7 +337,7 @@ class UNetBlock(nn.Module):
         # the embedding's broadcast went to conv0's cuDNN call as its side input, written out at
         # full size and read back (51 MB a block at 448 x 448; the sample's kernels moved 7%
         # more bytes, ``benchmarks/gpu_aot_compile.py``). In float32 the add is fused into norm1;
-        # a training step's kernels move 1.5% more, the add's cotangent being float32 too.
+        # a training step's kernels move 1.5% more (XLA fuses its backward pass differently).
         params = dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
         h = h.astype(jnp.float32) + params.astype(jnp.float32)
         activation, operands = self._norm("norm1", silu=True).recomputable(h)
