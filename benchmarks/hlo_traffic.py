@@ -38,20 +38,21 @@ def array_bytes(shape: str) -> int:
     return total
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
-    """name -> [(instruction, shape, opcode, rest of the line)], and the entry's name."""
-    computations: dict[str, list[tuple]] = {}
+def computations(hlo_text: str) -> tuple[dict[str, list[tuple]], str]:
+    """Computation name -> [(instruction, shape, opcode, rest of the line)] of an HLO module's
+    text, and the entry computation's name."""
+    parsed: dict[str, list[tuple]] = {}
     entry, current = "", None
     for line in hlo_text.splitlines():
         header = _HEADER.match(line)
         if header:
-            current = computations.setdefault(header.group(2), [])
+            current = parsed.setdefault(header.group(2), [])
             entry = header.group(2) if header.group(1) else entry
             continue
         instruction = _INSTRUCTION.match(line)
         if instruction and current is not None:
             current.append(instruction.groups())
-    return computations, entry
+    return parsed, entry
 
 
 def _operands(rest: str) -> list[str]:
@@ -87,6 +88,10 @@ def _sliced_operand_bytes(body: list[tuple]) -> dict[int, int]:
     return {number: b for name, number in numbers.items() if (b := sliced_bytes(name)) is not None}
 
 
+def _while_body(rest: str) -> str:
+    return re.search(r"body=%?([\w.\-]+)", rest).group(1)
+
+
 def _traffic(computations: dict, name: str) -> tuple[int, int]:
     """(kernels, bytes) of one run of computation ``name``, its while loops' bodies included."""
     sizes = {instruction: array_bytes(shape) for instruction, shape, _, _ in computations[name]}
@@ -95,11 +100,11 @@ def _traffic(computations: dict, name: str) -> tuple[int, int]:
         if opcode in _MOVES_NOTHING:
             continue
         if opcode == "while":
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-            body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
-            body_kernels, body_bytes = _traffic(computations, body)
-            kernels += body_kernels * (int(trips.group(1)) if trips else 1)
-            moved += body_bytes * (int(trips.group(1)) if trips else 1)
+            known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+            trips = int(known.group(1)) if known else 1
+            body_kernels, body_bytes = _traffic(computations, _while_body(rest))
+            kernels += body_kernels * trips
+            moved += body_bytes * trips
             continue
         read = [sizes.get(operand, 0) for operand in _operands(rest)]
         called = re.search(r"calls=%?([\w.\-]+)", rest)
@@ -115,11 +120,11 @@ def program_traffic(hlo_text: str) -> dict:
     """``kernels`` launched and ``kernel_bytes`` read and written by one run of the program, and
     of one iteration of its longest while loop (``loop_kernels``, ``loop_kernel_bytes``: a
     sampler's step) where it has one."""
-    computations, entry = _computations(hlo_text)
-    kernels, moved = _traffic(computations, entry)
+    parsed, entry = computations(hlo_text)
+    kernels, moved = _traffic(parsed, entry)
     result = {"kernels": kernels, "kernel_bytes": moved}
-    bodies = re.findall(r" while\(.*?body=%?([\w.\-]+)", hlo_text)
+    bodies = [_while_body(rest) for body in parsed.values() for *_, opcode, rest in body if opcode == "while"]
     if bodies:
-        body = max(bodies, key=lambda b: len(computations[b]))
-        result["loop_kernels"], result["loop_kernel_bytes"] = _traffic(computations, body)
+        longest = max(bodies, key=lambda b: len(parsed[b]))
+        result["loop_kernels"], result["loop_kernel_bytes"] = _traffic(parsed, longest)
     return result

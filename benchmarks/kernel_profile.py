@@ -31,6 +31,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import hlo_traffic  # noqa: E402
 import speed  # noqa: E402
 
 PROGRAMS = ("regression_step", "diffusion_step", "sample_heun18")
@@ -79,25 +80,20 @@ def instruction_sources(hlo_text: str) -> dict[str, str]:
     first. XLA rewrites kernel-gradient convolutions (batch and feature dimensions swapped)
     without metadata: a convolution left without any anywhere is "XLA convolution, window HxW".
     "" for the rest (copies and transposes XLA inserted)."""
+    parsed, _ = hlo_traffic.computations(hlo_text)
     sources, calls, bodies = {}, {}, {}
-    computation = None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-        if header:
-            computation = bodies.setdefault(header.group(1), [])
-            continue
-        instruction = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$", line)
-        if not instruction:
-            continue
-        op_name = re.search(r'op_name="([^"]*)"', instruction.group(2))
-        window = re.search(r" convolution\(.*window=\{size=(\d+x\d+)", instruction.group(2))
-        described = f"XLA convolution, window {window.group(1)}" if window else ""
-        sources[instruction.group(1)] = op_name.group(1) if op_name else described
-        called = re.search(r"calls=%?([\w.\-]+)", instruction.group(2))
-        if called:
-            calls[instruction.group(1)] = called.group(1)
-        if computation is not None and sources[instruction.group(1)]:
-            computation.append(sources[instruction.group(1)])
+    for computation, instructions in parsed.items():
+        body = bodies.setdefault(computation, [])
+        for name, _, opcode, rest in instructions:
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            window = re.search(r"window=\{size=(\d+x\d+)", rest) if opcode == "convolution" else None
+            described = f"XLA convolution, window {window.group(1)}" if window else ""
+            sources[name] = op_name.group(1) if op_name else described
+            called = re.search(r"calls=%?([\w.\-]+)", rest)
+            if called:
+                calls[name] = called.group(1)
+            if sources[name]:
+                body.append(sources[name])
     for name, body in calls.items():
         inner = bodies.get(body, [])
         if not sources[name] and inner:

@@ -338,8 +338,8 @@ class UNetBlock(nn.Module):
         # full size and read back (51 MB a block at 448 x 448; the sample's kernels moved 7%
         # more bytes, ``benchmarks/gpu_aot_compile.py``). In float32 the add is fused into norm1;
         # a training step's kernels move 1.5% more (XLA fuses its backward pass differently).
-        params = dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
-        h = h.astype(jnp.float32) + params.astype(jnp.float32)
+        embedding = dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
+        h = h.astype(jnp.float32) + embedding.astype(jnp.float32)
         activation, operands = self._norm("norm1", silu=True).recomputable(h)
         if dropout_seed is not None:
             operands += (layer_dropout_seed(dropout_seed, "/".join(self.path)),)

@@ -66,10 +66,11 @@ def _group_moments(x32: jax.Array, unbiased_variance: bool):
         # the subtraction from cancelling: E[d]^2 is of the order of the variance however
         # far the mean is from zero. Its gradient is zero (var and the centred input do not
         # depend on it), so it carries none.
-        shift = jax.lax.stop_gradient(_group_sum(x32[:, 0, 0, :], groups) / (x32.shape[-1] // groups))
-        shifted = x32 - shift[:, None, None, :]
+        first_pixel = _group_sum(x32[:, 0, 0, :], groups) / (x32.shape[-1] // groups)
+        shift = jax.lax.stop_gradient(first_pixel)[:, None, None, :]
+        shifted = x32 - shift
         shifted_mean = group_mean(shifted)
-        mean = shift[:, None, None, :] + shifted_mean
+        mean = shift + shifted_mean
         centered = x32 - mean
         var = jnp.maximum(group_mean(jnp.square(shifted)) - jnp.square(shifted_mean), 0.0)
     if unbiased_variance:
