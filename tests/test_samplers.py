@@ -121,3 +121,54 @@ def test_bad_sampler_settings_are_rejected():
         EDMSampler(solver="rk4")
     with pytest.raises(ValueError, match="sigma_min"):
         EDMSampler(sigma_min=1.0, sigma_max=0.5)
+
+
+def _converted_closed_values(jaxpr, constvars) -> int:
+    """Converts, in ``jaxpr``'s own equations, of any of ``constvars`` to bfloat16."""
+    constvars = set(constvars)
+    return sum(
+        eqn.primitive.name == "convert_element_type"
+        and eqn.params["new_dtype"] == jnp.bfloat16
+        and any(v in constvars for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
+        for eqn in jaxpr.eqns
+    )
+
+
+def test_a_bf16_network_in_the_sampling_loop_takes_its_weights_converted_once():
+    """The EDM loop's network converts none of its float32 weights to bf16 inside the loop
+    (they are converted once, before it) and computes what it computed without the hoisting,
+    bit for bit; GroupNorm's parameters, which it uses in float32, stay float32."""
+    from jax_corrdiff.diffusion.loop_invariants import with_casts_hoisted
+    from jax_corrdiff.models import build_model, init_variables
+
+    cfg = dict(
+        kind="diffusion",
+        img_resolution=[16, 16],
+        out_channels=2,
+        cond_channels=3,
+        compute_dtype="bfloat16",
+        unet=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0),
+    )
+    model = build_model(cfg)
+    variables = init_variables(cfg, jax.random.key(0))
+    img_lr = jax.random.normal(jax.random.key(1), (1, 16, 16, 3))
+    x = jax.random.normal(jax.random.key(2), (16, 16, 2))
+
+    def sample(variables, latents):
+        def denoise(x, sigma):
+            return model.apply(variables, x[None], img_lr, sigma[None])[0]
+
+        plain = denoise(latents, jnp.float32(2.0))
+        hoisted = with_casts_hoisted(denoise, latents, jnp.float32(2.0))
+        return plain, hoisted(latents, jnp.float32(2.0)), EDMSampler(num_steps=3)(denoise, latents, jax.random.key(3))
+
+    plain, hoisted, _ = jax.jit(sample)(variables, x)
+    np.testing.assert_array_equal(np.asarray(hoisted), np.asarray(plain))
+
+    network = jax.make_jaxpr(lambda v: model.apply(v, x[None], img_lr, jnp.ones(1)))(variables).jaxpr
+    assert _converted_closed_values(network, network.invars) > 20  # the premise: it converts its weights
+    (scan,) = [e for e in jax.make_jaxpr(sample)(variables, x).jaxpr.eqns if e.primitive.name == "scan"]
+    body = scan.params["jaxpr"].jaxpr
+    loop_constants = body.invars[: scan.params["num_consts"]]
+    assert {v.aval.dtype for v in loop_constants} >= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}
+    assert _converted_closed_values(body, loop_constants) == 0

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff.diffusion.loop_invariants import with_casts_hoisted
+
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 SCHEDULES = ("cosine", "linear")
 
@@ -129,6 +131,9 @@ class DDIMSampler:
     def __call__(self, eps_fn: EpsFn, latents: jax.Array, key: jax.Array) -> jax.Array:
         """Sample from unit-variance ``latents`` (x at the first kept step); ``key`` drives the eta noise."""
         keys = jax.random.split(key, self.num_steps)
+        coefficients = self._coefficients()
+        x = latents.astype(jnp.float32)
+        eps_fn = with_casts_hoisted(eps_fn, x, coefficients[0][0])
 
         def body(x, inputs):
             t, ab_t, ab_p, s, direction, step_key = inputs
@@ -140,7 +145,7 @@ class DDIMSampler:
             x = jnp.sqrt(ab_p) * x0 + direction * eps + s * jax.random.normal(step_key, x.shape, x.dtype)
             return x, None
 
-        x, _ = jax.lax.scan(body, latents.astype(jnp.float32), (*self._coefficients(), keys))
+        x, _ = jax.lax.scan(body, x, (*coefficients, keys))
         return x
 
 
@@ -155,11 +160,13 @@ def ancestral_sample(eps_fn: EpsFn, latents: jax.Array, key: jax.Array, schedule
     t = np.arange(num_timesteps)[::-1]
     coeffs = [jnp.asarray(a, jnp.float32) for a in (t, beta[t], ab[t], beta_tilde[t])]
     keys = jax.random.split(key, num_timesteps)
+    x = latents.astype(jnp.float32)
+    eps_fn = with_casts_hoisted(eps_fn, x, coeffs[0][0])
 
     def body(x, inputs):
         t, b, ab_t, var, step_key = inputs
         x = (x - b / jnp.sqrt(1 - ab_t) * eps_fn(x, t)) / jnp.sqrt(1 - b)
         return x + jnp.sqrt(var) * jax.random.normal(step_key, x.shape, x.dtype), None
 
-    x, _ = jax.lax.scan(body, latents.astype(jnp.float32), (*coeffs, keys))
+    x, _ = jax.lax.scan(body, x, (*coeffs, keys))
     return x

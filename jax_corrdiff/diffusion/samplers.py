@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_corrdiff.diffusion.loop_invariants import with_casts_hoisted
+
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 SOLVERS = ("heun", "euler", "dpmpp_2m")
 
@@ -128,8 +130,10 @@ class EDMSampler:
     def __call__(self, denoise: DenoiseFn, latents: jax.Array, key: jax.Array) -> jax.Array:
         """Sample from unit-variance ``latents`` (scaled to sigma_max here); ``key`` drives churn."""
         t = jnp.asarray(self.sigma_steps(), jnp.float32)
+        x = latents.astype(jnp.float32) * t[0]
+        denoise = with_casts_hoisted(denoise, x, t[0])
         if self.solver == "dpmpp_2m":
-            return self._dpmpp_2m(denoise, latents.astype(jnp.float32) * t[0], t)
+            return self._dpmpp_2m(denoise, x, t)
         keys = jax.random.split(key, self.num_steps)
         heun = self.solver == "heun"
 
@@ -137,7 +141,6 @@ class EDMSampler:
             t_cur, t_next, step_key = inputs
             return self._step(denoise, x, t_cur, t_next, step_key, heun), None
 
-        x = latents.astype(jnp.float32) * t[0]
         x, _ = jax.lax.scan(body, x, (t[:-2], t[1:-1], keys[:-1]))
         # The last step lands on sigma = 0, where the Heun correction is undefined.
         return self._step(denoise, x, t[-2], t[-1], keys[-1], second_order=False)

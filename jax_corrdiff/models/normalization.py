@@ -57,17 +57,20 @@ def _group_moments(x32: jax.Array, unbiased_variance: bool):
         centered = x32 - mean
         var = group_mean(jnp.square(centered))
     else:
-        # One pass, shifted (Chan, Golub & LeVeque 1983): with d = x - s for s the group's
-        # mean over the first pixel, mean = s + E[d] and var = E[d^2] - E[d]^2. The two sums
-        # are sibling reductions of one input, which XLA:GPU fuses into one kernel: the input
-        # is read once where two passes read it twice. Compiled for an H100, the 448 x 448
-        # sample's kernels move 10% fewer bytes (``benchmarks/gpu_aot_compile.py``), for 29%
-        # more HLO instructions (the statistics recomputed in their consumers). The shift keeps
-        # the subtraction from cancelling: E[d]^2 is of the order of the variance however
-        # far the mean is from zero. Its gradient is zero (var and the centred input do not
-        # depend on it), so it carries none.
-        first_pixel = _group_sum(x32[:, 0, 0, :], groups) / (x32.shape[-1] // groups)
-        shift = jax.lax.stop_gradient(first_pixel)[:, None, None, :]
+        # One pass, shifted (Chan, Golub & LeVeque 1983): with d = x - s for s one of the
+        # group's values (its first channel at the first pixel), mean = s + E[d] and
+        # var = E[d^2] - E[d]^2. The two sums are sibling reductions of one input, which
+        # XLA:GPU fuses into one kernel: the input is read once where two passes read it
+        # twice. Compiled for an H100, the 448 x 448 sample's kernels move 10% fewer bytes
+        # (``benchmarks/gpu_aot_compile.py``), for 29% more HLO instructions (the statistics
+        # recomputed in their consumers). The shift keeps the subtraction from cancelling:
+        # E[d]^2 is of the order of the variance however far the mean is from zero. A value
+        # of the input, not a mean, so that it is a slice XLA fuses into the sums' kernel
+        # rather than a reduction of its own. Its gradient is zero (var and the centred input
+        # do not depend on it), so it carries none.
+        channels_per_group = x32.shape[-1] // groups
+        first_value = jnp.repeat(x32[:, 0, 0, ::channels_per_group], channels_per_group, axis=-1)
+        shift = jax.lax.stop_gradient(first_value)[:, None, None, :]
         shifted = x32 - shift
         shifted_mean = group_mean(shifted)
         mean = shift + shifted_mean
