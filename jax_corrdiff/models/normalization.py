@@ -65,9 +65,9 @@ def _group_moments(x32: jax.Array, unbiased_variance: bool):
         # (``benchmarks/gpu_aot_compile.py``), for 29% more HLO instructions (the statistics
         # recomputed in their consumers). The shift keeps the subtraction from cancelling:
         # E[d]^2 is of the order of the variance however far the mean is from zero. A value
-        # of the input, not a mean, so that it is a slice XLA fuses into the sums' kernel
-        # rather than a reduction of its own. Its gradient is zero (var and the centred input
-        # do not depend on it), so it carries none.
+        # of the input, not a mean: a slice, one small kernel, where a mean took a reduction
+        # and a broadcast. Its gradient is zero (var and the centred input do not depend on
+        # it), so it carries none.
         channels_per_group = x32.shape[-1] // groups
         first_value = jnp.repeat(x32[:, 0, 0, ::channels_per_group], channels_per_group, axis=-1)
         shift = jax.lax.stop_gradient(first_value)[:, None, None, :]
