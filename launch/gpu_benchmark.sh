@@ -10,6 +10,9 @@
 #             steps now take cuBLAS's (compiler_options.training_step_options)
 #   train     both training steps side by side with PhysicsNeMo
 #   sample    18-step and 8-step samples side by side
+#   launches  the 18-step sample with XLA:GPU's command buffers (CUDA graphs) off, as XLA sets
+#             them, and extended to the sampling loop (+WHILE): whether its 2,131 kernels a loop
+#             step are bound by their launches (benchmarks/README.md, seventeenth sitting)
 #   profile   where the 18-step sample's and the training steps' kernel time goes (kernel_profile.py)
 #   compile   matmul peak; the diffusion step compiled cold, then loaded warm from the executable
 #             cache without tracing (the warm start target: <= 5 s)
@@ -25,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 shift || true
 PARTS=("$@")
-[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(autotune train sample profile compile remat conus fp32)
+[[ ${#PARTS[@]} -gt 0 ]] || PARTS=(autotune train sample launches profile compile remat conus fp32)
 PYTHON=${PYTHON:-python}
 export PHYSICSNEMO_PYTHON=${PHYSICSNEMO_PYTHON:-$PYTHON}
 "$PYTHON" -c "import jax_corrdiff" 2>/dev/null || "$PYTHON" -m pip install -q -e ".[cuda12]"
@@ -36,6 +39,12 @@ AUTOTUNE_SETTINGS=(level0 default)
 declare -A AUTOTUNE_FLAGS=(
   [level0]="--xla_gpu_autotune_level=0"
   [default]=""
+)
+COMMAND_BUFFER_SETTINGS=(off default while)
+declare -A COMMAND_BUFFER_FLAGS=(
+  [off]="--xla_gpu_enable_command_buffer="
+  [default]=""
+  [while]="--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 )
 
 # XLA_FLAGS for programs with a training step: TRAIN_XLA_FLAGS, else those of the autotuning
@@ -71,6 +80,12 @@ for part in "${PARTS[@]}"; do
     sample)
       "$PYTHON" benchmarks/speed_physicsnemo.py "${TAIWAN_448[@]}" --dtype bfloat16 \
           --only sample_heun18,sample_euler8 --out "$OUT/vs_physicsnemo_gpu_448_bf16.json" ;;
+    launches)
+      for name in "${COMMAND_BUFFER_SETTINGS[@]}"; do  # a flag this XLA rejects fails its row only
+        XLA_FLAGS="$BASE_XLA_FLAGS ${COMMAND_BUFFER_FLAGS[$name]}" "$PYTHON" benchmarks/speed.py "${TAIWAN_448[@]}" \
+            --dtype bfloat16 --only sample_heun18 --out "$OUT/speed_gpu_448_bf16_command_buffers_$name.json" ||
+          echo "gpu_benchmark.sh: the sample with command buffers '$name' failed" >&2
+      done ;;
     profile)
       "$PYTHON" benchmarks/kernel_profile.py "${TAIWAN_448[@]}" --dtype bfloat16 --programs sample_heun18 \
           --out "$OUT/kernel_profile_gpu_448_bf16_sample.json"
