@@ -21,17 +21,26 @@
 #   fp32      float32 side by side
 # Every part that compiles a training step (train, compile, remat, fp32) runs under the autotuning
 # setting whose cold compile finished first in `autotune` (TRAIN_XLA_FLAGS, if set, instead).
-# PYTHON names the interpreter (installs jax_corrdiff with CUDA unless it already imports);
-# PHYSICSNEMO_PYTHON the one with PhysicsNeMo 2.2.2 (default: the same).
+# PYTHON names the interpreter (installs jax_corrdiff with CUDA unless its dependencies import: from
+# the wheels of launch/device_wheels.sh where .whl/ exists, as on the lent GPU machine, which
+# reaches no package registry); PHYSICSNEMO_PYTHON the one with PhysicsNeMo 2.2.2 (default: the same).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 shift || true
 PARTS=("$@")
 [[ ${#PARTS[@]} -gt 0 ]] || PARTS=(autotune train sample launches profile compile remat conus fp32)
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 export PHYSICSNEMO_PYTHON=${PHYSICSNEMO_PYTHON:-$PYTHON}
-"$PYTHON" -c "import jax_corrdiff" 2>/dev/null || "$PYTHON" -m pip install -q -e ".[cuda12]"
+# From the repository root jax_corrdiff itself always imports: ask for its dependencies.
+if ! "$PYTHON" -c "import jax_corrdiff.training.loop, jax_corrdiff.inference.generate" 2>/dev/null; then
+  if [[ -d .whl ]]; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  else
+    "$PYTHON" -m pip install -q -e ".[cuda12]"
+  fi
+fi
 source launch/xla_flags.sh
 BASE_XLA_FLAGS=$XLA_FLAGS
 TAIWAN_448=(--grid 448 --width full --batch 8)
