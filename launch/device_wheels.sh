@@ -16,9 +16,9 @@ cd "$(dirname "$0")/.."
 OURS=(array-record==0.8.6 bottleneck==1.6.1 cftime==1.6.6.1 donfig==0.8.1.post1 google-crc32c==1.9.0
   grain==0.2.18 ml-collections==1.1.0 netcdf4==1.7.5.1.post1 numcodecs==0.17.1 portpicker==1.6.0
   tensorboardx==2.6.5 zarr==3.1.6)
-PHYSICSNEMO=(nvidia-physicsnemo==2.2.2 aiobotocore==3.10.0 aioitertools==0.13.0 botocore==1.43.117 httpcore2==2.16.2 httpx2==2.16.2
-  importlib-metadata==10.2.0 jmespath==1.1.0 lazy-importer==0.1.0 nvtx==0.2.17 omegaconf==2.3.1
-  pyvers==0.2.3 s3fs==2026.9.0 tensordict==0.15.3 treelib==1.8.0 truststore==0.10.5)
+PHYSICSNEMO=(nvidia-physicsnemo==2.2.2 aiobotocore==3.10.0 aioitertools==0.13.0 botocore==1.43.117
+  httpcore2==2.16.2 httpx2==2.16.2 importlib-metadata==10.2.0 jmespath==1.1.0 lazy-importer==0.1.0
+  nvtx==0.2.17 omegaconf==2.3.1 pyvers==0.2.3 s3fs==2026.9.0 tensordict==0.15.3 treelib==1.8.0 truststore==0.10.5)
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
