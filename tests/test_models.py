@@ -12,7 +12,13 @@ from utils import redraw_params
 
 from jax_corrdiff import compiler_options
 from jax_corrdiff.models import build_model, count_params, example_inputs, init_variables
-from jax_corrdiff.models.layers import PointwiseConv, UpsampleConv, scaled_xavier_uniform, upsample2x
+from jax_corrdiff.models.layers import (
+    EmbeddingAffine,
+    PointwiseConv,
+    UpsampleConv,
+    scaled_xavier_uniform,
+    upsample2x,
+)
 from jax_corrdiff.models.normalization import GroupNorm, silu_keeping_input
 
 TAIWAN_UNET = dict(
@@ -160,6 +166,21 @@ def test_groupnorm_backward_keeps_one_full_size_activation_per_norm():
     assert per_layer <= 2.01 * x.size * 4
 
 
+def test_groupnorm_silu_and_its_gradient_reduce_full_size_arrays_four_times():
+    """On a CPU: two reductions for the statistics (mean, then the centred squares) and two in
+    the closed-form backward pass (dy and dy times the centred input, over the pixels); the bias
+    gradient sums the per-image sums, where XLA merged it into a third full-size reduction of dy."""
+    x = jnp.ones((2, 32, 32, 64))
+    norm = GroupNorm(silu=True)
+    params = norm.init(jax.random.key(0), x)
+    loss = lambda p, x: jnp.sum(jnp.sin(norm.apply(p, x)))  # noqa: E731
+    gradient = jax.jit(jax.grad(loss, (0, 1)), compiler_options=compiler_options.training_step_options(1))
+    text = gradient.lower(params, x).compile().as_text()
+    shapes = dict(re.findall(r"%(\S+) = (f32\[[\d,]*\])", text))
+    operands = re.findall(r" reduce\(%([^,]+),", text)
+    assert sum(shapes.get(name) == "f32[2,32,32,64]" for name in operands) == 4
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 4e-3)])
 def test_silu_keeping_input_equals_silu_with_its_gradient(dtype, tolerance):
     """Forward bit for bit ``jax.nn.silu``; the gradient within ``tolerance`` of its largest
@@ -198,6 +219,22 @@ def test_groupnorm_silu_keeps_only_its_input():
     assert (planned_bytes(12) - planned_bytes(6)) / 6 <= 1.01 * x.size * 4
 
 
+def textbook_group_norm(params, x, unbiased: bool, eps: float = 1e-6):
+    """GroupNorm as written down (statistics over each group's (y, x, channel) view, in
+    float32), differentiated by JAX: the reference for GroupNorm's backward passes."""
+    b, h, w, c = x.shape
+    groups = min(32, c // 4)
+    g = x.astype(jnp.float32).reshape(b, h, w, groups, c // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+    if unbiased:
+        n = h * w * c // groups
+        var = var * n / (n - 1)
+    normalised = ((g - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    return (normalised * params["params"]["scale"] + params["params"]["bias"]).astype(x.dtype)
+
+
+@pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize(
     "shape, unbiased, dtype, tolerance",
     [
@@ -207,17 +244,19 @@ def test_groupnorm_silu_keeps_only_its_input():
         ((2, 8, 8, 64), False, jnp.bfloat16, 2e-2),  # silu taken in float32 before rounding
     ],
 )
-def test_groupnorm_silu_equals_silu_of_groupnorm_with_its_gradients(shape, unbiased, dtype, tolerance):
+def test_groupnorm_and_its_silu_equal_the_textbook_forms_with_their_gradients(silu, shape, unbiased, dtype, tolerance):
+    """GroupNorm and its closed-form SiLU (``silu_of_normalised``) against JAX's gradient of the
+    textbook forms: outputs, and gradients of the input, scale and bias."""
     k = jax.random.split(jax.random.key(3), 4)
     x = (jax.random.normal(k[0], shape) * 2 + 0.5).astype(dtype)
     cotangent = jax.random.normal(k[1], shape).astype(dtype)
     params = {
         "params": {"scale": 1 + 0.3 * jax.random.normal(k[2], shape[-1:]), "bias": jax.random.normal(k[3], shape[-1:])}
     }
-    fused = GroupNorm(unbiased_variance=unbiased, silu=True, dtype=dtype)
-    plain = GroupNorm(unbiased_variance=unbiased, dtype=dtype)
-    out, vjp = jax.vjp(fused.apply, params, x)
-    want, want_vjp = jax.vjp(lambda p, x: jax.nn.silu(plain.apply(p, x)), params, x)
+    norm = GroupNorm(unbiased_variance=unbiased, silu=silu, dtype=dtype)
+    activation = jax.nn.silu if silu else lambda y: y
+    out, vjp = jax.vjp(norm.apply, params, x)
+    want, want_vjp = jax.vjp(lambda p, x: activation(textbook_group_norm(p, x, unbiased)), params, x)
     assert out.dtype == want.dtype == dtype
     for actual, desired in zip(
         jax.tree_util.tree_leaves((out, vjp(cotangent))), jax.tree_util.tree_leaves((want, want_vjp(cotangent)))
@@ -381,6 +420,30 @@ def test_pointwise_kernel_gradient_reads_the_output_gradient_as_stored():
     assert len(kernel_gradients) == 1
     assert "lhs_contracting_dims={0}, rhs_contracting_dims={0}" in kernel_gradients[0]
     assert not re.search(r"= f32\[40,512\]", text), "the output gradient was copied channel-major"
+
+
+def test_embedding_affine_is_a_dense_layer_and_its_bias_alone_on_a_zero_embedding():
+    """A block's Linear(emb) has nn.Dense's tree, initialisation and output; on the regression
+    network's zero embedding it returns the bias without the product, with the same output and
+    gradients as the product taken (the weights' exactly zero), and its step has no matmul."""
+    emb = jax.random.normal(jax.random.key(0), (3, 16))
+    affine, reference = EmbeddingAffine(24), nn.Dense(24, kernel_init=scaled_xavier_uniform(1.0))
+    params = affine.init(jax.random.key(1), emb)
+    expected = reference.init(jax.random.key(1), emb)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
+    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
+    params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
+    np.testing.assert_allclose(affine.apply(params, emb), reference.apply(params, emb), rtol=1e-6, atol=1e-6)
+
+    zeros = jnp.zeros_like(emb)
+    bias_alone = EmbeddingAffine(24, zero_embedding=True)
+    loss = lambda p, m: jnp.sum(jnp.sin(m.apply(p, zeros) * jnp.arange(1, 25)))  # noqa: E731
+    np.testing.assert_array_equal(bias_alone.apply(params, zeros), affine.apply(params, zeros))
+    grads = [jax.grad(loss)(params, m) for m in (bias_alone, affine)]
+    jax.tree.map(np.testing.assert_array_equal, *grads)
+    assert not jnp.any(grads[0]["params"]["kernel"]) and jnp.all(grads[0]["params"]["bias"] != 0)
+    text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, bias_alone).compile().as_text()
+    assert " dot(" not in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

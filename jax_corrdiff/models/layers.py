@@ -266,6 +266,27 @@ def dense(features: int, *, dtype: Dtype, name: str) -> nn.Dense:
     )
 
 
+class EmbeddingAffine(nn.Module):
+    """A residual block's Linear(emb): ``nn.Dense(features)``'s parameters, initialisation and
+    output. With ``zero_embedding`` (CorrDiff's regression network embeds no noise level: its
+    embedding is zero), Linear(0) is the bias alone, which is what this returns, leaving out
+    the product with the weights: a matmul and its weight gradient per block, exactly zero
+    either way (so the weights, as in the reference, never move)."""
+
+    features: int
+    zero_embedding: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, emb: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", scaled_xavier_uniform(1.0), (emb.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        emb, kernel, bias = nn.dtypes.promote_dtype(emb, kernel, bias, dtype=self.dtype)
+        if self.zero_embedding:
+            return jnp.broadcast_to(bias, (emb.shape[0], self.features))
+        return emb @ kernel + bias
+
+
 def downsample2x(x: jax.Array) -> jax.Array:
     """2x2 box average with stride 2: the reference's depthwise [1,1] x [1,1] / 4 filter."""
     b, h, w, c = x.shape
@@ -309,6 +330,8 @@ class UNetBlock(nn.Module):
     attention_impl: str | None = None
     dropout: float = 0.0
     unbiased_groupnorm: bool = False
+    # The network's embedding is zero (the regression network's ``embedding_type="zero"``).
+    zero_embedding: bool = False
     dtype: Dtype = jnp.float32
 
     def _norm(self, name: str, silu: bool = False) -> GroupNorm:
@@ -338,7 +361,7 @@ class UNetBlock(nn.Module):
         # full size and read back (51 MB a block at 448 x 448; the sample's kernels moved 7%
         # more bytes, ``benchmarks/gpu_aot_compile.py``). In float32 the add is fused into norm1;
         # a training step's kernels move 1.5% more (XLA fuses its backward pass differently).
-        embedding = dense(out, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
+        embedding = EmbeddingAffine(out, self.zero_embedding, dtype=self.dtype, name="affine")(emb)[:, None, None, :]
         h = h.astype(jnp.float32) + embedding.astype(jnp.float32)
         activation, operands = self._norm("norm1", silu=True).recomputable(h)
         if dropout_seed is not None:

@@ -163,8 +163,11 @@ def _silu_of_normalised_backward(unbiased_variance, residuals, cotangent):
     d_mean = -_group_sum(dy_sum * a[:, 0, 0, :], groups)
     dx = dy * a + (d_mean / n)[:, None, None, :] + centered * (2 / n * d_var)[:, None, None, :]
     d_scale = (d_a * rstd_c).sum(axis=0)
+    # d bias summed over the batch from the per-image sums: XLA merges a sum of a sum into one
+    # reduction, which read dy whole a second time.
+    d_bias = jax.lax.optimization_barrier(dy_sum).sum(axis=0)
     zeros = jnp.zeros_like(mean), jnp.zeros_like(rstd)
-    return dx.astype(x.dtype), *zeros, d_scale.astype(scale.dtype), dy_sum.sum(axis=0).astype(bias.dtype)
+    return dx.astype(x.dtype), *zeros, d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
 silu_of_normalised.defvjp(_silu_of_normalised_forward, _silu_of_normalised_backward)

@@ -203,6 +203,7 @@ class SongUNet(nn.Module):
             dropout=self.dropout,
             unbiased_groupnorm=self.unbiased_groupnorm,
             attention_impl=self.attention_impl,
+            zero_embedding=self.embedding_type == "zero",
             dtype=self.dtype,
             name=name,
             **kw,
