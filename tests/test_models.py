@@ -391,16 +391,23 @@ def test_rematerialised_blocks_give_the_same_gradients(remat):
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree_util.tree_leaves(plain)) > 0
 
 
+def initialised_like(module, reference, inputs, reference_inputs=None):
+    """``module``'s variables for ``inputs``, checked to have the tree and initial kernel of the
+    Flax layer ``reference`` (initialised on ``reference_inputs``, default ``inputs``, with the
+    same key), then redrawn so that the bias is non-zero too."""
+    params = module.init(jax.random.key(1), inputs)
+    expected = reference.init(jax.random.key(1), inputs if reference_inputs is None else reference_inputs)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
+    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
+    return redraw_params(params, jax.random.key(2))
+
+
 def test_pointwise_conv_is_a_1x1_conv_with_the_same_parameters():
     """The matmul form of a 1x1 conv has nn.Conv's tree and initialisation, and its output and gradients."""
     x = jax.random.normal(jax.random.key(0), (2, 8, 6, 12))
     init = scaled_xavier_uniform(0.7)
     pointwise, reference = PointwiseConv(20, kernel_init=init), nn.Conv(20, (1, 1), kernel_init=init)
-    params = pointwise.init(jax.random.key(1), x)
-    expected = reference.init(jax.random.key(1), x)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
-    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
-    params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
+    params = initialised_like(pointwise, reference, x)
     np.testing.assert_allclose(pointwise.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
     loss = lambda p, x, m: jnp.sum(jnp.sin(m.apply(p, x)))  # noqa: E731
     grads = [jax.grad(loss, (0, 1))(params, x, m) for m in (pointwise, reference)]
@@ -428,11 +435,7 @@ def test_embedding_affine_is_a_dense_layer_and_its_bias_alone_on_a_zero_embeddin
     gradients as the product taken (the weights' exactly zero), and its step has no matmul."""
     emb = jax.random.normal(jax.random.key(0), (3, 16))
     affine, reference = EmbeddingAffine(24), nn.Dense(24, kernel_init=scaled_xavier_uniform(1.0))
-    params = affine.init(jax.random.key(1), emb)
-    expected = reference.init(jax.random.key(1), emb)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
-    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
-    params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
+    params = initialised_like(affine, reference, emb)
     np.testing.assert_allclose(affine.apply(params, emb), reference.apply(params, emb), rtol=1e-6, atol=1e-6)
 
     zeros = jnp.zeros_like(emb)
@@ -454,11 +457,7 @@ def test_upsample_conv_is_a_3x3_conv_of_the_upsampled_input_with_the_same_parame
     init = scaled_xavier_uniform(0.7)
     upsample_conv = UpsampleConv(20, kernel_init=init, dtype=dtype)
     reference = nn.Conv(20, (3, 3), padding=1, kernel_init=init, dtype=dtype)
-    params = upsample_conv.init(jax.random.key(1), x)
-    expected = reference.init(jax.random.key(1), upsample2x(x))
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, expected)
-    np.testing.assert_array_equal(params["params"]["kernel"], expected["params"]["kernel"])
-    params = redraw_params(params, jax.random.key(2))  # a non-zero bias too
+    params = initialised_like(upsample_conv, reference, x, upsample2x(x))
     out, want = upsample_conv.apply(params, x), reference.apply(params, upsample2x(x))
     assert out.dtype == want.dtype == dtype
     # Errors relative to the largest value: in bf16 the phase kernels sum up to four taps before
