@@ -52,8 +52,9 @@ def wait_for_idle(threshold: float = 0.1, settle: int = 3, timeout: float = 3600
 
 def describe_machine() -> dict:
     """CPU model and widest x86 vector extension (which convolution library trains faster depends
-    on it: ``jax_corrdiff.compiler_options``), core count, OS, Python, XLA_FLAGS, GLIBC_TUNABLES and
-    LD_PRELOAD (the allocator; launch/cpu_env.sh); the accelerator is described by the worker."""
+    on it: ``jax_corrdiff.compiler_options``), core count, OS, Python, XLA_FLAGS, GLIBC_TUNABLES,
+    LD_PRELOAD and TCMalloc's thread-cache cap (the allocator; launch/cpu_env.sh); the
+    accelerator is described by the worker."""
     from jax_corrdiff.compiler_options import cpu_flags, cpuinfo
 
     info = cpuinfo()
@@ -69,6 +70,7 @@ def describe_machine() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
+        "tcmalloc_max_total_thread_cache_bytes": os.environ.get("TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES", ""),
     }
 
 

@@ -6,9 +6,10 @@ Every instruction of the entry computation is one kernel (a fusion, a cuDNN or c
 copy), except parameters, tuples and their elements, bitcasts and constants, which move nothing;
 a while loop's body counts as many times as XLA knows it runs (``known_trip_count``, else once).
 A kernel reads each operand whole and writes its result, except that an operand a fusion uses
-only through slices (element-wise operations before them included) is read as its slices: XLA
-computes only the sliced elements. Nothing is assumed to stay in a cache, so on a GPU this is
-the traffic to its memory when no operand is still in L2.
+only through slices (element-wise operations and concatenations before them included) is read
+as its slices: XLA computes only the sliced elements. Nothing is assumed to stay in a cache, so
+on a GPU this is the traffic to its memory when no operand is still in L2. A loop step's bytes
+are also broken down by the operation each kernel came from (its ``op_name``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ _ARRAY = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\((.*)$")
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
 _MOVES_NOTHING = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
-# Operations through which a fusion computes only the elements a slice after them takes.
+# Operations through which a fusion computes only the elements a slice after them takes: each
+# output element reads one element of each operand (of one operand, for a concatenation).
 _ELEMENTWISE = {"convert", "bitcast", "reshape", "copy", "add", "subtract", "multiply", "divide", "negate"}
 _ELEMENTWISE |= {"maximum", "minimum", "exponential", "logistic", "select", "compare", "rsqrt", "sqrt", "tanh"}
+_ELEMENTWISE |= {"concatenate"}
 
 
 def array_bytes(shape: str) -> int:
@@ -92,39 +95,58 @@ def _while_body(rest: str) -> str:
     return re.search(r"body=%?([\w.\-]+)", rest).group(1)
 
 
-def _traffic(computations: dict, name: str) -> tuple[int, int]:
-    """(kernels, bytes) of one run of computation ``name``, its while loops' bodies included."""
+def _kernels(computations: dict, name: str, runs: int = 1):
+    """(source, runs, bytes a run) of each kernel one run of computation ``name`` launches, its
+    while loops' bodies included (``runs`` times the trip count XLA knows)."""
     sizes = {instruction: array_bytes(shape) for instruction, shape, _, _ in computations[name]}
-    kernels = moved = 0
     for _, shape, opcode, rest in computations[name]:
         if opcode in _MOVES_NOTHING:
             continue
         if opcode == "while":
             known = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-            trips = int(known.group(1)) if known else 1
-            body_kernels, body_bytes = _traffic(computations, _while_body(rest))
-            kernels += body_kernels * trips
-            moved += body_bytes * trips
+            yield from _kernels(computations, _while_body(rest), runs * (int(known.group(1)) if known else 1))
             continue
         read = [sizes.get(operand, 0) for operand in _operands(rest)]
         called = re.search(r"calls=%?([\w.\-]+)", rest)
         if opcode == "fusion" and called:
             for number, size in _sliced_operand_bytes(computations[called.group(1)]).items():
                 read[number] = min(read[number], size)
-        kernels += 1
-        moved += sum(read) + array_bytes(shape)
-    return kernels, moved
+        yield _source(rest), runs, sum(read) + array_bytes(shape)
+
+
+def _source(rest: str) -> str:
+    """An instruction's ``op_name`` after the last call (a loop body's network path), its layer
+    numbers replaced by # so that the same operation of every block is one source."""
+    op_name = re.search(r'op_name="([^"]*)"', rest)
+    path = op_name.group(1).rsplit("closed_call/", 1)[-1] if op_name else ""
+    return re.sub(r"\d+", "#", path)
+
+
+def _traffic(computations: dict, name: str) -> tuple[int, int]:
+    """(kernels, bytes) of one run of computation ``name``, its while loops' bodies included."""
+    kernels = list(_kernels(computations, name))
+    return sum(runs for _, runs, _ in kernels), sum(runs * moved for _, runs, moved in kernels)
+
+
+def _longest_loop_body(parsed: dict) -> str | None:
+    bodies = [_while_body(rest) for body in parsed.values() for *_, opcode, rest in body if opcode == "while"]
+    return max(bodies, key=lambda b: len(parsed[b])) if bodies else None
 
 
 def program_traffic(hlo_text: str) -> dict:
     """``kernels`` launched and ``kernel_bytes`` read and written by one run of the program, and
     of one iteration of its longest while loop (``loop_kernels``, ``loop_kernel_bytes``: a
-    sampler's step) where it has one."""
+    sampler's step) where it has one, with that iteration's bytes and kernels per source
+    operation, the largest first (``loop_bytes_by_source``: {source: [kernels, bytes]})."""
     parsed, entry = computations(hlo_text)
     kernels, moved = _traffic(parsed, entry)
     result = {"kernels": kernels, "kernel_bytes": moved}
-    bodies = [_while_body(rest) for body in parsed.values() for *_, opcode, rest in body if opcode == "while"]
-    if bodies:
-        longest = max(bodies, key=lambda b: len(parsed[b]))
-        result["loop_kernels"], result["loop_kernel_bytes"] = _traffic(parsed, longest)
+    body = _longest_loop_body(parsed)
+    if body:
+        result["loop_kernels"], result["loop_kernel_bytes"] = _traffic(parsed, body)
+        by_source = collections.defaultdict(lambda: [0, 0])
+        for source, runs, moved in _kernels(parsed, body):
+            by_source[source][0] += runs
+            by_source[source][1] += runs * moved
+        result["loop_bytes_by_source"] = dict(sorted(by_source.items(), key=lambda item: -item[1][1]))
     return result
