@@ -25,9 +25,9 @@ _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) .*\{$")
 _MOVES_NOTHING = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
 # Operations through which a fusion computes only the elements a slice after them takes: each
 # output element reads one element of each operand (of one operand, for a concatenation).
-_ELEMENTWISE = {"convert", "bitcast", "reshape", "copy", "add", "subtract", "multiply", "divide", "negate"}
-_ELEMENTWISE |= {"maximum", "minimum", "exponential", "logistic", "select", "compare", "rsqrt", "sqrt", "tanh"}
-_ELEMENTWISE |= {"concatenate"}
+_SLICED_THROUGH = {"convert", "bitcast", "reshape", "copy", "add", "subtract", "multiply", "divide", "negate"}
+_SLICED_THROUGH |= {"maximum", "minimum", "exponential", "logistic", "select", "compare", "rsqrt", "sqrt", "tanh"}
+_SLICED_THROUGH |= {"concatenate"}
 
 
 def array_bytes(shape: str) -> int:
@@ -82,7 +82,7 @@ def _sliced_operand_bytes(body: list[tuple]) -> dict[int, int]:
             if opcode in ("slice", "dynamic-slice"):
                 total += size
                 continue
-            inner = sliced_bytes(user) if opcode in _ELEMENTWISE else None
+            inner = sliced_bytes(user) if opcode in _SLICED_THROUGH else None
             if inner is None:
                 return None
             total += inner
