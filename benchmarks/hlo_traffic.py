@@ -122,9 +122,8 @@ def _source(rest: str) -> str:
     return re.sub(r"\d+", "#", path)
 
 
-def _traffic(computations: dict, name: str) -> tuple[int, int]:
-    """(kernels, bytes) of one run of computation ``name``, its while loops' bodies included."""
-    kernels = list(_kernels(computations, name))
+def _totals(kernels: list[tuple[str, int, int]]) -> tuple[int, int]:
+    """(kernels launched, bytes moved) of ``_kernels``' records."""
     return sum(runs for _, runs, _ in kernels), sum(runs * moved for _, runs, moved in kernels)
 
 
@@ -139,13 +138,14 @@ def program_traffic(hlo_text: str) -> dict:
     sampler's step) where it has one, with that iteration's bytes and kernels per source
     operation, the largest first (``loop_bytes_by_source``: {source: [kernels, bytes]})."""
     parsed, entry = computations(hlo_text)
-    kernels, moved = _traffic(parsed, entry)
+    kernels, moved = _totals(list(_kernels(parsed, entry)))
     result = {"kernels": kernels, "kernel_bytes": moved}
     body = _longest_loop_body(parsed)
     if body:
-        result["loop_kernels"], result["loop_kernel_bytes"] = _traffic(parsed, body)
+        step = list(_kernels(parsed, body))
+        result["loop_kernels"], result["loop_kernel_bytes"] = _totals(step)
         by_source = collections.defaultdict(lambda: [0, 0])
-        for source, runs, moved in _kernels(parsed, body):
+        for source, runs, moved in step:
             by_source[source][0] += runs
             by_source[source][1] += runs * moved
         result["loop_bytes_by_source"] = dict(sorted(by_source.items(), key=lambda item: -item[1][1]))
